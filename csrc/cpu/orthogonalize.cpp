@@ -1,0 +1,32 @@
+// CPU kernel of lipschitz::orthogonalize: computes in float32 (float64 for
+// float64 input), returns the input's dtype and shape.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "newton_schulz.h"
+#include "ns_coefficients.h"
+
+namespace lipschitz {
+
+at::Tensor orthogonalize_cpu(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
+                             at::ArrayRef<double> custom, double eps) {
+  check_matrix_batch(G, "orthogonalize", "G");
+  check_nonnegative(eps, "orthogonalize", "eps");
+  const NSPlan plan = make_ns_plan(steps, coefficients, custom, "orthogonalize");
+  if (G.numel() == 0) return at::empty(G.sizes(), G.options());
+
+  const auto compute = G.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor X = as_batch3d(G).to(compute);
+  // Per-matrix Frobenius norm accumulated in float64 so huge finite entries
+  // cannot overflow to inf (which would silently zero the output).
+  at::Tensor norm = at::linalg_vector_norm(X, 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true,
+                                           at::kDouble);
+  X = (X.to(at::kDouble) / (norm * plan.norm_scale + eps)).to(compute);
+  X = newton_schulz_steps(X, plan);
+  return X.reshape(G.sizes()).to(G.scalar_type()).contiguous();
+}
+
+TORCH_LIBRARY_IMPL(lipschitz, CPU, m) { m.impl("orthogonalize", &orthogonalize_cpu); }
+
+}  // namespace lipschitz

@@ -1,0 +1,104 @@
+// CUDA kernel of lipschitz::orthogonalize: one batched pipeline per call.
+//   1. per-matrix sum of squares (float64 accumulation, one pass over G),
+//   2. scale + cast to the compute dtype (bf16; float64 stays float64),
+//   3. Newton-Schulz steps as batched cuBLAS GEMMs with fused epilogues
+//      (csrc/newton_schulz.h), Gram matrix on the small side.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cub/block/block_reduce.cuh>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "newton_schulz.h"
+#include "ns_coefficients.h"
+
+namespace lipschitz {
+namespace {
+
+constexpr int kThreads = 256;
+
+// grid.x = batch * blocks_per_matrix; each block adds its partial sum of
+// squares of one matrix into out[b].
+template <typename T>
+__global__ void sum_squares_kernel(const T* __restrict__ x, int64_t per_matrix,
+                                   int blocks_per_matrix, double* __restrict__ out) {
+  const int64_t b = blockIdx.x / blocks_per_matrix;
+  const int64_t j = blockIdx.x % blocks_per_matrix;
+  const T* xb = x + b * per_matrix;
+  double acc = 0.0;
+  for (int64_t i = j * kThreads + threadIdx.x; i < per_matrix;
+       i += static_cast<int64_t>(blocks_per_matrix) * kThreads) {
+    const double v = static_cast<double>(xb[i]);
+    acc += v * v;
+  }
+  using BlockReduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename BlockReduce::TempStorage tmp;
+  const double s = BlockReduce(tmp).Sum(acc);
+  if (threadIdx.x == 0) atomicAdd(out + b, s);
+}
+
+// y = x / (sqrt(sumsq[b]) * norm_scale + eps), cast to the compute type.
+template <typename Tin, typename Tout>
+__global__ void normalize_cast_kernel(const Tin* __restrict__ x, int64_t per_matrix, int64_t total,
+                                      const double* __restrict__ sumsq, double norm_scale,
+                                      double eps, Tout* __restrict__ y) {
+  using acc_t = std::conditional_t<std::is_same_v<Tout, double>, double, float>;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / per_matrix;
+    const acc_t inv = static_cast<acc_t>(1.0 / (sqrt(sumsq[b]) * norm_scale + eps));
+    y[i] = static_cast<Tout>(static_cast<acc_t>(x[i]) * inv);
+  }
+}
+
+}  // namespace
+
+at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
+                              at::ArrayRef<double> custom, double eps) {
+  check_matrix_batch(G, "orthogonalize", "G");
+  check_nonnegative(eps, "orthogonalize", "eps");
+  const NSPlan plan = make_ns_plan(steps, coefficients, custom, "orthogonalize");
+  if (G.numel() == 0) return at::empty(G.sizes(), G.options());
+
+  const c10::cuda::CUDAGuard guard(G.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor G3 = as_batch3d(G).contiguous();
+  const int64_t batch = G3.size(0), per_matrix = G3.size(1) * G3.size(2);
+  const auto compute = G.scalar_type() == at::kDouble ? at::kDouble : at::kBFloat16;
+
+  at::Tensor sumsq = at::zeros({batch}, G.options().dtype(at::kDouble));
+  at::Tensor X = at::empty(G3.sizes(), G.options().dtype(compute));
+
+  const int blocks_per_matrix =
+      static_cast<int>(std::min<int64_t>((per_matrix + kThreads - 1) / kThreads,
+                                         std::max<int64_t>(1, 1024 / std::max<int64_t>(batch, 1))));
+  TORCH_CHECK(batch * blocks_per_matrix < (int64_t{1} << 31), "orthogonalize: batch too large");
+  const int64_t total = batch * per_matrix;
+  const int cast_blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "orthogonalize_cuda", [&] {
+    sum_squares_kernel<scalar_t><<<static_cast<unsigned>(batch * blocks_per_matrix), kThreads, 0, stream>>>(
+        G3.data_ptr<scalar_t>(), per_matrix, blocks_per_matrix, sumsq.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (compute == at::kDouble) {
+      normalize_cast_kernel<scalar_t, double><<<cast_blocks, kThreads, 0, stream>>>(
+          G3.data_ptr<scalar_t>(), per_matrix, total, sumsq.data_ptr<double>(), plan.norm_scale,
+          eps, X.data_ptr<double>());
+    } else {
+      normalize_cast_kernel<scalar_t, at::BFloat16><<<cast_blocks, kThreads, 0, stream>>>(
+          G3.data_ptr<scalar_t>(), per_matrix, total, sumsq.data_ptr<double>(), plan.norm_scale,
+          eps, X.data_ptr<at::BFloat16>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  X = newton_schulz_steps(X, plan);
+  return X.reshape(G.sizes()).to(G.scalar_type()).contiguous();
+}
+
+TORCH_LIBRARY_IMPL(lipschitz, CUDA, m) { m.impl("orthogonalize", &orthogonalize_cuda); }
+
+}  // namespace lipschitz

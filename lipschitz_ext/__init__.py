@@ -1,0 +1,26 @@
+"""lipschitz_ext: train transformers with enforced and certified Lipschitz constants.
+
+Importing the package loads the compiled op library (``torch.ops.lipschitz.*``).
+The public API lives in submodules: :mod:`lipschitz_ext.ops` (kernels).
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch before our extension)
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.lipschitz.*)
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "lipschitz_ext._C is not built. Build it against the installed torch with\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(or run scripts/setup.sh). If you ran from the source tree after a non-editable "
+        f"install, run from another directory. Original error: {exc}"
+    ) from exc
+
+from . import ops  # noqa: E402
+from .ops import orthogonalize  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "orthogonalize", "__version__"]

@@ -1,0 +1,13 @@
+"""Typed Python wrappers over the ``torch.ops.lipschitz`` C++/CUDA ops.
+
+Every op acts on plain matrices ``[..., m, n]`` (leading dims are independent
+matrices, processed in one batched pipeline), returns a new tensor, and has a
+fake (meta) kernel so it traces under ``torch.compile(fullgraph=True)``.
+Argument checks live in C++ and name the offending argument. One file per op
+family: ``orthogonalize.py`` here <-> ``csrc/cpu/orthogonalize.cpp`` <->
+``csrc/cuda/orthogonalize.cu`` <-> ``python_tests/test_orthogonalize.py``.
+"""
+
+from .orthogonalize import COEFFICIENT_SETS, orthogonalize
+
+__all__ = ["COEFFICIENT_SETS", "orthogonalize"]
