@@ -18,4 +18,9 @@ TORCH_LIBRARY(lipschitz, m) {
   m.def(
       "orthogonalize(Tensor G, int steps=5, str coefficients=\"polar_express\", "
       "float[] custom=[], float eps=1e-07) -> Tensor");
+  // The composite scalar polynomial of those steps, elementwise (no
+  // normalization): s -> p(s). For update-norm bounds (p_max) and tests.
+  m.def(
+      "ns_polynomial(Tensor s, int steps=5, str coefficients=\"polar_express\", "
+      "float[] custom=[]) -> Tensor");
 }

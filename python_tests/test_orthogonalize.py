@@ -175,3 +175,28 @@ def test_cuda_float64_and_non_finite():
     out = ops.orthogonalize(G)
     assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
     torch.library.opcheck(torch.ops.lipschitz.orthogonalize.default, (G[1:].clone(), 5, "polar_express", [], 1e-7))
+
+
+@pytest.mark.parametrize("name", list(TABLES))
+def test_ns_polynomial_matches_reference(name):
+    x = torch.rand(3, 1000, dtype=torch.float64) * 2 - 1  # [-1, 1): where the composites stay bounded
+    torch.testing.assert_close(ops.ns_polynomial(x, 7, name), ns_scalar(x, name, 7), atol=1e-12, rtol=1e-12)
+    xf = x.float()[:, ::3]  # non-contiguous float32
+    out = ops.ns_polynomial(xf, 7, name)
+    assert out.dtype == torch.float32 and out.shape == xf.shape
+    torch.testing.assert_close(out.double(), ns_scalar(xf, name, 7), atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.lipschitz.ns_polynomial.default, (x, 5, name, []))
+
+
+def test_ns_max_gain_published_values():
+    assert math.isclose(ops.ns_max_gain(5, "you"), 1.14502, abs_tol=1e-4)
+    assert math.isclose(ops.ns_max_gain(6, "jiacheng"), 0.9993, abs_tol=2e-4)
+    assert 1.18 < ops.ns_max_gain(5, "jordan") < 1.22
+    with pytest.raises(RuntimeError, match="argument 's' must be a floating"):
+        ops.ns_polynomial(torch.arange(3), 5, "you")
+
+
+@pytest.mark.cuda
+def test_cuda_ns_polynomial():
+    x = torch.rand(1000, dtype=torch.float64)
+    torch.testing.assert_close(ops.ns_polynomial(x.cuda(), 5, "you").cpu(), ops.ns_polynomial(x, 5, "you"))

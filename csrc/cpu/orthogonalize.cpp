@@ -27,6 +27,22 @@ at::Tensor orthogonalize_cpu(const at::Tensor& G, int64_t steps, c10::string_vie
   return X.reshape(G.sizes()).to(G.scalar_type()).contiguous();
 }
 
-TORCH_LIBRARY_IMPL(lipschitz, CPU, m) { m.impl("orthogonalize", &orthogonalize_cpu); }
+at::Tensor ns_polynomial_cpu(const at::Tensor& s, int64_t steps, c10::string_view coefficients,
+                             at::ArrayRef<double> custom) {
+  TORCH_CHECK(at::isFloatingType(s.scalar_type()), "ns_polynomial: argument 's' must be a ",
+              "floating-point tensor, got ", s.scalar_type());
+  const NSPlan plan = make_ns_plan(steps, coefficients, custom, "ns_polynomial");
+  at::Tensor x = s.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  for (const auto& abc : plan.coeffs) {
+    const at::Tensor x2 = x * x;
+    x = x * (abc[0] + x2 * (abc[1] + x2 * abc[2]));
+  }
+  return x.to(s.scalar_type()).contiguous();
+}
+
+TORCH_LIBRARY_IMPL(lipschitz, CPU, m) {
+  m.impl("orthogonalize", &orthogonalize_cpu);
+  m.impl("ns_polynomial", &ns_polynomial_cpu);
+}
 
 }  // namespace lipschitz

@@ -54,7 +54,47 @@ __global__ void normalize_cast_kernel(const Tin* __restrict__ x, int64_t per_mat
   }
 }
 
+// Horner form of each odd quintic, in double (the composite is ill-conditioned
+// near its fixed points, and this is not a hot path).
+template <typename T>
+__global__ void ns_polynomial_kernel(const T* __restrict__ s, int64_t n, const double* __restrict__ abc,
+                                     int steps, T* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double x = static_cast<double>(s[i]);
+    for (int k = 0; k < steps; ++k) {
+      const double x2 = x * x;
+      x = x * (abc[3 * k] + x2 * (abc[3 * k + 1] + x2 * abc[3 * k + 2]));
+    }
+    out[i] = static_cast<T>(x);
+  }
+}
+
 }  // namespace
+
+at::Tensor ns_polynomial_cuda(const at::Tensor& s, int64_t steps, c10::string_view coefficients,
+                              at::ArrayRef<double> custom) {
+  TORCH_CHECK(at::isFloatingType(s.scalar_type()), "ns_polynomial: argument 's' must be a ",
+              "floating-point tensor, got ", s.scalar_type());
+  const NSPlan plan = make_ns_plan(steps, coefficients, custom, "ns_polynomial");
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::Tensor x = s.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  std::vector<double> flat;
+  for (const auto& t : plan.coeffs) flat.insert(flat.end(), t.begin(), t.end());
+  const at::Tensor abc =
+      at::tensor(flat, at::TensorOptions().dtype(at::kDouble)).to(s.device(), /*non_blocking=*/false);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int blocks = static_cast<int>(std::min<int64_t>((x.numel() + kThreads - 1) / kThreads, 65535));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ns_polynomial_cuda", [&] {
+    ns_polynomial_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), x.numel(), abc.data_ptr<double>(), static_cast<int>(plan.coeffs.size()),
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
 
 at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
                               at::ArrayRef<double> custom, double eps) {
@@ -99,6 +139,9 @@ at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_vi
   return X.reshape(G.sizes()).to(G.scalar_type()).contiguous();
 }
 
-TORCH_LIBRARY_IMPL(lipschitz, CUDA, m) { m.impl("orthogonalize", &orthogonalize_cuda); }
+TORCH_LIBRARY_IMPL(lipschitz, CUDA, m) {
+  m.impl("orthogonalize", &orthogonalize_cuda);
+  m.impl("ns_polynomial", &ns_polynomial_cuda);
+}
 
 }  // namespace lipschitz

@@ -8,6 +8,6 @@ family: ``orthogonalize.py`` here <-> ``csrc/cpu/orthogonalize.cpp`` <->
 ``csrc/cuda/orthogonalize.cu`` <-> ``python_tests/test_orthogonalize.py``.
 """
 
-from .orthogonalize import COEFFICIENT_SETS, orthogonalize
+from .orthogonalize import COEFFICIENT_SETS, ns_max_gain, ns_polynomial, orthogonalize
 
-__all__ = ["COEFFICIENT_SETS", "orthogonalize"]
+__all__ = ["COEFFICIENT_SETS", "ns_max_gain", "ns_polynomial", "orthogonalize"]
