@@ -151,7 +151,11 @@ inline at::Tensor msign_batched(const at::Tensor& X, int64_t steps, at::ScalarTy
   const NSPlan plan = make_ns_plan(steps, "polar_express", {}, op);
   const at::Tensor norm =
       at::linalg_vector_norm(X, 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true, at::kDouble);
-  const at::Tensor inv = (1.0 / (norm * plan.norm_scale).clamp_min(1e-300)).to(X.scalar_type());
+  // zero -> zero (not 0 * inf), NaN -> NaN, and a tiny norm cannot overflow the scale
+  const double big = X.scalar_type() == at::kDouble ? 1e300 : 1e38;
+  const at::Tensor inv =
+      at::where(norm == 0, at::zeros_like(norm), (1.0 / (norm * plan.norm_scale)).clamp_max(big))
+          .to(X.scalar_type());
   return newton_schulz_steps((X * inv).to(gemm), plan).to(X.scalar_type());
 }
 
@@ -195,7 +199,7 @@ inline at::Tensor hard_cap_polynomial(const at::Tensor& X, double b, int64_t ite
   at::Tensor Y = X / b;
   const Triplet t = power_iteration_batched(Y, iters, std::nullopt, op);
   const at::Tensor c = at::minimum(at::ones_like(t.sigma),
-                                   kPolynomialPrescale / t.sigma.clamp_min(1e-300));
+                                   kPolynomialPrescale / t.sigma.clamp_min(1e-30));
   Y = (Y * c.view({-1, 1, 1})).to(gemm);
   return newton_schulz_steps(Y, hard_cap_polynomial_plan()).to(X.scalar_type()) * b;
 }
