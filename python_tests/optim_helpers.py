@@ -36,8 +36,8 @@ class PowerNormalize:
         if state is not None and "u" in state:
             u = state["u"].double()
         else:
-            g = torch.Generator().manual_seed(k * 1000 + m * 10 + n)
-            u = torch.randn(k, n, generator=g, dtype=torch.float64).to(W.device)
+            # A per-matrix start (independent of how matrices are stacked or split over ranks).
+            u = torch.linspace(1.0, 2.0, n, dtype=torch.float64, device=W.device).expand(k, n)
         for _ in range(self.iters):
             v = torch.einsum("kmn,kn->km", Wp, u)
             u = torch.einsum("kmn,km->kn", Wp, v)
