@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 from ..ops import ns_max_gain, orthogonalize
 from . import distributed as _dist
-from .bucket import CSTATE_PREFIX, Bucket, Entry, gather_cstate, overlaps, scatter_cstate, stack
+from .bucket import Bucket, Entry, gather_cstate, overlaps, scatter_cstate, stack
+from .state import ConstraintGroupsMixin
 
 __all__ = ["Muon", "UPDATE_SCALES", "update_scale_factor"]
 
@@ -69,7 +70,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return _dist.local_tensor(t)
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
     """Batched, constraint-aware Muon for 2-D and batched ``[..., m, n]`` weights.
 
     Args:
@@ -196,35 +197,6 @@ class Muon(torch.optim.Optimizer):
         if key not in self._pmax_cache:
             self._pmax_cache[key] = ns_max_gain(int(ns_steps), coefficients)
         return self._pmax_cache[key]
-
-    # ------------------------------------------------------------ state dict
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        for g in sd["param_groups"]:
-            c = g.get("constraint")
-            if c is not None and not isinstance(c, str):
-                g["constraint"] = getattr(c, "name", type(c).__name__)
-            if not isinstance(g.get("coefficients"), str):
-                g["coefficients"] = [list(t) for t in g["coefficients"]]
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        constraints = [g["constraint"] for g in self.param_groups]
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        cstate = {
-            pid: {k: v for k, v in st.items() if k.startswith(CSTATE_PREFIX)}
-            for pid, st in state_dict["state"].items()
-        }
-        super().load_state_dict(state_dict)
-        for g, c in zip(self.param_groups, constraints):
-            g["constraint"] = c
-        # The base class casts every floating state tensor to the parameter's
-        # dtype; constraint state keeps its own dtype (e.g. float32 vectors for
-        # bf16 weights) so a resumed run is bit-identical.
-        for pid, p in zip(saved_ids, params):
-            for k, v in cstate.get(pid, {}).items():
-                self.state[p][k] = v.to(device=_local(p).device, copy=True)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
