@@ -46,9 +46,11 @@ def _spawn(fn) -> None:
 
 
 def _groups(params, constraint):
+    from lipschitz_ext.constraints import SpectralNormalize
+
     return [
         {"params": params[:5], "constraint": constraint},
-        {"params": params[5:], "lr": 0.03, "weight_decay": 0.0},
+        {"params": params[5:], "lr": 0.03, "weight_decay": 0.0, "constraint": SpectralNormalize(1.0)},
     ]
 
 
@@ -84,6 +86,8 @@ def _replicated_worker(rank: int, port: int) -> None:
         for p, q in zip(params[:5], ref[:5]):
             for key in ("constraint.u", "constraint.calls"):
                 torch.testing.assert_close(opt.state[p][key], opt_ref.state[q][key], rtol=1e-6, atol=1e-6)
+        for p, q in zip(params[5:], ref[5:]):  # the real SpectralNormalize's warm-start vectors
+            torch.testing.assert_close(opt.state[p]["constraint.u"], opt_ref.state[q]["constraint.u"])
         # Buckets: (6,10) x5 matrices -> 3 + 2; (10,6) x1 -> 1 + 0; (5,5) x2 -> 1 + 1.
         expected = {0: 5, 1: 3}[rank]
         assert sum(seen) == expected * STEPS, (rank, seen)
