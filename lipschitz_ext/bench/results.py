@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -50,14 +51,16 @@ def device_slug(name: str) -> str:
 
 
 def git_commit(repo: Path) -> str:
-    """``git rev-parse HEAD`` of ``repo``, or ``"unknown"``."""
+    """``git rev-parse HEAD`` of ``repo``; else ``$LIPSCHITZ_BENCH_COMMIT`` (a source
+    tarball run by CI, e.g. from ``git archive``); else ``"unknown"``."""
+    fallback = os.environ.get("LIPSCHITZ_BENCH_COMMIT") or "unknown"
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
     sha = out.stdout.strip()
-    return sha if out.returncode == 0 and sha else "unknown"
+    return sha if out.returncode == 0 and sha else fallback
 
 
 def run_header(device: torch.device, peak: PeakProbe, repo: Path) -> dict[str, Any]:
