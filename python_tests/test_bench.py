@@ -87,15 +87,15 @@ def test_console_script_is_declared():
     assert any(ep.name == "lipschitz-bench" and ep.value == "lipschitz_ext.bench.cli:main" for ep in eps)
 
 
-def test_smoke_writes_design_json(tmp_path):
-    assert main(["--smoke", "--out", str(tmp_path)]) == 0
-    path, res = _load_single_json(tmp_path)
-    assert path.name.endswith("-all-smoke.json") and path.name[:8].isdigit()
+def _check_design_json(res: dict, device_type: str) -> None:
+    """Every DESIGN.md key, positive finite numbers, speedup == baseline / ours,
+    and the orthogonalize figures recomputed from their definitions."""
     assert TOP_KEYS <= res.keys() and PEAK_KEYS <= res["peak"].keys()
-    assert res["device"].startswith("cpu: ") and res["torch"] == torch.__version__
+    assert res["torch"] == torch.__version__ and res["cuda"] == torch.version.cuda
     assert isinstance(res["commit"], str) and res["commit"]
     assert all(v is None or _positive_finite(v) for v in res["peak"].values())
-    assert _positive_finite(res["peak"]["fp32_tflops"]) and _positive_finite(res["peak"]["copy_tbps"])
+    for key in ("bf16_tflops", "fp32_tflops", "copy_tbps"):
+        assert _positive_finite(res["peak"][key]), key
     ortho = [c for c in res["cases"] if c["name"] == "orthogonalize"]
     assert len(ortho) >= 3
     for c in res["cases"]:
@@ -108,19 +108,40 @@ def test_smoke_writes_design_json(tmp_path):
         for k, ms in c["baselines"].items():
             assert _positive_finite(ms)
             assert c["speedup"][k] == pytest.approx(ms / c["median_ms"], rel=1e-12)
+    # CPU kernels compute in float32; CUDA ones in bf16 (the suite's default dtype there).
+    dtype, peak_key = ("float32", "fp32_tflops") if device_type == "cpu" else ("bfloat16", "bf16_tflops")
     for c in ortho:
-        assert c["dtype"] == "float32" and c["params"] == {"steps": 5, "coefficients": "polar_express"}
+        assert c["dtype"] == dtype and c["params"] == {"steps": 5, "coefficients": "polar_express"}
         assert _positive_finite(c["tflops"]) and _positive_finite(c["floor_ms"])
         b, m, n = c["shape"]
         m, n = min(m, n), max(m, n)
         flops = b * 5 * (4 * m * m * n + 2 * m**3)
         assert c["tflops"] == pytest.approx(flops / (c["median_ms"] * 1e-3) / 1e12, rel=1e-9)
-        assert c["floor_ms"] == pytest.approx(flops / (res["peak"]["fp32_tflops"] * 1e12) * 1e3, rel=1e-9)
+        compute_floor = flops / (res["peak"][peak_key] * 1e12) * 1e3
+        assert c["floor_ms"] >= compute_floor * (1 - 1e-9)
         assert c["peak_fraction"] == pytest.approx(c["floor_ms"] / c["median_ms"], rel=1e-12)
         assert "torch_eager" in c["baselines"]
         assert ("torch_optim_muon" in c["baselines"]) == hasattr(torch.optim, "Muon")
     # The compile baseline is off in the smoke, and the file says why.
     assert any("torch_compile_baddbmm" in s["what"] and "disabled" in s["reason"] for s in res["skipped"])
+
+
+def test_smoke_writes_design_json(tmp_path):
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    path, res = _load_single_json(tmp_path)
+    assert path.name.endswith("-all-smoke.json") and path.name[:8].isdigit()
+    assert res["device"].startswith("cpu: ") and res["cpu_threads"] == 1
+    _check_design_json(res, "cpu")
+
+
+@pytest.mark.cuda
+def test_smoke_on_cuda_writes_design_json(tmp_path):
+    assert main(["--smoke", "--device", "cuda", "--out", str(tmp_path)]) == 0
+    path, res = _load_single_json(tmp_path)
+    assert res["device"] == torch.cuda.get_device_name()
+    _check_design_json(res, "cuda")
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert _positive_finite(res["peak"]["fp8_tflops"])
 
 
 PLUGIN_SUITE = '''

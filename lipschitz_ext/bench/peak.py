@@ -88,7 +88,9 @@ def probe_peak(device: torch.device, small: bool = False) -> PeakProbe:
         else:
             p.skipped["fp8_tflops"] = "fp8 tensor cores need sm_89 or newer"
     else:
-        n, copy_bytes, repeats = (384, 16 << 20, 3) if small else (1536, 256 << 20, 7)
+        # Many short repeats rather than a few long ones: on a shared host the
+        # best repeat must catch a quiet moment.
+        n, copy_bytes, repeats = (384, 16 << 20, 3) if small else (1024, 256 << 20, 15)
         p.fp32_tflops = _gemm_tflops(n, torch.float32, device, repeats)
         # CPU bf16 GEMMs are far slower than fp32 ones without AMX: a smaller size.
         p.bf16_tflops = _gemm_tflops(n if small else n // 2, torch.bfloat16, device, repeats)

@@ -5,6 +5,21 @@ op's tests, per DESIGN.md) defining ``cases(cfg: SuiteConfig) -> list[Case]``.
 The CLI loads it by path, so a branch plugs in a suite by adding that one file.
 A *case* is one op at one shape: a factory for our implementation and a dict of
 baseline factories, each timed in the same run by the same C++ loop.
+
+A suite file, e.g. ``bench/bench_constraints.py``::
+
+    from lipschitz_ext.bench import Case, Setup, Skip, SuiteConfig
+
+    def cases(cfg: SuiteConfig) -> list[Case]:
+        shape = (2, 16, 16) if cfg.smoke else (48, 768, 768)
+        dtype = cfg.dtype or (torch.bfloat16 if cfg.is_cuda else torch.float32)
+        def ours(n_sets):   # n_sets argument tuples, same shapes, separate storage
+            return Setup(ops.spectral_soft_cap, [(randn(shape),) for _ in range(n_sets)])
+        def svd_cap(n_sets):
+            return Setup(svd_cap_reference, [(randn(shape),) for _ in range(n_sets)])
+        return [Case(name="spectral_soft_cap", shape=shape, dtype=dtype, ours=ours,
+                     baselines={"svd_cap": svd_cap}, params={"alpha": 0.1},
+                     flops=..., bytes=...)]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The results file: one JSON per run in the DESIGN.md format.
 
-Keys beyond DESIGN.md's example, all additive: ``peak.fp32_tflops``,
+Keys beyond DESIGN.md's example, all additive: ``peak.fp32_tflops``, ``cpu_threads``,
 ``cases[].peak_fraction`` (floor_ms / median_ms: the fraction of the measured
 peak reached) and a top-level ``skipped`` list (baselines or peaks that could
 not run here, with the reason).
@@ -71,6 +71,7 @@ def run_header(device: torch.device, peak: PeakProbe, repo: Path) -> dict[str, A
         "commit": git_commit(repo),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "peak": peak.as_json(),
+        "cpu_threads": torch.get_num_threads(),
     }
 
 
