@@ -142,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             records.append(run.record)
 
-    result = run_header(device, peak, cases_dir.parent)
+    result = run_header(device, peak, default_cases_dir().parent)  # the package's checkout
     result["cases"] = records
     result["skipped"] = skipped
     label = f"{suite}-smoke" if smoke else suite
