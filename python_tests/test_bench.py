@@ -127,7 +127,9 @@ def _check_design_json(res: dict, device_type: str) -> None:
 
 
 def test_smoke_writes_design_json(tmp_path):
+    threads = torch.get_num_threads()
     assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads
     path, res = _load_single_json(tmp_path)
     assert path.name.endswith("-all-smoke.json") and path.name[:8].isdigit()
     assert res["device"].startswith("cpu: ") and res["cpu_threads"] == 1
@@ -191,6 +193,11 @@ def test_plugin_suite_file_and_failing_baselines(tmp_path):
     assert reasons["plugin_mm 32x32 float32 vs broken"].startswith("RuntimeError")
 
 
-def test_missing_suite_file_is_reported(tmp_path):
+def test_missing_suite_file_and_bad_options_are_reported(tmp_path):
     with pytest.raises(SystemExit, match="bench_optim.py"):
         main(["--smoke", "--suite", "optim", "--cases-dir", str(tmp_path), "--out", str(tmp_path)])
+    for bad, match in ((["--repeats", "0"], "--repeats"), (["--threads", "0"], "--threads"),
+                       (["--dtype", "float99"], "float99"), (["--filter", "no-such-case"], "no cases")):
+        with pytest.raises(SystemExit, match=match):
+            main(["--smoke", "--out", str(tmp_path), *bad])
+    assert not list(tmp_path.glob("*.json"))

@@ -93,20 +93,28 @@ def _print_run(run: CaseRun) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``lipschitz-bench`` / ``python -m lipschitz_ext.bench``; returns the exit code."""
     args = _parser().parse_args(argv)
+    threads = args.threads if args.threads is not None else (1 if args.smoke else None)
+    if threads is not None and threads < 1:
+        raise SystemExit("lipschitz-bench: --threads must be >= 1")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(args)
+    finally:  # callers (tests) keep their own thread count
+        torch.set_num_threads(previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     smoke = args.smoke
     suite = args.suite or ("all" if smoke else "orthogonalize")
     device = _device(args.device, smoke)
     cfg = SuiteConfig(device=device, dtype=_dtype(args.dtype), smoke=smoke,
                       compile=not (smoke or args.no_compile))
-    repeats = args.repeats or (3 if smoke else 30 if device.type == "cuda" else 10)
+    repeats = args.repeats if args.repeats is not None else (3 if smoke else 30 if device.type == "cuda" else 10)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 5 if device.type == "cuda" else 2)
     if repeats < 1 or warmup < 0:
         raise SystemExit("lipschitz-bench: --repeats must be >= 1 and --warmup >= 0")
-    threads = args.threads or (1 if smoke else None)
-    if threads is not None:
-        if threads < 1:
-            raise SystemExit("lipschitz-bench: --threads must be >= 1")
-        torch.set_num_threads(threads)
     cases_dir = args.cases_dir or default_cases_dir()
     out_dir = args.out or (default_cases_dir() / "results")
     skipped: list[dict[str, Any]] = []
