@@ -19,8 +19,9 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 from . import ops  # noqa: E402
+from . import constraints  # noqa: E402
 from .ops import orthogonalize  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "orthogonalize", "__version__"]
+__all__ = ["constraints", "ops", "orthogonalize", "__version__"]
