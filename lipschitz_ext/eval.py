@@ -181,7 +181,7 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
         certified = isinstance(model, LipschitzGPT)
         bound = train_mod.certified_bound(model) if certified else None
         batches = [(x.to(device), y.to(device)) for x, y in _val_batches(cfg, data, n_batches, batch_size)]
-        embeds = [model.embed_tokens(x) for x, _ in batches]
+        embeds = [model.embed(x) for x, _ in batches]
         scale = float(torch.cat([_token_rms(e).flatten() for e in embeds]).mean()) if relative else 1.0
         with torch.no_grad():
             clean_logits = [model.forward_embeddings(e) for e in embeds]

@@ -77,6 +77,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     out: str | None = None
     time_budget: float = 0.0  # seconds; > 0 stops the run early at this wall time
+    stop_after: int = 0  # > 0: stop this invocation at this step (resumable; the schedule still spans --steps)
     threads: int = 0  # torch CPU threads (0 = torch's default)
 
 
@@ -100,6 +101,7 @@ FIELD_HELP = {
     "constraint": "soft_cap | hard_cap | normalize | hammer | orthogonal | svd_cap | weight_decay | "
                   "spectral_weight_decay | none",
     "time_budget": "stop after this many seconds of wall time (0 = run all steps)",
+    "stop_after": "stop this invocation at this step, leaving a resumable checkpoint (for time-limited jobs)",
 }
 
 
@@ -226,10 +228,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         return AdamWSetup(model, cfg)
     from .optim import build_optimizers
 
+    constraint = None if cfg.constraint == "none" else cfg.constraint
     return build_optimizers(
-        model, lr=cfg.lr, head_lr=cfg.head_lr, embed_lr=cfg.embed_lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, constraint=cfg.constraint, sigma_max=cfg.sigma_max,
-        head_sigma_max=cfg.head_sigma_max, embed_max_rms=cfg.embed_max_rms,
+        model, lr=cfg.lr, head_lr=cfg.head_lr, embed_lr=cfg.embed_lr, vector_lr=cfg.embed_lr,
+        momentum=cfg.momentum, weight_decay=cfg.weight_decay, hidden_constraint=constraint,
+        head_constraint=constraint, hidden_sigma_max=cfg.sigma_max, head_sigma_max=cfg.head_sigma_max,
+        embed_max_rms=cfg.embed_max_rms,
     )
 
 
@@ -408,17 +412,29 @@ def default_out_dir(cfg: TrainConfig) -> str:
 # ---------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------
-def train(cfg: TrainConfig, resume: str | None = None, quiet: bool = False) -> dict:
-    """Run (or resume) one training run; returns its summary dict."""
+# What may change when a run is resumed (everything else comes from its checkpoint).
+RESUME_OVERRIDES = ("steps", "time_budget", "stop_after", "device", "threads", "eval_every", "log_every")
+
+
+def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool = False,
+          overrides: dict | None = None) -> dict:
+    """Run one training run (``cfg``) or resume the run in folder ``resume`` with its
+    saved config, changing only ``overrides`` (keys in RESUME_OVERRIDES); returns the
+    summary dict (also written to ``summary.json``)."""
     if resume:
         ckpt_path = os.path.join(resume, "latest.pt")
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume {resume}: no checkpoint latest.pt there")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        cfg = TrainConfig(**{**ckpt["config"], **{k: getattr(cfg, k) for k in ("steps", "time_budget", "device")
-                                                   if getattr(cfg, k) != getattr(TrainConfig(), k)}})
+        bad = set(overrides or {}) - set(RESUME_OVERRIDES)
+        if bad:
+            raise ValueError(f"--resume keeps the run's config; only {', '.join(RESUME_OVERRIDES)} may change, "
+                             f"not {', '.join(sorted(bad))}")
+        cfg = TrainConfig(**{**ckpt["config"], "stop_after": 0, **(overrides or {})})
         cfg.out = resume
     else:
+        if cfg is None:
+            raise ValueError("train() needs a config or a run folder to resume")
         ckpt = None
     validate(cfg)
     if cfg.threads > 0:
@@ -486,8 +502,14 @@ def train(cfg: TrainConfig, resume: str | None = None, quiet: bool = False) -> d
     tok_per_step = cfg.batch_size * cfg.seq_len * dist.world_size
     t_window, tokens_window = time.time(), 0
     model.train()
+    if ckpt is None:
+        checkpoint("latest.pt")  # a run always has a checkpoint to fall back to
     with StopRequest() as stop:
         while step < cfg.steps:
+            if 0 < cfg.stop_after <= step:
+                status, message = "paused", (f"stopped at step {step} (--stop-after); resume with "
+                                             f"lipschitz-train --resume {out}")
+                break
             if cfg.time_budget > 0 and elapsed0 + time.time() - t_start >= cfg.time_budget:
                 status, message = "time_budget", f"stopped at the time budget of {cfg.time_budget:.0f} s"
                 break
@@ -532,6 +554,8 @@ def train(cfg: TrainConfig, resume: str | None = None, quiet: bool = False) -> d
                 break
     bar.close()
     wall = elapsed0 + time.time() - t_start
+    if status == "paused":
+        checkpoint("latest.pt")
     if status in ("completed", "time_budget"):
         if last_eval_step != step:
             last_eval, last_eval_step = evaluate(model, data.val, cfg, device), step
@@ -621,9 +645,9 @@ def write_frontier(rows: list[dict], out: str) -> None:
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "preset":
+        if f.name == "preset" or f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, type) else None
@@ -660,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     else:
         p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
-    _add_config_flags(p)
+    _add_config_flags(p, skip=("sigma_max", "constraint") if is_sweep else ())
     args = p.parse_args(argv)
     try:
         cfg = config_from_preset(args.preset, **_overrides(args))
@@ -670,11 +694,14 @@ def main(argv: list[str] | None = None) -> int:
                          quiet=args.quiet)
             print(f"{out}/frontier.csv: {len(rows)} runs")
             return 0
-        summary = train(cfg, resume=args.resume, quiet=args.quiet)
+        if args.resume:
+            summary = train(resume=args.resume, quiet=args.quiet, overrides=_overrides(args))
+        else:
+            summary = train(cfg, quiet=args.quiet)
     except (ValueError, FileNotFoundError, data_mod.DataError) as exc:
         print(f"lipschitz-train: error: {exc}", file=sys.stderr)
         return 2
-    return {"completed": 0, "time_budget": 0, "interrupted": 130, "diverged": 1}[summary["status"]]
+    return {"completed": 0, "time_budget": 0, "paused": 0, "interrupted": 130, "diverged": 1}[summary["status"]]
 
 
 if __name__ == "__main__":

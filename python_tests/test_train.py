@@ -52,8 +52,8 @@ def test_run_writes_every_artifact(corpus, tmp_path):
 
 def test_resume_is_exact(corpus, tmp_path):
     full = run(corpus, tmp_path / "full")
-    run(corpus, tmp_path / "part", steps=6)  # stops at step 6 (a checkpoint), as if killed
-    resumed = T.train(T.config_from_preset("shakespeare-cpu", steps=12), resume=str(tmp_path / "part"), quiet=True)
+    run(corpus, tmp_path / "part", stop_after=5)  # stops at step 5, between evals, as if killed
+    resumed = T.train(resume=str(tmp_path / "part"), quiet=True)
     a = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     key = lambda rows: [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
@@ -113,7 +113,7 @@ def test_resume_with_other_vocabulary_is_refused(corpus, tmp_path):
     ck["config"]["data"] = str(other)
     torch.save(ck, tmp_path / "r" / "latest.pt")
     with pytest.raises(ValueError, match="does not match the checkpoint"):
-        T.train(T.config_from_preset("shakespeare-cpu"), resume=str(tmp_path / "r"), quiet=True)
+        T.train(resume=str(tmp_path / "r"), quiet=True)
     assert cfg["data"] == corpus
 
 
@@ -146,7 +146,7 @@ def test_sigterm_leaves_resumable_checkpoint(corpus, tmp_path):
     assert "resume with" in r.stderr
     ck = torch.load(out / "latest.pt", weights_only=False)
     assert ck["step"] == 5
-    s = T.train(T.config_from_preset("shakespeare-cpu"), resume=str(out), quiet=True)
+    s = T.train(resume=str(out), quiet=True)
     assert s["steps"] == 12 and s["status"] == "completed"
 
 
