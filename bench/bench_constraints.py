@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -240,10 +241,12 @@ def main(argv=None) -> int:
                     flush=True,
                 )
     if args.json:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = ""
+        commit = os.environ.get("LIPSCHITZ_COMMIT", "")  # for copies of the tree outside git
+        if not commit:
+            try:
+                commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+            except OSError:
+                commit = ""
         result = {
             "device": device_name(args.device),
             "torch": torch.__version__,
