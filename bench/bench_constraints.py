@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -176,9 +177,12 @@ def time_fn(fn: Callable, W: torch.Tensor, repeats: int, warmup: int) -> list[fl
     return times
 
 
-def run_case(op: str, shape, dtype: torch.dtype, device: str, repeats: int, warmup: int, svd_ms: dict) -> dict:
+def run_case(
+    op: str, shape, dtype: torch.dtype, device: str, repeats: int, warmup: int, svd_ms: dict, torch_baseline: bool = True
+) -> dict:
     """Time one op at one shape; ``svd_ms`` caches svd_cap's median per shape (the common baseline)."""
     ours, plain = OPS[op]
+    plain = plain if torch_baseline else None
     W = make_input(shape, dtype, device)
     t = time_fn(ours, W, repeats, warmup)
     med = statistics.median(t)
@@ -219,17 +223,22 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--json", help="write the DESIGN.md results JSON here")
+    ap.add_argument("--shape", help="time only this BxMxN shape (overrides --suite), e.g. 48x768x768")
+    ap.add_argument("--no-torch", action="store_true", help="skip the plain-PyTorch baselines")
     args = ap.parse_args(argv)
+    shapes = {s: SHAPES[s] for s in args.suite}
+    if args.shape:
+        shapes = {"custom": [tuple(int(x) for x in args.shape.split("x"))]}
     dtype = getattr(torch, args.dtype)
     # svd_cap first so every other case can report its speedup over it
     op_order = sorted(args.ops, key=lambda o: o != "svd_cap")
     svd_ms: dict = {}
     cases = []
     print(f"{'op':30s} {'shape':>16s} {'ours ms':>10s} {'torch ms':>10s} {'svd ms':>10s} {'x svd':>8s}")
-    for suite in args.suite:
-        for shape in SHAPES[suite]:
+    for suite, suite_shapes in shapes.items():
+        for shape in suite_shapes:
             for op in op_order:
-                c = run_case(op, shape, dtype, args.device, args.repeats, args.warmup, svd_ms)
+                c = run_case(op, shape, dtype, args.device, args.repeats, args.warmup, svd_ms, not args.no_torch)
                 c["params"]["suite"] = suite
                 cases.append(c)
                 b = c["baselines"]
@@ -240,10 +249,12 @@ def main(argv=None) -> int:
                     flush=True,
                 )
     if args.json:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = ""
+        commit = os.environ.get("LIPSCHITZ_COMMIT", "")  # for copies of the tree outside git
+        if not commit:
+            try:
+                commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+            except OSError:
+                commit = ""
         result = {
             "device": device_name(args.device),
             "torch": torch.__version__,
