@@ -19,7 +19,8 @@
 namespace lipschitz {
 
 struct Backend {
-  // dtype that holds the iterate (and accumulates residual updates)
+  // dtype that holds the iterate (and accumulates residual updates); the CUDA
+  // backend keeps bf16 input in bf16 (one rounding per step, all-GEMM pipeline)
   at::ScalarType (*state)(at::ScalarType input);
   // dtype of GEMM operands (bf16 on CUDA: fp32 accumulation inside cuBLAS)
   at::ScalarType (*gemm)(at::ScalarType input);
@@ -95,23 +96,40 @@ inline std::tuple<at::Tensor, at::Tensor> rank1_impl(const Backend& be, Rank1Kin
 // ---------------------------------------------------------------------------
 // soft cap: W <- W (I - a W^T W), then W <- W (I + a W^T W)
 
+// alpha: a per-matrix [B, 1, 1] tensor, or undefined to use alpha_scalar. When
+// the iterate is already in the GEMM dtype each step is one Gram GEMM plus one
+// GEMM with the residual fused into its epilogue (baddbmm: X + c * A X), i.e.
+// four GEMMs and no other pass over the weights; otherwise the product is
+// added to the wider iterate by the backend's axpy.
 inline at::Tensor soft_cap_steps(const Backend& be, at::Tensor X, const at::Tensor& alpha,
-                                 at::ScalarType gemm) {
+                                 double alpha_scalar, at::ScalarType gemm) {
   const bool tall = X.size(1) > X.size(2);
+  const bool fused = X.scalar_type() == gemm;
   for (const double sign : {-1.0, 1.0}) {
     const at::Tensor Xg = X.to(gemm);
-    const at::Tensor A = tall ? at::bmm(Xg.mT(), Xg) : at::bmm(Xg, Xg.mT());
-    const at::Tensor P = tall ? at::bmm(Xg, A) : at::bmm(A, Xg);
-    X = be.axpy(X, P, alpha * sign);
+    at::Tensor A = tall ? at::bmm(Xg.mT(), Xg) : at::bmm(Xg, Xg.mT());
+    if (fused) {
+      if (alpha.defined()) A = (A * alpha).to(gemm);  // per-matrix alpha folded into A
+      const double c = alpha.defined() ? sign : sign * alpha_scalar;
+      X = tall ? at::baddbmm(X, X, A, /*beta=*/1.0, /*alpha=*/c)
+               : at::baddbmm(X, A, X, /*beta=*/1.0, /*alpha=*/c);
+    } else {
+      const at::Tensor P = tall ? at::bmm(Xg, A) : at::bmm(A, Xg);
+      const at::Tensor coef =
+          alpha.defined() ? alpha * sign
+                          : at::full({X.size(0), 1, 1}, sign * alpha_scalar, X.options());
+      X = be.axpy(X, P, coef);
+    }
   }
   return X;
 }
 
-// alpha: [B, 1, 1] in the state dtype.
-inline at::Tensor soft_cap_run(const Backend& be, const at::Tensor& W, const at::Tensor& alpha3) {
+inline at::Tensor soft_cap_run(const Backend& be, const at::Tensor& W, const at::Tensor& alpha3,
+                               double alpha_scalar) {
   const auto st = be.state(W.scalar_type());
   at::Tensor X = as_batch3d(W).to(st);
-  X = soft_cap_steps(be, X, alpha3.to(st), be.gemm(W.scalar_type()));
+  const at::Tensor a = alpha3.defined() ? alpha3.to(float_or_double(st)) : alpha3;
+  X = soft_cap_steps(be, X, a, alpha_scalar, be.gemm(W.scalar_type()));
   return X.reshape(W.sizes()).to(W.scalar_type()).contiguous();
 }
 
@@ -120,8 +138,7 @@ inline at::Tensor soft_cap_impl(const Backend& be, const at::Tensor& W, double a
   check_matrix_batch(W, op, "W");
   check_nonnegative(alpha, op, "alpha");
   if (W.numel() == 0) return at::empty(W.sizes(), W.options());
-  const int64_t batch = W.numel() / (W.size(-2) * W.size(-1));
-  return soft_cap_run(be, W, at::full({batch, 1, 1}, alpha, W.options().dtype(be.state(W.scalar_type()))));
+  return soft_cap_run(be, W, at::Tensor(), alpha);
 }
 
 inline at::Tensor soft_cap_per_matrix_impl(const Backend& be, const at::Tensor& W,
@@ -139,7 +156,7 @@ inline at::Tensor soft_cap_per_matrix_impl(const Backend& be, const at::Tensor& 
               " (one alpha per matrix), got ", alpha.sizes());
   if (W.numel() == 0) return at::empty(W.sizes(), W.options());
   const int64_t batch = W.numel() / (W.size(-2) * W.size(-1));
-  return soft_cap_run(be, W, alpha.reshape({-1, 1, 1}).expand({batch, 1, 1}));
+  return soft_cap_run(be, W, alpha.reshape({-1, 1, 1}).expand({batch, 1, 1}), 0.0);
 }
 
 // ---------------------------------------------------------------------------
@@ -197,7 +214,8 @@ constexpr double kPolynomialPrescale = 3.0;
 inline at::Tensor hard_cap_polynomial(const at::Tensor& X, double b, int64_t iters,
                                       at::ScalarType gemm, const char* op) {
   at::Tensor Y = X / b;
-  const Triplet t = power_iteration_batched(Y, iters, std::nullopt, op);
+  const Triplet t = power_iteration_batched(Y.to(float_or_double(Y.scalar_type())), iters,
+                                            std::nullopt, op);
   const at::Tensor c = at::minimum(at::ones_like(t.sigma),
                                    kPolynomialPrescale / t.sigma.clamp_min(1e-30));
   Y = (Y * c.view({-1, 1, 1})).to(gemm);

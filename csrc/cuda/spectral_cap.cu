@@ -1,8 +1,10 @@
 // CUDA kernels of the spectral caps (soft cap, hard cap, orthogonal projection,
 // exact SVD clip). GEMM-heavy ops run their batched cuBLAS GEMMs on bf16
-// operands with fp32 accumulation while the iterate stays in fp32 (float64
-// input stays float64 throughout); the residual update X + coef * P of each
-// soft-cap step is one fused pass reading the bf16 GEMM output. svd_cap uses
+// operands with fp32 accumulation. bf16 input keeps a bf16 iterate (the soft
+// cap is then 4 GEMMs with fused epilogues, nothing else); float32/float16
+// input keeps an fp32 iterate and the residual update X + coef * P of each
+// soft-cap step is one fused pass reading the bf16 GEMM output (float64 input
+// stays float64 throughout). svd_cap uses
 // at::linalg_svd (cuSOLVER) in fp32/fp64: it is the slow exact baseline.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -58,8 +60,14 @@ at::ScalarType bf16_or_double(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kBFloat16;
 }
 
+// bf16 input stays bf16 (the soft cap is then four GEMMs with fused epilogues);
+// float32/float16 input keeps an fp32 iterate next to the bf16 GEMM operands.
+at::ScalarType cuda_state(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : (t == at::kBFloat16 ? at::kBFloat16 : at::kFloat);
+}
+
 const Backend& cuda_cap_backend() {
-  static const Backend be{&float_or_double, &bf16_or_double, &axpy_cuda, &rank1_aten};
+  static const Backend be{&cuda_state, &bf16_or_double, &axpy_cuda, &rank1_aten};
   return be;
 }
 
