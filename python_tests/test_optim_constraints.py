@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from optim_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from lipschitz_ext import constraints as C
 from lipschitz_ext.ops import ns_max_gain, soft_cap_alpha
