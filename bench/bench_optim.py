@@ -18,7 +18,8 @@ Implementations (each one step = what the paper's training loop does per step):
 All use 5 Newton-Schulz steps and the same coupled soft-cap alpha.
 
 Case definitions are plain functions (``model_shapes``, ``make_params``,
-``make_step``, ``run_case``) so a runner can import them. Timing: wall clock,
+``make_step``, ``run_case``) so a runner can import them; ``cases(cfg)`` exposes
+them to the shared runner (``lipschitz-bench --suite optim``). Timing: wall clock,
 ``--warmup`` untimed steps, then median/min/max of ``--repeats`` steps; CUDA is
 synchronized around each. Output: a table, and with ``--json`` the DESIGN.md
 results format.
@@ -41,8 +42,9 @@ import torch
 from lipschitz_ext import constraints, ops
 from lipschitz_ext.optim import Muon
 
-#: model -> (layers, d)
-MODELS: dict[str, tuple[int, int]] = {"shakespeare": (3, 256), "gpt2": (12, 768)}
+#: model -> (layers, d); "gpt2_block" is one GPT-2 layer (CPU runs), "smoke" the CI smoke.
+MODELS: dict[str, tuple[int, int]] = {
+    "shakespeare": (3, 256), "gpt2": (12, 768), "gpt2_block": (1, 768), "smoke": (1, 32)}
 IMPLS = ("lipschitz_ext", "torch_muon_softcap", "torch_fp32_loop_softcap")
 PARAMS = {"lr": 0.05, "momentum": 0.95, "ns_steps": 5, "sigma_max": 1.0, "constraint": "soft_cap"}
 JORDAN = (3.4445, -4.7750, 2.0315)
@@ -187,9 +189,52 @@ def _device_name(device: str) -> str:
     return f"cpu: {model} ({torch.get_num_threads()} threads)"
 
 
+def _factory(impl: str, model: str, dtype: torch.dtype, device: str):
+    from lipschitz_ext.bench import Setup
+
+    def build(n_sets: int) -> Setup:
+        # One set: a step updates its weights in place, and the GPT-2 set is large.
+        params, grads = make_params(model, dtype, device)
+        for p, g in zip(params, grads):
+            p.grad = g
+        return Setup(make_step(impl, params), [()])
+
+    return build
+
+
+def cases(cfg) -> list:
+    """Cases for the shared runner: one full optimizer step per model (GPU: both
+    models; CPU: Shakespeare and one GPT-2 layer, the full set takes ~45 s a step)."""
+    from lipschitz_ext.bench import Case
+
+    device = str(cfg.device)
+    dtype = cfg.dtype or (torch.bfloat16 if cfg.is_cuda else torch.float32)
+    if cfg.smoke:
+        models = ["smoke"]
+    else:
+        models = ["shakespeare", "gpt2"] if cfg.is_cuda else ["shakespeare", "gpt2_block"]
+    out = []
+    for model in models:
+        layers, d = MODELS[model]
+        n_elem = sum(m * n for m, n in model_shapes(model))
+        out.append(Case(
+            name="optimizer_step",
+            shape=(layers, d),
+            dtype=dtype,
+            params={"model": model, "matrices": len(model_shapes(model)), **PARAMS},
+            ours=_factory("lipschitz_ext", model, dtype, device),
+            baselines={impl: _factory(impl, model, dtype, device) for impl in IMPLS[1:]},
+            flops=step_flops(model),
+            # read W, G, momentum; write W, momentum (the elementwise floor)
+            bytes=5.0 * n_elem * dtype.itemsize,
+            peak=None if cfg.is_cuda else "fp32_tflops",
+        ))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=["shakespeare", "gpt2"], choices=list(MODELS))
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
