@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 
@@ -52,3 +53,12 @@ class PowerNormalize:
 
 def clone_params(params):
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread (OpenMP hand-offs dominate on a busy 2-core machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from optim_helpers import PowerNormalize, clone_params
+from optim_helpers import PowerNormalize, clone_params, one_thread  # noqa: F401 (autouse fixture)
 
 import lipschitz_ext.optim.muon as muon_mod
 from lipschitz_ext.ops import ns_max_gain, orthogonalize

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from optim_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from lipschitz_ext import constraints as C
 from lipschitz_ext.ops import ns_max_gain, soft_cap_alpha
@@ -147,3 +148,29 @@ def test_build_optimizers_with_real_constraints_caps_everything():
         assert model["wte"].weight.double().pow(2).mean(-1).sqrt().max().item() <= 1.0 + 1e-6
     kinds = {g["kind"]: type(g["constraint"]).__name__ for o in opt.optimizers for g in o.param_groups}
     assert kinds == {"hidden": "SpectralSoftCap", "head": "SpectralSoftCap", "embedding": "EmbeddingRMSCap"}
+
+
+def test_build_optimizers_on_lipschitz_gpt_keeps_every_cap():
+    # The model's own param_groups_spec() decides roles and caps (hidden 1.5, head 4, embedding 1).
+    from lipschitz_ext.nn import GPTConfig, LipschitzGPT
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=29, d_model=32, n_layers=2, n_heads=2, seq_len=12, sigma_max=1.5,
+                    head_sigma_max=4.0, embed_max_rms=1.0)
+    model = LipschitzGPT(cfg)
+    opt = build_optimizers(model, lr=0.1, head_lr=0.05)
+    spec = {d["name"]: d for d in model.param_groups_spec()}
+    roles = {g["role"]: g for o in opt.optimizers for g in o.param_groups}
+    assert set(roles) == set(spec)
+    for _ in range(3):
+        idx = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
+        opt.zero_grad()
+        logits = model(idx)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+        opt.step()
+        for d in spec.values():
+            for p in d["params"]:
+                if d["kind"] == "embedding":
+                    assert p.double().pow(2).mean(-1).sqrt().max().item() <= d["sigma_max"] + 1e-6
+                else:
+                    assert rms_norms(p).max().item() <= d["sigma_max"] * (1 + 1e-4), d["name"]

@@ -153,6 +153,24 @@ def _fsdp_worker(rank: int, port: int) -> None:
         dist.all_reduce(owned)
         assert torch.equal(owned, torch.ones(5)), owned
         assert opt.state[net.experts]["momentum_buffer"].placements == net.experts.placements
+
+        # DTensors placed Replicate() take the replicated path (split the work, all-gather).
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        full = [torch.randn(6, 10), torch.randn(6, 10), torch.randn(10, 6)]
+        rep = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Replicate()])) for t in full]
+        loc = clone_params(full)
+        o_rep = Muon(rep, lr=0.1, constraint=PowerNormalize(0.8))
+        o_loc = Muon(loc, lr=0.1, constraint=PowerNormalize(0.8), distributed="none")
+        for _ in range(2):
+            for p, q in zip(rep, loc):
+                g = torch.randn(q.shape)
+                p.grad, q.grad = distribute_tensor(g, mesh, [Replicate()]), g.clone()
+            o_rep.step()
+            o_loc.step()
+        for p, q in zip(rep, loc):
+            torch.testing.assert_close(p.to_local(), q.detach(), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(o_rep.state[p]["constraint.u"], o_loc.state[q]["constraint.u"])
     finally:
         dist.destroy_process_group()
 

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from optim_helpers import PowerNormalize
+from optim_helpers import PowerNormalize, one_thread  # noqa: F401 (autouse fixture)
 from torch import nn
 
 from lipschitz_ext.optim import ConstrainedAdam, Muon, OptimizerSet, build_optimizers, classify_parameters

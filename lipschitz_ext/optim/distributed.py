@@ -15,8 +15,9 @@ Two layouts, chosen per parameter (:func:`classify`):
   each owner the slices (momentum direction and weight) of its matrices, the
   owner rebuilds whole matrices, orthogonalizes, updates and constrains them,
   and a second all-to-all returns the updated slices. Constraint state lives on
-  the owner. (The layout of Moonlight's / Dion's distributed Muon: whole
-  matrices per rank, not an all-gather of everything on every rank.)
+  the owner. Public FSDP2 Muons assign each matrix to an owner rank too, but
+  move it with one gather and one scatter per matrix; here a whole bucket
+  travels in one all-to-all each way, and nothing is all-gathered everywhere.
 
 A DTensor sharded on a batch dim (``Shard(d)``, ``d < ndim - 2``) already holds
 whole matrices locally and takes the plain local path.
@@ -50,16 +51,8 @@ class Mode:
     group: Any = None  # ProcessGroup for replicated/sharded
     axis: int = -1  # sharded: 0 = rows (fan_out) split, 1 = columns (fan_in) split
 
-    @property
-    def key(self) -> "Mode":
-        return self
-
 
 LOCAL = Mode("local")
-
-
-def mode_of(key: Mode) -> Mode:
-    return key
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

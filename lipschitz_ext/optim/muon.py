@@ -236,13 +236,12 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
             a, bb = v.shape[-2], v.shape[-1]
             count = math.prod(v.shape[:-2])
             m, n = p.shape[-2], p.shape[-1]
-            key = (mode.key, m, n, p.dtype, v.device)
+            key = (mode, m, n, p.dtype, v.device)
             shape3 = (count, a, bb)
             e = Entry(p, v.view(shape3), g.reshape(shape3), b.view(shape3), count, self.state[p])
             buckets.setdefault(key, Bucket(key)).entries.append(e)
         for key, bucket in buckets.items():
-            mode = _dist.mode_of(key[0])
-            self._step_bucket(gi, group, bucket, mode)
+            self._step_bucket(gi, group, bucket, key[0])
 
     def _grads_finite(self, gi, group, params, grads, modes) -> bool:
         norms = torch._foreach_norm(grads)

@@ -66,7 +66,8 @@ def classify_parameters(
             if kind not in KINDS:
                 raise ValueError(f"build_optimizers: param_groups_spec kind must be one of {KINDS}, got {kind!r}")
             params = [p for p in d["params"] if p.requires_grad]
-            roles.append(ParamRole(d.get("name", kind), kind, params, d.get("sigma_max")))
+            if params:
+                roles.append(ParamRole(d.get("name", kind), kind, params, d.get("sigma_max")))
         return roles
 
     modules = dict(model.named_modules())

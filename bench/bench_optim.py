@@ -1,0 +1,272 @@
+"""Benchmark one full optimizer step (momentum, Newton-Schulz, update, soft cap).
+
+    python bench/bench_optim.py                                  # CPU, both models
+    python bench/bench_optim.py --models shakespeare --repeats 5
+    python bench/bench_optim.py --device cuda --json bench/results/x.json
+
+Weight sets: the hidden matrices of GPT-2 small (12 layers, d=768: per layer
+Q, K, V, O 768x768, MLP in 3072x768, MLP out 768x3072) and of the Shakespeare
+model (3 layers, d=256), as parameters in PyTorch layout.
+
+Implementations (each one step = what the paper's training loop does per step):
+- ``lipschitz_ext``: :class:`lipschitz_ext.optim.Muon` with ``SpectralSoftCap``
+  (one orthogonalize + one soft-cap call per shape bucket);
+- ``torch_muon_softcap``: ``torch.optim.Muon`` (per-parameter loop, bf16
+  Newton-Schulz) followed by a per-parameter soft cap in plain PyTorch;
+- ``torch_fp32_loop_softcap``: the same per-parameter loop with fp32 (the
+  parameter dtype) Newton-Schulz, to separate batching from precision.
+All use 5 Newton-Schulz steps and the same coupled soft-cap alpha.
+
+Case definitions are plain functions (``model_shapes``, ``make_params``,
+``make_step``, ``run_case``) so a runner can import them; ``cases(cfg)`` exposes
+them to the shared runner (``lipschitz-bench --suite optim``). Timing: wall clock,
+``--warmup`` untimed steps, then median/min/max of ``--repeats`` steps; CUDA is
+synchronized around each. Output: a table, and with ``--json`` the DESIGN.md
+results format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+from lipschitz_ext import constraints, ops
+from lipschitz_ext.optim import Muon
+
+#: model -> (layers, d); "gpt2_block" is one GPT-2 layer (CPU runs), "smoke" the CI smoke.
+MODELS: dict[str, tuple[int, int]] = {
+    "shakespeare": (3, 256), "gpt2": (12, 768), "gpt2_block": (1, 768), "smoke": (1, 32)}
+IMPLS = ("lipschitz_ext", "torch_muon_softcap", "torch_fp32_loop_softcap")
+PARAMS = {"lr": 0.05, "momentum": 0.95, "ns_steps": 5, "sigma_max": 1.0, "constraint": "soft_cap"}
+JORDAN = (3.4445, -4.7750, 2.0315)
+
+
+def model_shapes(model: str) -> list[tuple[int, int]]:
+    """The hidden weight shapes ``(fan_out, fan_in)`` of ``model``, layer by layer."""
+    layers, d = MODELS[model]
+    return [s for _ in range(layers) for s in [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]]
+
+
+def make_params(model: str, dtype: torch.dtype, device: str, seed: int = 0):
+    """Weights with RMS->RMS norm ~1 and gradients, as ``(params, grads)``."""
+    g = torch.Generator().manual_seed(seed)
+    params, grads = [], []
+    for m, n in model_shapes(model):
+        W = torch.randn(m, n, generator=g) * (math.sqrt(m / n) / (math.sqrt(m) + math.sqrt(n)))
+        params.append(torch.nn.Parameter(W.to(device=device, dtype=dtype)))
+        grads.append(torch.randn(m, n, generator=g).to(device=device, dtype=dtype))
+    return params, grads
+
+
+def soft_cap_alpha() -> float:
+    """The coupled alpha (RMS->RMS frame) all implementations use for this step size."""
+    mu = PARAMS["lr"] * ops.ns_max_gain(PARAMS["ns_steps"], "polar_express") * 1.05
+    return ops.soft_cap_alpha(PARAMS["sigma_max"], mu, 0.0)
+
+
+def torch_soft_cap_(W: torch.Tensor, alpha: float) -> None:
+    """Plain-PyTorch soft cap of one matrix in the RMS->RMS frame (small-side Gram), in place."""
+    m, n = W.shape
+    a = alpha / (m / n)  # alpha on W' = W / sqrt(m/n) is alpha / (m/n) on W
+    X = W.float()
+    for sign in (-1.0, 1.0):
+        X = X + sign * a * (X @ (X.mT @ X) if m > n else (X @ X.mT) @ X)
+    W.copy_(X)
+
+
+def _ns_loop(G: torch.Tensor, steps: int) -> torch.Tensor:
+    a, b, c = JORDAN
+    X = G.mT if G.shape[0] > G.shape[1] else G
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if G.shape[0] > G.shape[1] else X
+
+
+def make_step(impl: str, params: list[torch.nn.Parameter]) -> Callable[[], None]:
+    """A zero-argument callable doing one optimizer step of ``impl`` on ``params``."""
+    lr, mom, steps = PARAMS["lr"], PARAMS["momentum"], PARAMS["ns_steps"]
+    alpha = soft_cap_alpha()
+    if impl == "lipschitz_ext":
+        opt = Muon(params, lr=lr, momentum=mom, ns_steps=steps,
+                   constraint=constraints.SpectralSoftCap(PARAMS["sigma_max"], alpha=alpha))
+        return opt.step
+    if impl == "torch_muon_softcap":
+        opt = torch.optim.Muon(params, lr=lr, momentum=mom, weight_decay=0.0, ns_steps=steps)
+
+        def step():
+            opt.step()
+            with torch.no_grad():
+                for p in params:
+                    torch_soft_cap_(p, alpha)
+
+        return step
+    if impl == "torch_fp32_loop_softcap":
+        bufs = [torch.zeros_like(p) for p in params]
+
+        @torch.no_grad()
+        def step():
+            for p, buf in zip(params, bufs):
+                buf.lerp_(p.grad, 1 - mom)
+                O = _ns_loop(p.grad.lerp(buf, mom), steps)
+                p.add_(O, alpha=-lr * math.sqrt(p.shape[0] / p.shape[1]))
+                torch_soft_cap_(p, alpha)
+
+        return step
+    raise ValueError(f"bench_optim: unknown impl {impl!r}; choose from {IMPLS}")
+
+
+def step_flops(model: str) -> float:
+    """Newton-Schulz (``4 m^2 n + 2 m^3`` per step, m the small side) + soft cap (``8 m^2 n``) FLOPs."""
+    total = 0.0
+    for m, n in model_shapes(model):
+        s, l = min(m, n), max(m, n)
+        total += PARAMS["ns_steps"] * (4 * s * s * l + 2 * s**3) + 8 * s * s * l
+    return total
+
+
+def time_step(step: Callable[[], None], device: str, repeats: int, warmup: int) -> list[float]:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def run_case(model: str, dtype: torch.dtype, device: str, repeats: int, warmup: int,
+             impls=IMPLS) -> dict:
+    """Time every implementation on ``model``'s weights; a DESIGN.md result case."""
+    times = {}
+    for impl in impls:
+        params, grads = make_params(model, dtype, device)
+        for p, g in zip(params, grads):
+            p.grad = g
+        times[impl] = time_step(make_step(impl, params), device, repeats, warmup)
+    ours = times.get("lipschitz_ext")
+    med = statistics.median(ours) if ours else float("nan")
+    baselines = {k: statistics.median(v) for k, v in times.items() if k != "lipschitz_ext"}
+    layers, d = MODELS[model]
+    return {
+        "name": "optimizer_step",
+        "shape": [layers, d],
+        "dtype": str(dtype).replace("torch.", ""),
+        "params": {"model": model, "matrices": len(model_shapes(model)), **PARAMS},
+        "impl": "lipschitz_ext",
+        "median_ms": med,
+        "min_ms": min(ours) if ours else float("nan"),
+        "max_ms": max(ours) if ours else float("nan"),
+        "tflops": step_flops(model) / (med * 1e-3) / 1e12,
+        "floor_ms": None,
+        "baselines": baselines,
+        "speedup": {k: v / med for k, v in baselines.items()},
+    }
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown"
+    return f"cpu: {model} ({torch.get_num_threads()} threads)"
+
+
+def _factory(impl: str, model: str, dtype: torch.dtype, device: str):
+    from lipschitz_ext.bench import Setup
+
+    def build(n_sets: int) -> Setup:
+        # One set: a step updates its weights in place, and the GPT-2 set is large.
+        params, grads = make_params(model, dtype, device)
+        for p, g in zip(params, grads):
+            p.grad = g
+        return Setup(make_step(impl, params), [()])
+
+    return build
+
+
+def cases(cfg) -> list:
+    """Cases for the shared runner: one full optimizer step per model (GPU: both
+    models; CPU: Shakespeare and one GPT-2 layer, the full set takes ~45 s a step)."""
+    from lipschitz_ext.bench import Case
+
+    device = str(cfg.device)
+    dtype = cfg.dtype or (torch.bfloat16 if cfg.is_cuda else torch.float32)
+    if cfg.smoke:
+        models = ["smoke"]
+    else:
+        models = ["shakespeare", "gpt2"] if cfg.is_cuda else ["shakespeare", "gpt2_block"]
+    out = []
+    for model in models:
+        layers, d = MODELS[model]
+        n_elem = sum(m * n for m, n in model_shapes(model))
+        out.append(Case(
+            name="optimizer_step",
+            shape=(layers, d),
+            dtype=dtype,
+            params={"model": model, "matrices": len(model_shapes(model)), **PARAMS},
+            ours=_factory("lipschitz_ext", model, dtype, device),
+            baselines={impl: _factory(impl, model, dtype, device) for impl in IMPLS[1:]},
+            flops=step_flops(model),
+            # read W, G, momentum; write W, momentum (the elementwise floor)
+            bytes=5.0 * n_elem * dtype.itemsize,
+            peak=None if cfg.is_cuda else "fp32_tflops",
+        ))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["shakespeare", "gpt2"], choices=list(MODELS))
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write the DESIGN.md results JSON here")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    cases = []
+    for model in args.models:
+        case = run_case(model, dtype, args.device, args.repeats, args.warmup, args.impls)
+        cases.append(case)
+        base = " ".join(f"{k}={v:.1f}ms (x{case['speedup'][k]:.2f})" for k, v in case["baselines"].items())
+        print(f"{model:12s} {case['dtype']:9s} ours {case['median_ms']:.1f} ms "
+              f"[{case['min_ms']:.1f}, {case['max_ms']:.1f}] {case['tflops']:.3f} TFLOP/s | {base}", flush=True)
+    if args.json:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = ""
+        result = {
+            "device": _device_name(args.device),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "commit": commit,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "peak": {"bf16_tflops": None, "fp8_tflops": None, "copy_tbps": None},
+            "cases": cases,
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
