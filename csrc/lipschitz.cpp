@@ -23,4 +23,20 @@ TORCH_LIBRARY(lipschitz, m) {
   m.def(
       "ns_polynomial(Tensor s, int steps=5, str coefficients=\"polar_express\", "
       "float[] custom=[]) -> Tensor");
+  // fp8 (e4m3) attention forward with static scales, bf16 [B, H, N, d] in and
+  // out; see csrc/fp8_attention.h for the exact rounding it performs. The
+  // composite op calls fp8_attention_fwd, which carries the autograd formula
+  // (registered in lipschitz_ext/ops/fp8_attention.py).
+  m.def(
+      "fp8_attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? softmax_scale=None, "
+      "float q_scale=1.0, float k_scale=1.0, float v_scale=1.0) -> Tensor");
+  // Returns (out bf16 [B, H, N, d], lse float32 [B, H, N], natural log).
+  m.def(
+      "fp8_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
+      "float q_scale, float k_scale, float v_scale) -> (Tensor, Tensor)");
+  // bf16 gradient of exact softmax attention at (q, k, v): straight-through for
+  // the fp8 quantization. Returns (dq, dk, dv).
+  m.def(
+      "fp8_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, bool causal, "
+      "float softmax_scale) -> (Tensor, Tensor, Tensor)");
 }

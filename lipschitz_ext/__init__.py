@@ -18,9 +18,9 @@ except ImportError as exc:  # pragma: no cover - only without a build
         f"install, run from another directory. Original error: {exc}"
     ) from exc
 
-from . import ops  # noqa: E402
+from . import fp8_scales, ops  # noqa: E402
 from .ops import orthogonalize  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "orthogonalize", "__version__"]
+__all__ = ["fp8_scales", "ops", "orthogonalize", "__version__"]

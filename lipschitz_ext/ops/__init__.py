@@ -8,6 +8,15 @@ family: ``orthogonalize.py`` here <-> ``csrc/cpu/orthogonalize.cpp`` <->
 ``csrc/cuda/orthogonalize.cu`` <-> ``python_tests/test_orthogonalize.py``.
 """
 
+from .fp8_attention import E4M3_MAX, fp8_attention, fp8_saturation_count
 from .orthogonalize import COEFFICIENT_SETS, ns_max_gain, ns_polynomial, orthogonalize
 
-__all__ = ["COEFFICIENT_SETS", "ns_max_gain", "ns_polynomial", "orthogonalize"]
+__all__ = [
+    "COEFFICIENT_SETS",
+    "E4M3_MAX",
+    "fp8_attention",
+    "fp8_saturation_count",
+    "ns_max_gain",
+    "ns_polynomial",
+    "orthogonalize",
+]
