@@ -331,7 +331,12 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_fwd_cuda(const at::Tensor& q, c
   }
   TORCH_CHECK(N < (int64_t{1} << 30), "fp8_attention: sequence length too large: ", N);
   const fp8attn::Constants c = fp8attn::constants(softmax_scale, q_scale, k_scale, v_scale);
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  // The pre-pass reads bf16 pairs as 32-bit words: dense rows, 4-byte aligned.
+  auto dense = [](const at::Tensor& t) {
+    at::Tensor c = t.contiguous();
+    return reinterpret_cast<uintptr_t>(c.data_ptr()) % 4 == 0 ? c : c.clone();
+  };
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   const int64_t Npad = (N + kBlockN - 1) / kBlockN * kBlockN;
   const auto bytes = q.options().dtype(at::kByte);
   at::Tensor q8 = at::empty({BH, N, d}, bytes), k8 = at::empty({BH, N, d}, bytes);
