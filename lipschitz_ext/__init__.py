@@ -1,7 +1,10 @@
 """lipschitz_ext: train transformers with enforced and certified Lipschitz constants.
 
 Importing the package loads the compiled op library (``torch.ops.lipschitz.*``).
-The public API lives in submodules: :mod:`lipschitz_ext.ops` (kernels).
+The public API lives in submodules: :mod:`lipschitz_ext.ops` (kernels),
+:mod:`lipschitz_ext.nn` (Lipschitz transformer modules) and
+:mod:`lipschitz_ext.certify` (a callable module: ``lipschitz_ext.certify(model)``
+returns a Certificate; ``lipschitz_ext.certify.empirical_lipschitz`` is a lower bound).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from . import fp8_scales, ops  # noqa: E402
 from .ops import orthogonalize  # noqa: E402
+from . import nn  # noqa: E402
+from . import certify  # noqa: E402  (callable module, see lipschitz_ext/certify.py)
 
 __version__ = "0.1.0"
 
-__all__ = ["fp8_scales", "ops", "orthogonalize", "__version__"]
+__all__ = ["certify", "fp8_scales", "nn", "ops", "orthogonalize", "__version__"]

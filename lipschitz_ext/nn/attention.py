@@ -1,0 +1,145 @@
+"""LipschitzAttention: ``W_o (1/3) softmax(s Q K^T / d_head, causal) V`` with RoPE.
+
+Backends are plain functions ``fn(q, k, v, softmax_scale) -> out`` with
+``q, k, v, out [B, H, T, d_head]`` computing causal
+``softmax(softmax_scale * q k^T / d_head) v``; they live in
+:data:`ATTENTION_BACKENDS` and more can be added with
+:func:`register_attention_backend` (e.g. an fp8 kernel) without touching this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .linear import LipschitzLinear
+
+AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Causal attention through ``F.scaled_dot_product_attention`` with ``scale = s / d_head``."""
+    return nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=softmax_scale / q.shape[-1]
+    )
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
+) -> torch.Tensor:
+    """Causal attention in plain math (materializes the ``[B, H, T, T]`` logits)."""
+    T = q.shape[-2]
+    logits = (q @ k.transpose(-2, -1)) * (softmax_scale / q.shape[-1])
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    logits = logits.masked_fill(future, float("-inf"))
+    return torch.softmax(logits, dim=-1) @ v
+
+
+#: name -> backend; see the module docstring for the calling convention.
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "sdpa": sdpa_attention,
+    "reference": reference_attention,
+}
+
+
+def register_attention_backend(name: str, fn: AttentionBackend, *, overwrite: bool = False) -> None:
+    """Add ``fn(q, k, v, softmax_scale) -> out`` (all ``[B, H, T, d_head]``) under ``name``.
+
+    The function must compute causal ``softmax(softmax_scale * q k^T / d_head) v``:
+    the certificate assumes exactly that map.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_attention_backend: name must be a non-empty str, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"register_attention_backend: fn for {name!r} is not callable")
+    if name in ATTENTION_BACKENDS and not overwrite:
+        raise ValueError(f"register_attention_backend: {name!r} is already registered")
+    ATTENTION_BACKENDS[name] = fn
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    try:
+        return ATTENTION_BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: {sorted(ATTENTION_BACKENDS)}"
+        ) from None
+
+
+def apply_rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding on ``x [B, H, T, d_head]`` (d_head even), position t = 0..T-1.
+
+    Rotates the pairs ``(x[..., i], x[..., i + d_head/2])`` by ``t * base^(-2i/d_head)``:
+    an orthogonal map per position, so norms are preserved.
+    """
+    T, dh = x.shape[-2], x.shape[-1]
+    half = dh // 2
+    # angles in float64 then cast: positions up to 1e5 keep full precision
+    inv_freq = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2.0 / dh)
+    angles = torch.arange(T, dtype=torch.float64, device=x.device)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class LipschitzAttention(nn.Module):
+    """Causal multi-head attention ``x [B, T, d] -> [B, T, d]`` without any normalization.
+
+    ``y = out_factor * W_o concat_h(softmax(s * mask(q_h k_h^T) / d_head) v_h)`` with
+    ``out_factor = 1/3``, ``s = softmax_scale``, ``q = RoPE(W_q x)``, ``k = RoPE(W_k x)``,
+    ``v = W_v x``; head h uses rows ``h*d_head:(h+1)*d_head`` of W_q, W_k, W_v and the
+    matching columns of W_o. All four maps are bias-free ``LipschitzLinear(d, d)``.
+    """
+
+    out_factor: float = 1.0 / 3.0
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        softmax_scale: float = 1.0,
+        backend: str = "sdpa",
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        zero_init_out: bool = True,
+        init_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(
+                f"LipschitzAttention: d_model ({d_model}) must be divisible by n_heads ({n_heads})"
+            )
+        if rope and (d_model // n_heads) % 2 != 0:
+            raise ValueError("LipschitzAttention: rope needs an even head dimension")
+        get_attention_backend(backend)  # fail at construction, not at the first forward
+        self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
+        self.softmax_scale = float(softmax_scale)
+        self.backend = backend
+        self.rope, self.rope_base = rope, float(rope_base)
+        self.q = LipschitzLinear(d_model, d_model, init_scale=init_scale)
+        self.k = LipschitzLinear(d_model, d_model, init_scale=init_scale)
+        self.v = LipschitzLinear(d_model, d_model, init_scale=init_scale)
+        self.o = LipschitzLinear(
+            d_model, d_model, init="zero" if zero_init_out else "orthogonal", init_scale=init_scale
+        )
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        if self.rope:
+            q, k = apply_rope(q, self.rope_base), apply_rope(k, self.rope_base)
+        out = get_attention_backend(self.backend)(q, k, v, self.softmax_scale)
+        out = out.transpose(1, 2).reshape(B, T, self.d_model)
+        return self.o(out) * self.out_factor
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, softmax_scale={self.softmax_scale}, "
+            f"backend={self.backend!r}, rope={self.rope}"
+        )

@@ -1,0 +1,76 @@
+"""GPTConfig: the hyper-parameters shared by LipschitzGPT and BaselineGPT."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class GPTConfig:
+    """Size and Lipschitz budget of a GPT-style model.
+
+    Fields:
+        vocab_size: number of tokens (V).
+        d_model: width d of the residual stream.
+        n_layers: number of blocks L (each: attention then MLP).
+        n_heads: attention heads H; ``d_head = d_model // n_heads``.
+        seq_len: longest sequence ``forward`` accepts.
+        softmax_scale: ``s`` in ``softmax(s * Q K^T / d_head)`` (Lipschitz model).
+        mlp_ratio: MLP hidden width is ``mlp_ratio * d_model``.
+        attention: attention backend name (see ``lipschitz_ext.nn.ATTENTION_BACKENDS``).
+        sigma_max: intended RMS->RMS cap of every hidden matrix (Q, K, V, O, MLP in/out).
+        head_sigma_max: intended RMS->RMS cap of the output layer (an inverse temperature).
+        embed_max_rms: intended per-token RMS cap of the embedding table.
+        zero_init_out: zero-initialize the attention output and MLP output matrices.
+        rope: rotary position embedding on Q and K (base ``rope_base``).
+        rope_base: RoPE frequency base.
+
+    The caps are *intended* values for the optimizer/constraint (reported by
+    ``LipschitzGPT.param_groups_spec``); the certificate always reads the actual weights.
+    """
+
+    vocab_size: int
+    d_model: int = 256
+    n_layers: int = 3
+    n_heads: int = 4
+    seq_len: int = 256
+    softmax_scale: float = 1.0
+    mlp_ratio: int = 4
+    attention: str = "sdpa"
+    sigma_max: float = 1.0
+    head_sigma_max: float = 1.0
+    embed_max_rms: float = 1.0
+    zero_init_out: bool = True
+    rope: bool = True
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig: '{name}' must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"GPTConfig: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.rope and (self.d_model // self.n_heads) % 2 != 0:
+            raise ValueError(
+                f"GPTConfig: rope=True needs an even head dimension, got d_head = "
+                f"{self.d_model // self.n_heads}"
+            )
+        for name in ("softmax_scale", "sigma_max", "head_sigma_max", "embed_max_rms", "rope_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"GPTConfig: '{name}' must be a number, got {value!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"GPTConfig: '{name}' must be finite and > 0, got {value!r}")
+        if not isinstance(self.attention, str) or not self.attention:
+            raise ValueError(f"GPTConfig: 'attention' must be a backend name, got {self.attention!r}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,132 @@
+"""LipschitzBlock and LipschitzGPT: a transformer with convex residuals and no normalization."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import LipschitzAttention
+from .config import GPTConfig
+from .embedding import LipschitzEmbedding
+from .linear import LipschitzLinear
+from .mlp import LipschitzMLP
+
+
+def check_embeddings(x: torch.Tensor, config: GPTConfig, who: str) -> None:
+    if x.dim() != 3 or x.shape[-1] != config.d_model:
+        raise ValueError(f"{who}: x must be [B, T, {config.d_model}], got {tuple(x.shape)}")
+    if x.shape[1] > config.seq_len:
+        raise ValueError(f"{who}: sequence length {x.shape[1]} exceeds seq_len={config.seq_len}")
+
+
+def check_tokens(idx: torch.Tensor, config: GPTConfig, who: str) -> None:
+    if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"{who}: idx must be an integer tensor [B, T], got {idx.dtype} {tuple(idx.shape)}")
+    if idx.shape[1] > config.seq_len:
+        raise ValueError(f"{who}: sequence length {idx.shape[1]} exceeds seq_len={config.seq_len}")
+
+
+class LipschitzBlock(nn.Module):
+    """``x <- (1-a) x + a attn(x)``, then ``x <- (1-a) x + a mlp(x)``, ``a = 1/(2 n_layers)``.
+
+    Shapes ``x [B, T, d] -> [B, T, d]``. Convex residuals keep the per-token RMS
+    bounded without any normalization layer.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.alpha = 1.0 / (2 * config.n_layers)
+        scale = min(1.0, config.sigma_max)
+        self.attn = LipschitzAttention(
+            config.d_model,
+            config.n_heads,
+            softmax_scale=config.softmax_scale,
+            backend=config.attention,
+            rope=config.rope,
+            rope_base=config.rope_base,
+            zero_init_out=config.zero_init_out,
+            init_scale=scale,
+        )
+        self.mlp = LipschitzMLP(
+            config.d_model, config.mlp_ratio, zero_init_out=config.zero_init_out, init_scale=scale
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.alpha
+        x = (1 - a) * x + a * self.attn(x)
+        return (1 - a) * x + a * self.mlp(x)
+
+
+class LipschitzGPT(nn.Module):
+    """Lipschitz transformer: embedding -> n_layers LipschitzBlocks -> capped linear head.
+
+    ``forward(idx [B, T] long) -> logits [B, T, vocab_size]``;
+    ``forward_embeddings(x [B, T, d_model]) -> logits`` (what ``lipschitz_ext.certify``
+    bounds). No LayerNorm, QK-norm or logit softcap. Hidden matrices start at
+    RMS->RMS norm ``min(1, sigma_max)`` (output projections at zero when
+    ``zero_init_out``), the head at ``min(1, head_sigma_max)``, embedding rows at
+    RMS ``embed_max_rms``.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"LipschitzGPT: expected a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = LipschitzEmbedding(config.vocab_size, config.d_model, config.embed_max_rms)
+        self.blocks = nn.ModuleList(LipschitzBlock(config) for _ in range(config.n_layers))
+        self.head = LipschitzLinear(
+            config.d_model, config.vocab_size, init_scale=min(1.0, config.head_sigma_max)
+        )
+
+    def forward_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        check_embeddings(x, self.config, "LipschitzGPT.forward_embeddings")
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        check_tokens(idx, self.config, "LipschitzGPT.forward")
+        return self.forward_embeddings(self.embed(idx))
+
+    def hidden_linears(self) -> list[tuple[str, LipschitzLinear]]:
+        """``(qualified name, module)`` of every hidden matrix, in forward order."""
+        return [
+            (name, m) for name, m in self.named_modules() if isinstance(m, LipschitzLinear) and m is not self.head
+        ]
+
+    def param_groups_spec(self) -> list[dict]:
+        """The model's weights grouped by role, for building optimizer param groups.
+
+        Returns a list of dicts with keys ``name`` (group name), ``kind``
+        (``"embedding"``, ``"hidden"`` or ``"head"``), ``params`` (list of
+        Parameters), ``names`` (their qualified names) and ``sigma_max`` (the intended cap:
+        per-token RMS for the embedding, RMS->RMS operator norm for matrices). Every
+        parameter appears in exactly one group; all are bias-free matrices in PyTorch
+        layout ``[fan_out, fan_in]`` (the embedding table is ``[vocab_size, d_model]``,
+        one token per row). This model has no ``"vector"`` (gain/bias) parameters.
+        """
+        hidden = self.hidden_linears()
+        return [
+            {
+                "name": "embedding",
+                "kind": "embedding",
+                "params": [self.embed.weight],
+                "names": ["embed.weight"],
+                "sigma_max": self.config.embed_max_rms,
+            },
+            {
+                "name": "hidden",
+                "kind": "hidden",
+                "params": [m.weight for _, m in hidden],
+                "names": [f"{n}.weight" for n, _ in hidden],
+                "sigma_max": self.config.sigma_max,
+            },
+            {
+                "name": "head",
+                "kind": "head",
+                "params": [self.head.weight],
+                "names": ["head.weight"],
+                "sigma_max": self.config.head_sigma_max,
+            },
+        ]
