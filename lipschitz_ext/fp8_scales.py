@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["fp8_entry_bound", "fp8_static_scales", "E4M3_MAX", "BF16_MARGIN"]
+__all__ = [
+    "BF16_MARGIN",
+    "E4M3_MAX",
+    "configure_fp8_attention",
+    "fp8_entry_bound",
+    "fp8_scales_from_certificate",
+    "fp8_static_scales",
+]
 
 E4M3_MAX = 448.0
 
@@ -98,3 +105,43 @@ def fp8_static_scales(
         bound = fp8_entry_bound(activation_bound, w, d_model)
         scales.append(_power_of_two_at_least(max(margin * bound / E4M3_MAX, tiny)))
     return scales[0], scales[1], scales[2]
+
+
+def fp8_scales_from_certificate(certificate, d_model: int, d_head: int) -> tuple[float, float, float]:
+    """Scales valid for every attention layer of a certified model.
+
+    Walks ``certificate.rows`` (a :class:`lipschitz_ext.certify.Certificate`): the
+    input bound of each attention branch is the residual-stream bound after the
+    previous row (``certificate.input_rms`` for the first), its weight norms are
+    the row's ``weight_norms["q" | "k" | "v"]`` (square d_model x d_model maps, so
+    RMS->RMS norm = spectral norm). Returns the elementwise max of the per-layer
+    :func:`fp8_static_scales`: one triple that no layer saturates.
+    """
+    a = float(certificate.input_rms)
+    best = None
+    for row in certificate.rows:
+        if row.kind == "attention":
+            n = row.weight_norms
+            s = fp8_static_scales(a, n["q"], n["k"], n["v"], d_model, d_head)
+            best = s if best is None else tuple(max(x, y) for x, y in zip(best, s))
+        a = float(row.activation_bound)
+    if best is None:
+        raise ValueError("fp8_scales_from_certificate: the certificate has no attention rows")
+    return best
+
+
+def configure_fp8_attention(model, backend=None) -> tuple[float, float, float]:
+    """Certify ``model`` (a ``LipschitzGPT``) and set the ``"fp8"`` backend's static scales.
+
+    The domain is the model's own inputs: token embeddings, whose per-token RMS is
+    at most ``model.embed.max_row_rms()``. Weights change in training, so call this
+    again after weight updates whose norms may have grown (with weight caps the
+    certificate, hence the scales, stays put). Returns the scales set.
+    """
+    from . import certify as _certify
+    from .nn import FP8_BACKEND
+
+    cert = _certify.certify(model, input_rms=max(model.embed.max_row_rms(), 2.0**-126))
+    scales = fp8_scales_from_certificate(cert, model.config.d_model, model.config.d_head)
+    (FP8_BACKEND if backend is None else backend).scales = scales
+    return scales
