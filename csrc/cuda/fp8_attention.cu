@@ -174,6 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float s[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+    sm90::fence_operands(s);
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 32; ++kk) {
@@ -185,13 +186,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // s[4i + e]: row row[e / 2], key n0 + 8i + 2tq + (e % 2).
     const int n0 = j * kBlockN;
+    // Only the tail tile and tiles reaching past the block's first row need masks.
+    const bool masked = n0 + kBlockN > N || (causal && n0 + kBlockN - 1 > m0);
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = n0 + 8 * i + 2 * tq + (e & 1);
-        const bool valid = key < N && (!causal || key <= row[e >> 1]);
+        const bool valid = !masked || (key < N && (!causal || key <= row[e >> 1]));
         const float t = valid ? s[4 * i + e] * c_score : -INFINITY;
         s[4 * i + e] = t;
         mx[e >> 1] = fmaxf(mx[e >> 1], t);
@@ -229,6 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       a[c][2] = sm90::e4m3x4(p[8] * kP, p[9] * kP, p[12] * kP, p[13] * kP);
       a[c][3] = sm90::e4m3x4(p[10] * kP, p[11] * kP, p[14] * kP, p[15] * kP);
     }
+    sm90::fence_operands(o);
     sm90::wgmma_fence();
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
