@@ -33,7 +33,7 @@ def fwd(q, k, v, causal, scale, **scales):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("N", SEQ_LENS)
 def test_matches_emulation_and_exact_attention(N, d, causal):
-    q, k, v = qkv(2, 3, N, d)
+    q, k, v = qkv(1, 2, N, d)
     out = ops.fp8_attention(q, k, v, causal=causal, **SCALES)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     emulated, _ = emulate_fp8_attention(q, k, v, causal, 1 / d, **SCALES)
@@ -162,8 +162,8 @@ def test_saturation_counter_and_clamping():
 
 
 def test_static_scales_never_saturate_on_worst_case_inputs():
-    d_model, d_head, a = 256, 64, 1.7
-    W = [torch.randn(4 * d_head, d_model, dtype=torch.float64) * s for s in (0.05, 0.2, 1.3)]
+    d_model, d_head, a = 128, 64, 1.7
+    W = [torch.randn(2 * d_head, d_model, dtype=torch.float64) * s for s in (0.05, 0.2, 1.3)]
     norms = [float(torch.linalg.matrix_norm(w, ord=2)) for w in W]
     scales = fp8_static_scales(a, *norms, d_model=d_model, d_head=d_head)
     for s in scales:
