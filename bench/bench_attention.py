@@ -7,7 +7,8 @@ in bf16 with each backend forced (flash, cuDNN, memory-efficient) and with
 PyTorch's own choice; a backend that cannot run here is skipped with its reason.
 FLOPs: forward ``4 B H N^2 d`` (half when causal); forward + backward 3.5x that
 (the backward's 2.5x, REFERENCE.md section 7), whatever each implementation
-recomputes.
+recomputes. Forward + backward runs in both gradient modes of ``fp8_attention``:
+"exact" (a bf16 forward recomputes the statistics) and "saved" (the fp8 ones).
 
 Plain functions (``attention_flops``, ``make_inputs``, ``fp8_forward``,
 ``sdpa_forward``, ``forward_backward``) are importable on their own; ``cases(cfg)``
@@ -51,9 +52,10 @@ def make_inputs(B: int, H: int, N: int, d: int, device, seed: int, requires_grad
     return tuple(ts)
 
 
-def fp8_forward(q, k, v, causal: bool) -> torch.Tensor:
-    """Ours: fp8 attention with the Lipschitz scale 1/d and unit static scales."""
-    return fp8_attention(q, k, v, causal=causal)
+def fp8_forward(q, k, v, causal: bool, statistics: str = "exact") -> torch.Tensor:
+    """Ours: fp8 attention with the Lipschitz scale 1/d and unit static scales;
+    ``statistics`` is its ``backward`` mode ("exact" recomputes them, "saved")."""
+    return fp8_attention(q, k, v, causal=causal, backward=statistics)
 
 
 def sdpa_forward(q, k, v, causal: bool, backend: Optional[str] = None) -> torch.Tensor:
@@ -95,7 +97,7 @@ def cases(cfg) -> list:
     for i, config in enumerate(configs):
         B, H, N, d = config
         for causal in (True, False):
-            for backward in (False, True):
+            for backward, mode in ((False, "exact"), (True, "exact"), (True, "saved")):
                 args = (config, causal, backward, cfg.device, cfg.seed + 97 * i)
                 baselines = {"sdpa_default": functools.partial(_setup, sdpa_forward, *args, probe=False)}
                 if cfg.is_cuda:
@@ -105,8 +107,9 @@ def cases(cfg) -> list:
                     name="fp8_attention_fwd_bwd" if backward else "fp8_attention_fwd",
                     shape=config,
                     dtype=torch.bfloat16,
-                    params={"causal": causal, "softmax_scale": 1.0 / d, "backward": backward},
-                    ours=functools.partial(_setup, fp8_forward, *args, probe=False),
+                    params={"causal": causal, "softmax_scale": 1.0 / d, "backward": backward,
+                            **({"statistics": mode} if backward else {})},
+                    ours=functools.partial(_setup, fp8_forward, *args, probe=False, statistics=mode),
                     baselines=baselines,
                     flops=attention_flops(B, H, N, d, causal, backward),
                     bytes=(4.0 if not backward else 11.0) * B * H * N * d * 2,

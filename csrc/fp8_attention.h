@@ -63,8 +63,10 @@ inline void check_scale(double s, const char* op, const char* arg) {
 
 inline void check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            double softmax_scale, double q_scale, double k_scale, double v_scale,
-                           const char* op) {
+                           c10::string_view backward, const char* op) {
   check_qkv(q, k, v, op);
+  TORCH_CHECK(backward == "exact" || backward == "saved", op,
+              ": argument 'backward' must be \"exact\" or \"saved\", got \"", backward, "\"");
   check_scale(softmax_scale, op, "softmax_scale");
   check_scale(q_scale, op, "q_scale");
   check_scale(k_scale, op, "k_scale");
@@ -140,27 +142,45 @@ inline std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, 
 }
 
 inline void check_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                           const at::Tensor& v, double softmax_scale, const char* op) {
+                           const at::Tensor& v, const std::optional<at::Tensor>& out,
+                           const std::optional<at::Tensor>& lse, double softmax_scale, const char* op) {
   check_qkv(q, k, v, op);
   check_scale(softmax_scale, op, "softmax_scale");
   TORCH_CHECK(grad_out.defined() && grad_out.sizes() == q.sizes() && grad_out.device() == q.device(),
               op, ": argument 'grad_out' must match q's shape and device, got ",
               grad_out.defined() ? grad_out.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(out.has_value() == lse.has_value(), op, ": pass both 'out' and 'lse' or neither");
+  if (out.has_value()) {
+    TORCH_CHECK(out->sizes() == q.sizes() && out->device() == q.device(), op,
+                ": argument 'out' must match q's shape and device, got ", out->sizes());
+    TORCH_CHECK(lse->dim() == 3 && lse->size(0) == q.size(0) && lse->size(1) == q.size(1) &&
+                    lse->size(2) == q.size(2) && lse->scalar_type() == at::kFloat && lse->device() == q.device(),
+                op, ": argument 'lse' must be float32 [B, H, N] on q's device, got ", lse->sizes(), " ",
+                lse->scalar_type());
+  }
 }
 
-// Gradient of exact softmax attention at the bf16 (q, k, v), in float32 with
-// results in q's dtype, chunked over query rows so memory stays bounded. Each
-// chunk holds whole score rows, so the exact row statistics come for free:
-//   P = softmax(scale * q k^T), O = P v, D = rowsum(dO * O), dV = P^T dO,
+// Gradient of softmax attention at the bf16 (q, k, v), in float32 with results
+// in q's dtype, chunked over query rows so memory stays bounded:
+//   P = exp(scale * q k^T - lse), D = rowsum(dO * out), dV = P^T dO,
 //   dS = P * (dO v^T - D), dQ = scale * dS k, dK = scale * dS^T q.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_math(const at::Tensor& grad_out,
-                                                                    const at::Tensor& q, const at::Tensor& k,
-                                                                    const at::Tensor& v, bool causal,
-                                                                    double softmax_scale) {
+// Without (out, lse), each chunk (whole score rows) supplies the exact ones,
+// P = softmax(scale * q k^T) and out = P v: exact attention's gradient. With
+// them, FlashAttention's backward arithmetic on those statistics.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_math(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse, bool causal,
+    double softmax_scale) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), BH = B * H;
   if (BH == 0) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   const at::Tensor qf = flat_heads(q).to(at::kFloat), kf = flat_heads(k).to(at::kFloat);
   const at::Tensor vf = flat_heads(v).to(at::kFloat), dof = flat_heads(grad_out).to(at::kFloat);
+  const bool saved = out.has_value();
+  at::Tensor saved_delta, saved_lse;
+  if (saved) {
+    saved_delta = (dof * flat_heads(*out).to(at::kFloat)).sum(-1, /*keepdim=*/true);
+    saved_lse = lse->reshape({BH, N, 1}).to(at::kFloat);
+  }
   at::Tensor dq = at::empty_like(qf), dk = at::zeros_like(kf), dv = at::zeros_like(vf);
   // ~64 Mi float32 entries of [chunk, N] scores per step.
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 26) / (BH * N)));
@@ -173,8 +193,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_math(const at::Te
       const at::Tensor rows = at::arange(i0, i1, cols.options()).unsqueeze(1);
       s.masked_fill_(cols > rows, -std::numeric_limits<double>::infinity());
     }
-    const at::Tensor p = at::softmax(s, -1);
-    const at::Tensor delta = (doc * at::bmm(p, vf)).sum(-1, /*keepdim=*/true);
+    at::Tensor p, delta;
+    if (saved) {
+      p = at::exp(s.sub_(saved_lse.slice(1, i0, i1)));
+      delta = saved_delta.slice(1, i0, i1);
+    } else {
+      p = at::softmax(s, -1);
+      delta = (doc * at::bmm(p, vf)).sum(-1, /*keepdim=*/true);
+    }
     dv.baddbmm_(p.transpose(1, 2), doc);
     const at::Tensor ds = p.mul(at::bmm(doc, vf.transpose(1, 2)).sub_(delta));
     dq.slice(1, i0, i1).copy_(at::bmm(ds, kf).mul_(softmax_scale));

@@ -117,6 +117,37 @@ def test_gradients_match_float64_autograd(d, causal):
         torch.testing.assert_close(got.grad.double(), want.grad, atol=2e-3 * want.grad.abs().max().item(), rtol=1e-2)
 
 
+def flash_backward_f64(q, k, v, g, out, lse, causal, scale):
+    """FlashAttention's backward formulas in float64 on given (out, lse)."""
+    q, k, v, g, out = (x.double() for x in (q, k, v, g, out))
+    s = (q @ k.mT) * scale
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.exp(s - lse.double().unsqueeze(-1))
+    ds = p * (g @ v.mT - (g * out).sum(-1, keepdim=True))
+    return ds @ k * scale, ds.mT @ q * scale, p.mT @ g
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_saved_statistics_backward(causal):
+    d, N = 64, 150
+    q, k, v = qkv(1, 2, N, d)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = ops.fp8_attention(*leaves, causal=causal, backward="saved", **SCALES)
+    g = torch.randn_like(out)
+    out.backward(g)
+    _, lse = fwd(q, k, v, causal, 1 / d, **SCALES)
+    want = flash_backward_f64(q, k, v, g, out.detach(), lse, causal, 1 / d)
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    exact_attention(*ref_leaves, causal, 1 / d).backward(g.double())
+    for got, w, ref in zip(leaves, want, ref_leaves):
+        # The formulas on the fp8 statistics, to bf16 rounding ...
+        torch.testing.assert_close(got.grad.double(), w, atol=2e-3 * w.abs().max().item(), rtol=1e-2)
+        # ... which sit within fp8-sized error of exact attention's gradient.
+        assert (got.grad.double() - ref.grad).abs().max() <= 0.15 * ref.grad.abs().max()
+
+
 def test_single_key_gradient_is_exactly_zero_for_q_and_k():
     # softmax over one key is constant: exact attention's dq, dk vanish (an fp8
     # statistic in the backward would not give zero here).
@@ -132,8 +163,11 @@ def test_opcheck():
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     torch.library.opcheck(torch.ops.lipschitz.fp8_attention_fwd.default, (*leaves, False, 0.1, 1.0, 1.0, 0.5))
     g = torch.randn(1, 2, 33, 64).bfloat16()
-    torch.library.opcheck(torch.ops.lipschitz.fp8_attention_bwd.default, (g, q, k, v, True, 1 / 64))
-    torch.library.opcheck(torch.ops.lipschitz.fp8_attention.default, (q, k, v, True, None, 1.0, 1.0, 1.0))
+    torch.library.opcheck(torch.ops.lipschitz.fp8_attention_fwd.default, (*leaves, True, 0.1, 1.0, 1.0, 0.5, "saved"))
+    torch.library.opcheck(torch.ops.lipschitz.fp8_attention_bwd.default, (g, q, k, v, None, None, True, 1 / 64))
+    out, lse = fwd(q, k, v, False, 0.1)
+    torch.library.opcheck(torch.ops.lipschitz.fp8_attention_bwd.default, (g, q, k, v, out, lse, False, 0.1))
+    torch.library.opcheck(torch.ops.lipschitz.fp8_attention.default, (q, k, v, True, None, 1.0, 1.0, 1.0, "exact"))
 
 
 def test_torch_compile_fullgraph():
@@ -216,8 +250,15 @@ def test_argument_errors():
     with pytest.raises(RuntimeError, match="sequence length"):
         e = torch.randn(1, 2, 0, 64).bfloat16()
         ops.fp8_attention(e, e, e)
+    with pytest.raises(RuntimeError, match="argument 'backward' must be"):
+        ops.fp8_attention(q, k, v, backward="fast")
     with pytest.raises(RuntimeError, match="argument 'grad_out' must match"):
-        torch.ops.lipschitz.fp8_attention_bwd(q[:, :1], q, k, v, True, 0.1)
+        torch.ops.lipschitz.fp8_attention_bwd(q[:, :1], q, k, v, None, None, True, 0.1)
+    out, lse = fwd(q, k, v, True, 0.1)
+    with pytest.raises(RuntimeError, match="both 'out' and 'lse' or neither"):
+        torch.ops.lipschitz.fp8_attention_bwd(q, q, k, v, out, None, True, 0.1)
+    with pytest.raises(RuntimeError, match="argument 'lse' must be float32"):
+        torch.ops.lipschitz.fp8_attention_bwd(q, q, k, v, out, lse.double(), True, 0.1)
 
 
 # ---------------------------------------------------------------- CUDA ----
@@ -264,15 +305,21 @@ def test_cuda_non_contiguous_and_large_values():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backward", ["exact", "saved"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("d", [64, 128])
-def test_cuda_gradients(d, causal):
+def test_cuda_gradients(d, causal, backward):
     q, k, v = qkv(2, 2, 333, d)
     leaves = [x.cuda().requires_grad_() for x in (q, k, v)]
-    out = ops.fp8_attention(*leaves, causal=causal, **SCALES)
+    out = ops.fp8_attention(*leaves, causal=causal, backward=backward, **SCALES)
     g = torch.randn_like(out)
     out.backward(g)
-    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
-    exact_attention(*ref_leaves, causal, 1 / d).backward(g.cpu().double())
-    for got, want in zip(leaves, ref_leaves):
-        torch.testing.assert_close(got.grad.cpu().double(), want.grad, atol=5e-3 * want.grad.abs().max().item(), rtol=2e-2)
+    if backward == "exact":
+        ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+        exact_attention(*ref_leaves, causal, 1 / d).backward(g.cpu().double())
+        want = [x.grad for x in ref_leaves]
+    else:
+        _, lse = fwd(*(x.detach() for x in leaves), causal, 1 / d, **SCALES)
+        want = flash_backward_f64(q, k, v, g.cpu(), out.detach().cpu(), lse.cpu(), causal, 1 / d)
+    for got, w in zip(leaves, want):
+        torch.testing.assert_close(got.grad.cpu().double(), w, atol=5e-3 * w.abs().max().item(), rtol=2e-2)

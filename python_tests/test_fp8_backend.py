@@ -18,18 +18,24 @@ def model(attention: str, **kw) -> LipschitzGPT:
 
 @pytest.fixture(autouse=True)
 def _reset_backend():
-    FP8_BACKEND.scales, FP8_BACKEND.count_saturation, FP8_BACKEND.saturated = (1.0, 1.0, 1.0), False, 0
+    def reset():
+        FP8_BACKEND.scales, FP8_BACKEND.count_saturation, FP8_BACKEND.saturated = (1.0, 1.0, 1.0), False, 0
+        FP8_BACKEND.backward = "exact"
+
+    reset()
     yield
-    FP8_BACKEND.scales, FP8_BACKEND.count_saturation, FP8_BACKEND.saturated = (1.0, 1.0, 1.0), False, 0
+    reset()
 
 
-def test_fp8_model_matches_reference_backend():
+@pytest.mark.parametrize("backward", ["exact", "saved"])
+def test_fp8_model_matches_reference_backend(backward):
     torch.manual_seed(0)
     m8 = model("fp8", sigma_max=2.0)
     mref = model("reference", sigma_max=2.0)
     mref.load_state_dict(m8.state_dict())
     scales = configure_fp8_attention(m8)
     assert FP8_BACKEND.scales == scales
+    FP8_BACKEND.backward = backward
     idx = torch.randint(0, 65, (2, 40))
     FP8_BACKEND.count_saturation = True
     out, ref = m8(idx), mref(idx)

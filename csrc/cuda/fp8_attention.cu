@@ -9,8 +9,8 @@
 //   online softmax    float32 registers, exp2 domain, tile-wise rescaling
 //   O += P V          wgmma m64n{d}k32, P from registers (e4m3 of p * 2^8), V^T from shared memory
 // The arithmetic is the one csrc/fp8_attention.h specifies (and emulates).
-// Other GPUs: that ATen emulation. Backward: exact attention's gradient by
-// PyTorch's FlashAttention (bf16 recompute of the statistics, then backward).
+// Other GPUs: that ATen emulation. Backward: PyTorch's FlashAttention backward
+// (by default after a bf16 recompute of exact statistics).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -326,8 +326,9 @@ void launch_fwd_sm90(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> fp8_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, bool causal, double softmax_scale,
-                                                          double q_scale, double k_scale, double v_scale) {
-  fp8attn::check_fwd_args(q, k, v, softmax_scale, q_scale, k_scale, v_scale, "fp8_attention");
+                                                          double q_scale, double k_scale, double v_scale,
+                                                          c10::string_view backward) {
+  fp8attn::check_fwd_args(q, k, v, softmax_scale, q_scale, k_scale, v_scale, backward, "fp8_attention");
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), BH = B * H;
   if (BH == 0 || !has_sm90a(q.get_device())) {
@@ -372,29 +373,34 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_fwd_cuda(const at::Tensor& q, c
   return {out, lse};
 }
 
-// The gradient of exact attention in bf16: PyTorch's FlashAttention forward
-// recomputes the exact (out, lse), then its backward (sm_80+). The fp8
-// forward's own (out, lse) would put fp8-sized errors into D = rowsum(dO * out)
-// and into P; a bf16 recompute keeps the gradient at bf16 accuracy.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_attention_bwd_cuda(const at::Tensor& grad_out,
-                                                                      const at::Tensor& q, const at::Tensor& k,
-                                                                      const at::Tensor& v, bool causal,
-                                                                      double softmax_scale) {
-  fp8attn::check_bwd_args(grad_out, q, k, v, softmax_scale, "fp8_attention_bwd");
+// The gradient in bf16 by PyTorch's FlashAttention backward (sm_80+), fed with
+// the given (out, lse) or, by default, with exact ones from its bf16 forward:
+// the fp8 forward's own statistics put fp8-sized errors into D = rowsum(dO * out)
+// and P = exp(S - lse); the recompute keeps the gradient at bf16 accuracy.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse, bool causal,
+    double softmax_scale) {
+  fp8attn::check_bwd_args(grad_out, q, k, v, out, lse, softmax_scale, "fp8_attention_bwd");
   const c10::cuda::CUDAGuard guard(q.device());
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   if (major < 8 || q.size(0) * q.size(1) == 0) {
-    return fp8attn::backward_math(grad_out, q, k, v, causal, softmax_scale);
+    return fp8attn::backward_math(grad_out, q, k, v, out, lse, causal, softmax_scale);
   }
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const auto fwd = at::_scaled_dot_product_flash_attention(qc, kc, vc, 0.0, causal, false, softmax_scale);
-  const at::Tensor& out = std::get<0>(fwd);
-  const at::Tensor& lse = std::get<1>(fwd);
   const int64_t N = q.size(2);
-  return at::_scaled_dot_product_flash_attention_backward(grad_out.contiguous(), qc, kc, vc, out, lse,
-                                                          std::get<2>(fwd), std::get<3>(fwd), N, N, 0.0, causal,
-                                                          std::get<6>(fwd), std::get<7>(fwd), softmax_scale);
+  if (out.has_value()) {
+    // Dropout is off, so the RNG state tensors are never read.
+    const auto longs = q.options().dtype(at::kLong);
+    return at::_scaled_dot_product_flash_attention_backward(
+        grad_out.contiguous(), qc, kc, vc, out->contiguous(), lse->contiguous(), at::Tensor(), at::Tensor(),
+        N, N, 0.0, causal, at::zeros({}, longs), at::zeros({}, longs), softmax_scale);
+  }
+  const auto fwd = at::_scaled_dot_product_flash_attention(qc, kc, vc, 0.0, causal, false, softmax_scale);
+  return at::_scaled_dot_product_flash_attention_backward(
+      grad_out.contiguous(), qc, kc, vc, std::get<0>(fwd), std::get<1>(fwd), std::get<2>(fwd), std::get<3>(fwd),
+      N, N, 0.0, causal, std::get<6>(fwd), std::get<7>(fwd), softmax_scale);
 }
 
 }  // namespace

@@ -26,12 +26,15 @@ class Fp8AttentionBackend:
             q/k/v entries that saturate the e4m3 range to :attr:`saturated`
             (synchronizes with the device; 0 is expected with certified scales).
         saturated: the running count.
+        backward: the gradient mode of :func:`lipschitz_ext.ops.fp8_attention`,
+            ``"exact"`` (default) or ``"saved"`` (faster, fp8-sized gradient error).
     """
 
     def __init__(self) -> None:
         self.scales: tuple[float, float, float] = (1.0, 1.0, 1.0)
         self.count_saturation = False
         self.saturated = 0
+        self.backward = "exact"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
         qs, ks, vs = self.scales
@@ -40,6 +43,7 @@ class Fp8AttentionBackend:
         out = fp8_attention(
             q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True,
             softmax_scale=softmax_scale / q.shape[-1], q_scale=qs, k_scale=ks, v_scale=vs,
+            backward=self.backward,
         )
         return out.to(q.dtype)
 

@@ -10,13 +10,16 @@ result is ``acc * v_scale / (256 * rowsum(p))`` in bf16. On sm_90a both GEMMs ru
 on fp8 tensor cores (wgmma); other GPUs use an ATen emulation of the same
 rounding; the CPU kernel is that emulation (the reference for tests).
 
-Backward: the gradient of exact softmax attention at the bf16 ``q, k, v``
-(straight-through for the quantization). On CUDA it is PyTorch's FlashAttention
-in bf16 (a forward recomputes the exact output and log-sum-exp, then its
-backward); on CPU the same formulas in float32 ATen, chunked over query rows.
-Feeding the fp8 forward's own output and log-sum-exp to the backward would save
-that recompute but put fp8-sized errors into the gradient (D = rowsum(dO * out)
-and P = exp(S - lse) inherit them: ~7% of max|dq| at N=300, causal, d=64).
+Backward (straight-through for the quantization: a gradient of softmax
+attention at the bf16 ``q, k, v``), FlashAttention's formulas in bf16 on CUDA
+(PyTorch's kernels), in float32 ATen on CPU (chunked over query rows):
+
+- ``backward="exact"`` (default): exact attention's gradient; on CUDA a bf16
+  FlashAttention forward first recomputes the exact output and log-sum-exp.
+- ``backward="saved"``: fed with the fp8 forward's own output and log-sum-exp,
+  no recompute (faster) but fp8-sized gradient errors, since D = rowsum(dO * out)
+  and P = exp(S - lse) inherit them (~7% of max|dq| at N=300, causal, d=64,
+  where "exact" stays at bf16 rounding).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def fp8_attention(
     q_scale: float = 1.0,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    backward: str = "exact",
 ) -> torch.Tensor:
     """Softmax attention with q, k, v and P in float8 e4m3 and static scales.
 
@@ -55,6 +59,8 @@ def fp8_attention(
             (count them with :func:`fp8_saturation_count`; choose the scales with
             :func:`lipschitz_ext.fp8_scales.fp8_static_scales`). Powers of two
             make the division exact.
+        backward: ``"exact"`` or ``"saved"`` statistics for the gradient (see
+            the module docstring).
 
     Returns:
         bfloat16 ``[B, H, N, d]``: ``softmax(softmax_scale * q k^T) v`` up to fp8
@@ -62,7 +68,7 @@ def fp8_attention(
     """
     return torch.ops.lipschitz.fp8_attention.default(
         q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale),
-        float(q_scale), float(k_scale), float(v_scale),
+        float(q_scale), float(k_scale), float(v_scale), str(backward),
     )
 
 
@@ -91,7 +97,7 @@ def fp8_saturation_count(
 
 
 @torch.library.register_fake("lipschitz::fp8_attention_fwd")
-def _fp8_attention_fwd_fake(q, k, v, causal, softmax_scale, q_scale, k_scale, v_scale):
+def _fp8_attention_fwd_fake(q, k, v, causal, softmax_scale, q_scale, k_scale, v_scale, backward="exact"):
     torch._check(q.dim() == 4, lambda: "fp8_attention: argument 'q' must have rank 4")
     torch._check(q.dtype == torch.bfloat16, lambda: "fp8_attention: argument 'q' must be bfloat16")
     B, H, N, _ = q.shape
@@ -99,14 +105,16 @@ def _fp8_attention_fwd_fake(q, k, v, causal, softmax_scale, q_scale, k_scale, v_
 
 
 @torch.library.register_fake("lipschitz::fp8_attention_bwd")
-def _fp8_attention_bwd_fake(grad_out, q, k, v, causal, softmax_scale):
+def _fp8_attention_bwd_fake(grad_out, q, k, v, out, lse, causal, softmax_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, _, _, _ = inputs
-    _, lse = output
-    ctx.save_for_backward(q, k, v)
+    q, k, v, causal, softmax_scale = inputs[:5]
+    backward = inputs[8] if len(inputs) > 8 else "exact"
+    out, lse = output
+    ctx.saved_stats = backward == "saved"
+    ctx.save_for_backward(q, k, v, *((out, lse) if ctx.saved_stats else ()))
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
     ctx.mark_non_differentiable(lse)
@@ -114,11 +122,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     # lse is an auxiliary output (marked non-differentiable): its gradient is ignored.
-    q, k, v = ctx.saved_tensors
+    q, k, v, *stats = ctx.saved_tensors
+    out, lse = stats if ctx.saved_stats else (None, None)
     dq, dk, dv = torch.ops.lipschitz.fp8_attention_bwd.default(
-        grad_out.contiguous(), q, k, v, ctx.causal, ctx.softmax_scale
+        grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.softmax_scale
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
