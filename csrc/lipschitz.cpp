@@ -23,6 +23,29 @@ TORCH_LIBRARY(lipschitz, m) {
   m.def(
       "ns_polynomial(Tensor s, int steps=5, str coefficients=\"polar_express\", "
       "float[] custom=[]) -> Tensor");
+
+  // Top singular triplet by batched power iteration; see csrc/power_iteration.h.
+  // sigma [...], u [..., m], v [..., n] in float32 (float64 for float64 W).
+  m.def("power_iteration(Tensor W, int iters=16, Tensor? u=None) -> (Tensor sigma, Tensor u, Tensor v)");
+  // Rank-1 constraints on the power-iteration triplet; return (new W, u for a warm start).
+  m.def(
+      "spectral_normalize(Tensor W, float sigma_max=1.0, int iters=16, Tensor? u=None) "
+      "-> (Tensor out, Tensor u)");
+  m.def(
+      "spectral_hammer(Tensor W, float sigma_max=1.0, int iters=16, Tensor? u=None) "
+      "-> (Tensor out, Tensor u)");
+  m.def(
+      "spectral_weight_decay(Tensor W, float lam, int iters=16, Tensor? u=None) "
+      "-> (Tensor out, Tensor u)");
+  // Spectral caps; see csrc/spectral_cap.h.
+  m.def("spectral_soft_cap(Tensor W, float alpha) -> Tensor");
+  m.def("spectral_soft_cap.per_matrix(Tensor W, Tensor alpha) -> Tensor");
+  m.def(
+      "spectral_hard_cap(Tensor W, float sigma_max=1.0, str method=\"msign\", int steps=10, "
+      "int iters=16) -> Tensor");
+  m.def("orthogonal_project(Tensor W, float sigma_max=1.0, int steps=10) -> Tensor");
+  m.def("svd_cap(Tensor W, float sigma_max=1.0) -> Tensor");
+
   // fp8 (e4m3) attention forward with static scales, bf16 [B, H, N, d] in and
   // out; see csrc/fp8_attention.h for the exact rounding it performs. The
   // composite op calls fp8_attention_fwd, which carries the autograd formula

@@ -22,10 +22,12 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 from . import fp8_scales, ops  # noqa: E402
+from . import constraints  # noqa: E402
 from .ops import orthogonalize  # noqa: E402
 from . import nn  # noqa: E402
 from . import certify  # noqa: E402  (callable module, see lipschitz_ext/certify.py)
+from . import optim  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["certify", "fp8_scales", "nn", "ops", "orthogonalize", "__version__"]
+__all__ = ["certify", "constraints", "fp8_scales", "nn", "ops", "optim", "orthogonalize", "__version__"]

@@ -77,3 +77,36 @@ def normalized_svals(G: torch.Tensor, name_or_list, eps: float = 1e-7) -> torch.
     scale = NORM_SCALE.get(name_or_list, 1.0) if isinstance(name_or_list, str) else 1.0
     fro = torch.linalg.matrix_norm(G, keepdim=True)[..., 0]
     return torch.linalg.svdvals(G) / (fro * scale + eps)
+
+
+def with_spectrum(s: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """A float64 matrix (batch) ``U diag(s) V^T`` with random orthonormal U [m, r], V [n, r].
+
+    ``s``: ``[..., r]`` with ``r <= min(m, n)``; returns ``[..., m, n]``.
+    """
+    s = s.double()
+    r = s.shape[-1]
+    U, _ = torch.linalg.qr(torch.randn(*s.shape[:-1], m, r, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(*s.shape[:-1], n, r, dtype=torch.float64))
+    return (U * s.unsqueeze(-2)) @ V.mT
+
+
+def svd_apply_f64(W: torch.Tensor, fn) -> torch.Tensor:
+    """``U fn(S) V^T`` in float64: the ground truth for every spectral map."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return (U * fn(S).unsqueeze(-2)) @ Vh
+
+
+def soft_cap_scalar(s: torch.Tensor, a) -> torch.Tensor:
+    """The soft cap's scalar map: ``s1 = s - a s^3``, ``f = s1 + a s1^3`` (float64)."""
+    s = s.double()
+    s1 = s - a * s**3
+    return s1 + a * s1**3
+
+
+HARD_CAP_QUINTIC = [
+    (0.805032, 0.206361, -0.019763),
+    (0.649867, 0.162935, -0.011150),
+    (1.810259, -0.200265, 0.008251),
+    (1.004384, -0.183490, 0.014413),
+]

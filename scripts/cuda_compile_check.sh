@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-check every CUDA source (csrc/cuda/*.cu) for the configured targets
+# Compile-check every CUDA source (csrc/cuda/*.cu and csrc/bench/*.cu) for the configured targets
 # (default sm_80 and sm_90a) with nvcc, against the installed (CPU) torch's
 # headers. Nothing is linked or run. Used by CI; works on a machine without a GPU.
 set -euo pipefail
@@ -17,4 +17,4 @@ GEN=()
   -DLIPSCHITZ_CUDA_ARCH_LIST="$ARCHS" >"$BUILD.configure.log" 2>&1 \
   || { cat "$BUILD.configure.log"; exit 1; }
 "$CMAKE" --build "$BUILD" --target lipschitz_cuda_check -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
-echo "CUDA compile-check passed for: $ARCHS ($(ls csrc/cuda/*.cu | wc -l) sources)"
+echo "CUDA compile-check passed for: $ARCHS ($(ls csrc/cuda/*.cu csrc/bench/*.cu | wc -l) sources)"

@@ -10,13 +10,34 @@ family: ``orthogonalize.py`` here <-> ``csrc/cpu/orthogonalize.cpp`` <->
 
 from .fp8_attention import E4M3_MAX, fp8_attention, fp8_saturation_count
 from .orthogonalize import COEFFICIENT_SETS, ns_max_gain, ns_polynomial, orthogonalize
+from .power_iteration import power_iteration, spectral_hammer, spectral_normalize, spectral_weight_decay
+from .spectral_cap import (
+    HARD_CAP_METHODS,
+    POLYNOMIAL_PRESCALE,
+    orthogonal_project,
+    soft_cap_alpha,
+    spectral_hard_cap,
+    spectral_soft_cap,
+    svd_cap,
+)
 
 __all__ = [
     "COEFFICIENT_SETS",
     "E4M3_MAX",
+    "HARD_CAP_METHODS",
+    "POLYNOMIAL_PRESCALE",
     "fp8_attention",
     "fp8_saturation_count",
     "ns_max_gain",
     "ns_polynomial",
+    "orthogonal_project",
     "orthogonalize",
+    "power_iteration",
+    "soft_cap_alpha",
+    "spectral_hammer",
+    "spectral_hard_cap",
+    "spectral_normalize",
+    "spectral_soft_cap",
+    "spectral_weight_decay",
+    "svd_cap",
 ]

@@ -1,0 +1,261 @@
+"""Benchmark the spectral constraint ops at the model shapes, next to svd_cap and
+the same math written in plain PyTorch.
+
+    python bench/bench_constraints.py                      # CPU, all suites
+    python bench/bench_constraints.py --suite gpt2 --ops spectral_soft_cap svd_cap
+    python bench/bench_constraints.py --device cuda --dtype bfloat16 --json bench/results/x.json
+
+Case definitions are plain data/functions (SHAPES, OPS, make_input, run_case) so a
+runner can import them. Timing: wall clock, ``--warmup`` untimed calls, then the
+median (and min/max) of ``--repeats`` calls; CUDA is synchronized around each call.
+Output: a table on stdout and, with ``--json``, the DESIGN.md results format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from lipschitz_ext import ops
+
+#: suite -> list of (batch, m, n): same-shape weight buckets of each model.
+#: Shakespeare (d=256, 3 blocks): Q,K,V,O per block = 12 x 256x256; MLP in 3 x 1024x256,
+#: MLP out 3 x 256x1024. GPT-2 small (12 layers, d=768): 48 x 768x768, 24 x 3072x768
+#: (MLP in and the transposed MLP out, stacked).
+SHAPES: dict[str, list[tuple[int, int, int]]] = {
+    "shakespeare": [(12, 256, 256), (3, 1024, 256), (3, 256, 1024)],
+    "gpt2": [(48, 768, 768), (24, 3072, 768)],
+}
+
+#: fixed parameters of every timed op
+PARAMS = {"iters": 16, "sigma_max": 1.0, "alpha": 0.132, "lam": 0.1, "steps": 10}
+
+
+def make_input(shape: tuple[int, int, int], dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    """Random weights with spectral norm ~1.06 (just over a cap of 1, as after a step)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(shape, generator=g, dtype=torch.float32)
+    W = W * (1.06 / (math.sqrt(shape[-2]) + math.sqrt(shape[-1])))
+    return W.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# the same math in plain PyTorch (small-side Gram, batched matmuls)
+
+
+def torch_power_iteration(W, iters=16):
+    u = torch.ones(W.shape[:-1], dtype=torch.float32, device=W.device)
+    X = W.float()
+    for _ in range(iters):
+        v = torch.nn.functional.normalize((X.mT @ u.unsqueeze(-1)).squeeze(-1), dim=-1)
+        u = torch.nn.functional.normalize((X @ v.unsqueeze(-1)).squeeze(-1), dim=-1)
+    sigma = (u.unsqueeze(-2) @ X @ v.unsqueeze(-1))[..., 0, 0]
+    return sigma, u, v
+
+
+def torch_spectral_normalize(W, sigma_max=1.0, iters=16):
+    sigma, _, _ = torch_power_iteration(W, iters)
+    return (W.float() / torch.clamp(sigma / sigma_max, min=1.0)[..., None, None]).to(W.dtype)
+
+
+def torch_spectral_hammer(W, sigma_max=1.0, iters=16):
+    sigma, u, v = torch_power_iteration(W, iters)
+    return (W.float() + (sigma_max - sigma)[..., None, None] * u.unsqueeze(-1) * v.unsqueeze(-2)).to(W.dtype)
+
+
+def torch_spectral_weight_decay(W, lam=0.1, iters=16):
+    sigma, u, v = torch_power_iteration(W, iters)
+    return (W.float() - (lam * sigma)[..., None, None] * u.unsqueeze(-1) * v.unsqueeze(-2)).to(W.dtype)
+
+
+def torch_soft_cap(W, alpha=0.132):
+    X = W.float()
+    tall = X.shape[-2] > X.shape[-1]
+    for sign in (-1.0, 1.0):
+        X = X + sign * alpha * (X @ (X.mT @ X) if tall else (X @ X.mT) @ X)
+    return X.to(W.dtype)
+
+
+def _torch_msign(X, steps):
+    # Polar Express with the 1.01 safety factor, as in ops.orthogonalize
+    raw = [
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    ]
+    coeffs = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in raw] + [(1.875, -1.25, 0.375)]
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = X.mT
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) * 1.01 + 1e-30)
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+def torch_hard_cap(W, sigma_max=1.0, steps=10):
+    X = W.float()
+    Q = _torch_msign(X, steps)
+    D = sigma_max * Q - X
+    R = _torch_msign(D, steps)
+    return (0.5 * (sigma_max * Q + X - D @ R.mT @ Q)).to(W.dtype)
+
+
+def torch_orthogonal(W, sigma_max=1.0, steps=10):
+    return (sigma_max * _torch_msign(W.float(), steps)).to(W.dtype)
+
+
+def torch_svd_cap(W, sigma_max=1.0):
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    return ((U * S.clamp(max=sigma_max).unsqueeze(-2)) @ Vh).to(W.dtype)
+
+
+P = PARAMS
+#: op name -> (ours, plain PyTorch); every callable takes the weights only.
+OPS: dict[str, tuple[Callable, Callable]] = {
+    "power_iteration": (lambda W: ops.power_iteration(W, P["iters"]), lambda W: torch_power_iteration(W, P["iters"])),
+    "spectral_normalize": (
+        lambda W: ops.spectral_normalize(W, P["sigma_max"], P["iters"]),
+        lambda W: torch_spectral_normalize(W, P["sigma_max"], P["iters"]),
+    ),
+    "spectral_hammer": (
+        lambda W: ops.spectral_hammer(W, P["sigma_max"], P["iters"]),
+        lambda W: torch_spectral_hammer(W, P["sigma_max"], P["iters"]),
+    ),
+    "spectral_weight_decay": (
+        lambda W: ops.spectral_weight_decay(W, P["lam"], P["iters"]),
+        lambda W: torch_spectral_weight_decay(W, P["lam"], P["iters"]),
+    ),
+    "spectral_soft_cap": (lambda W: ops.spectral_soft_cap(W, P["alpha"]), lambda W: torch_soft_cap(W, P["alpha"])),
+    "spectral_hard_cap_msign": (
+        lambda W: ops.spectral_hard_cap(W, P["sigma_max"], "msign", P["steps"]),
+        lambda W: torch_hard_cap(W, P["sigma_max"], P["steps"]),
+    ),
+    "spectral_hard_cap_polynomial": (
+        lambda W: ops.spectral_hard_cap(W, P["sigma_max"], "polynomial", P["steps"], P["iters"]),
+        None,
+    ),
+    "orthogonal_project": (
+        lambda W: ops.orthogonal_project(W, P["sigma_max"], P["steps"]),
+        lambda W: torch_orthogonal(W, P["sigma_max"], P["steps"]),
+    ),
+    "svd_cap": (lambda W: ops.svd_cap(W, P["sigma_max"]), lambda W: torch_svd_cap(W, P["sigma_max"])),
+    # one batched GEMM pass W W^T over the same batch: the yardstick for the GEMM-bound ops
+    "gemm_reference": (lambda W: torch.bmm(W, W.mT), None),
+}
+
+
+def time_fn(fn: Callable, W: torch.Tensor, repeats: int, warmup: int) -> list[float]:
+    """Wall-clock milliseconds of ``repeats`` calls (after ``warmup`` calls)."""
+    sync = torch.cuda.synchronize if W.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        fn(W)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(W)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def run_case(op: str, shape, dtype: torch.dtype, device: str, repeats: int, warmup: int, svd_ms: dict) -> dict:
+    """Time one op at one shape; ``svd_ms`` caches svd_cap's median per shape (the common baseline)."""
+    ours, plain = OPS[op]
+    W = make_input(shape, dtype, device)
+    t = time_fn(ours, W, repeats, warmup)
+    med = statistics.median(t)
+    baselines = {}
+    if plain is not None:
+        baselines["torch_eager"] = statistics.median(time_fn(plain, W, repeats, warmup))
+    key = (tuple(shape), str(dtype), device)
+    if op == "svd_cap":
+        svd_ms[key] = med
+    elif key in svd_ms:
+        baselines["svd_cap"] = svd_ms[key]
+    return {
+        "name": op,
+        "shape": list(shape),
+        "dtype": str(dtype).replace("torch.", ""),
+        "params": {k: v for k, v in PARAMS.items()},
+        "impl": "lipschitz_ext",
+        "median_ms": med,
+        "min_ms": min(t),
+        "max_ms": max(t),
+        "baselines": baselines,
+        "speedup": {k: v / med for k, v in baselines.items()},
+    }
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--json", help="write the DESIGN.md results JSON here")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    # svd_cap first so every other case can report its speedup over it
+    op_order = sorted(args.ops, key=lambda o: o != "svd_cap")
+    svd_ms: dict = {}
+    cases = []
+    print(f"{'op':30s} {'shape':>16s} {'ours ms':>10s} {'torch ms':>10s} {'svd ms':>10s} {'x svd':>8s}")
+    for suite in args.suite:
+        for shape in SHAPES[suite]:
+            for op in op_order:
+                c = run_case(op, shape, dtype, args.device, args.repeats, args.warmup, svd_ms)
+                c["params"]["suite"] = suite
+                cases.append(c)
+                b = c["baselines"]
+                print(
+                    f"{op:30s} {'x'.join(map(str, shape)):>16s} {c['median_ms']:10.2f} "
+                    f"{b.get('torch_eager', float('nan')):10.2f} {b.get('svd_cap', float('nan')):10.2f} "
+                    f"{c['speedup'].get('svd_cap', float('nan')):8.1f}",
+                    flush=True,
+                )
+    if args.json:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = ""
+        result = {
+            "device": device_name(args.device),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "commit": commit,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cases": cases,
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+// The spectral weight constraints as batched pipelines over [B, m, n], shared
+// by the CPU and CUDA kernels. A Backend says which dtypes to compute in and
+// supplies the two elementwise steps a device may fuse; everything else is
+// ATen (batched GEMMs: BLAS on CPU, cuBLAS on CUDA), with every Gram matrix
+// formed on the SMALL side of the matrix.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+#include "checks.h"
+#include "newton_schulz.h"
+#include "ns_coefficients.h"
+#include "power_iteration.h"
+
+namespace lipschitz {
+
+struct Backend {
+  // dtype that holds the iterate (and accumulates residual updates)
+  at::ScalarType (*state)(at::ScalarType input);
+  // dtype of GEMM operands (bf16 on CUDA: fp32 accumulation inside cuBLAS)
+  at::ScalarType (*gemm)(at::ScalarType input);
+  // X + P * coef, coef [B, 1, 1]; X in the state dtype, P in the GEMM dtype
+  std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)> axpy;
+  // scale[b] * W + coef[b] * u v^T, written in W's dtype (W is the caller's [B, m, n])
+  std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&)>
+      rank1;
+};
+
+inline at::ScalarType float_or_double(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline at::Tensor axpy_aten(const at::Tensor& X, const at::Tensor& P, const at::Tensor& coef) {
+  return at::addcmul(X, P.to(X.scalar_type()), coef);
+}
+
+inline at::Tensor rank1_aten(const at::Tensor& W, const at::Tensor& scale, const at::Tensor& coef,
+                             const at::Tensor& u, const at::Tensor& v) {
+  const auto st = scale.scalar_type();
+  at::Tensor out = at::baddbmm(W.to(st) * scale.view({-1, 1, 1}), (u * coef.unsqueeze(-1)).unsqueeze(-1),
+                               v.unsqueeze(-2));
+  return out.to(W.scalar_type());
+}
+
+// Plain ATen in float32 (float64 for float64 input): the CPU backend.
+inline const Backend& aten_backend() {
+  static const Backend be{&float_or_double, &float_or_double, &axpy_aten, &rank1_aten};
+  return be;
+}
+
+// ---------------------------------------------------------------------------
+// power iteration and the rank-1 constraints
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(
+    const at::Tensor& W, int64_t iters, const std::optional<at::Tensor>& u) {
+  const char* op = "power_iteration";
+  check_matrix_batch(W, op, "W");
+  check_iters(iters, op);
+  const auto batch_shape = W.sizes().slice(0, W.dim() - 2);
+  const auto st = float_or_double(W.scalar_type());
+  std::vector<int64_t> su(batch_shape.begin(), batch_shape.end()), sv = su;
+  su.push_back(W.size(-2));
+  sv.push_back(W.size(-1));
+  if (W.numel() == 0) {
+    const auto o = W.options().dtype(st);
+    return {at::zeros(batch_shape, o), at::zeros(su, o), at::zeros(sv, o)};
+  }
+  const Triplet t = power_iteration_batched(as_batch3d(W).to(st), iters, u, op);
+  return {t.sigma.reshape(batch_shape), t.u.reshape(su), t.v.reshape(sv)};
+}
+
+inline std::tuple<at::Tensor, at::Tensor> rank1_impl(const Backend& be, Rank1Kind kind,
+                                                     const char* op, const at::Tensor& W,
+                                                     double param, int64_t iters,
+                                                     const std::optional<at::Tensor>& u) {
+  check_matrix_batch(W, op, "W");
+  check_rank1_args(kind, param, op);
+  check_iters(iters, op);
+  const auto st = float_or_double(W.scalar_type());
+  std::vector<int64_t> su(W.sizes().begin(), W.sizes().end() - 1);
+  if (W.numel() == 0)
+    return {at::empty(W.sizes(), W.options()), at::zeros(su, W.options().dtype(st))};
+  const at::Tensor W3 = as_batch3d(W);
+  const Triplet t = power_iteration_batched(W3.to(st), iters, u, op);
+  auto [scale, coef] = rank1_coefficients(kind, param, t.sigma);
+  at::Tensor out = be.rank1(W3, scale, coef, t.u, t.v);
+  return {out.reshape(W.sizes()).contiguous(), t.u.reshape(su)};
+}
+
+// ---------------------------------------------------------------------------
+// soft cap: W <- W (I - a W^T W), then W <- W (I + a W^T W)
+
+inline at::Tensor soft_cap_steps(const Backend& be, at::Tensor X, const at::Tensor& alpha,
+                                 at::ScalarType gemm) {
+  const bool tall = X.size(1) > X.size(2);
+  for (const double sign : {-1.0, 1.0}) {
+    const at::Tensor Xg = X.to(gemm);
+    const at::Tensor A = tall ? at::bmm(Xg.mT(), Xg) : at::bmm(Xg, Xg.mT());
+    const at::Tensor P = tall ? at::bmm(Xg, A) : at::bmm(A, Xg);
+    X = be.axpy(X, P, alpha * sign);
+  }
+  return X;
+}
+
+// alpha: [B, 1, 1] in the state dtype.
+inline at::Tensor soft_cap_run(const Backend& be, const at::Tensor& W, const at::Tensor& alpha3) {
+  const auto st = be.state(W.scalar_type());
+  at::Tensor X = as_batch3d(W).to(st);
+  X = soft_cap_steps(be, X, alpha3.to(st), be.gemm(W.scalar_type()));
+  return X.reshape(W.sizes()).to(W.scalar_type()).contiguous();
+}
+
+inline at::Tensor soft_cap_impl(const Backend& be, const at::Tensor& W, double alpha) {
+  const char* op = "spectral_soft_cap";
+  check_matrix_batch(W, op, "W");
+  check_nonnegative(alpha, op, "alpha");
+  if (W.numel() == 0) return at::empty(W.sizes(), W.options());
+  const int64_t batch = W.numel() / (W.size(-2) * W.size(-1));
+  return soft_cap_run(be, W, at::full({batch, 1, 1}, alpha, W.options().dtype(be.state(W.scalar_type()))));
+}
+
+inline at::Tensor soft_cap_per_matrix_impl(const Backend& be, const at::Tensor& W,
+                                           const at::Tensor& alpha) {
+  const char* op = "spectral_soft_cap";
+  check_matrix_batch(W, op, "W");
+  TORCH_CHECK(at::isFloatingType(alpha.scalar_type()), op,
+              ": argument 'alpha' must be a float or a floating-point tensor, got ",
+              alpha.scalar_type());
+  TORCH_CHECK(alpha.device() == W.device(), op, ": argument 'alpha' must be on W's device (",
+              W.device(), "), got ", alpha.device());
+  const auto batch_shape = W.sizes().slice(0, W.dim() - 2);
+  TORCH_CHECK(alpha.dim() == 0 || alpha.sizes() == batch_shape, op,
+              ": argument 'alpha' must be a scalar or have W's batch shape ", batch_shape,
+              " (one alpha per matrix), got ", alpha.sizes());
+  if (W.numel() == 0) return at::empty(W.sizes(), W.options());
+  const int64_t batch = W.numel() / (W.size(-2) * W.size(-1));
+  return soft_cap_run(be, W, alpha.reshape({-1, 1, 1}).expand({batch, 1, 1}));
+}
+
+// ---------------------------------------------------------------------------
+// msign (polar factor) by Polar Express Newton-Schulz, and what is built on it
+
+// Normalized by the Frobenius norm (accumulated in float64); a zero matrix stays zero.
+inline at::Tensor msign_batched(const at::Tensor& X, int64_t steps, at::ScalarType gemm,
+                                const char* op) {
+  const NSPlan plan = make_ns_plan(steps, "polar_express", {}, op);
+  const at::Tensor norm =
+      at::linalg_vector_norm(X, 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true, at::kDouble);
+  // zero -> zero (not 0 * inf), NaN -> NaN, and a tiny norm cannot overflow the scale
+  const double big = X.scalar_type() == at::kDouble ? 1e300 : 1e38;
+  const at::Tensor inv =
+      at::where(norm == 0, at::zeros_like(norm), (1.0 / (norm * plan.norm_scale)).clamp_max(big))
+          .to(X.scalar_type());
+  return newton_schulz_steps((X * inv).to(gemm), plan).to(X.scalar_type());
+}
+
+inline void check_steps(int64_t steps, const char* op) {
+  TORCH_CHECK(steps >= 1 && steps <= 100, op, ": argument 'steps' must be in [1, 100], got ", steps);
+}
+
+// hardcap_b(X) = 1/2 [b Q + X - (b Q - X) msign(b Q - X)^T Q], Q = msign(X):
+// with X = U S V^T this is U min(S, b) V^T. Zero singular values stay zero
+// (msign maps them to 0, so every term vanishes in their directions).
+inline at::Tensor hard_cap_msign(const at::Tensor& X, double b, int64_t steps, at::ScalarType gemm,
+                                 const char* op) {
+  const bool tall = X.size(1) > X.size(2);
+  const at::Tensor Q = msign_batched(X, steps, gemm, op);
+  const at::Tensor D = Q * b - X;
+  const at::Tensor R = msign_batched(D, steps, gemm, op);
+  const at::Tensor Dg = D.to(gemm), Rg = R.to(gemm), Qg = Q.to(gemm);
+  const at::Tensor T = tall ? at::bmm(Dg, at::bmm(Rg.mT(), Qg))   // R^T Q is n x n
+                            : at::bmm(at::bmm(Dg, Rg.mT()), Qg);  // D R^T is m x m
+  return (Q * b + X - T.to(X.scalar_type())) * 0.5;
+}
+
+// The paper's 4-step odd quintic approximating min(1, s); REFERENCE.md section 2.
+inline NSPlan hard_cap_polynomial_plan() {
+  NSPlan plan;
+  plan.coeffs = {{0.805032, 0.206361, -0.019763},
+                 {0.649867, 0.162935, -0.011150},
+                 {1.810259, -0.200265, 0.008251},
+                 {1.004384, -0.183490, 0.014413}};
+  return plan;
+}
+
+// The quintic is accurate for s <~ 3.5 and diverges above ~4 (f(4.5) ~ 3e81).
+// Matrices whose power-iteration estimate of sigma_1 / b exceeds this are first
+// scaled so that the estimate becomes it; the 15% margin to 3.5 absorbs the
+// estimate's (downward) error.
+constexpr double kPolynomialPrescale = 3.0;
+
+inline at::Tensor hard_cap_polynomial(const at::Tensor& X, double b, int64_t iters,
+                                      at::ScalarType gemm, const char* op) {
+  at::Tensor Y = X / b;
+  const Triplet t = power_iteration_batched(Y, iters, std::nullopt, op);
+  const at::Tensor c = at::minimum(at::ones_like(t.sigma),
+                                   kPolynomialPrescale / t.sigma.clamp_min(1e-30));
+  Y = (Y * c.view({-1, 1, 1})).to(gemm);
+  return newton_schulz_steps(Y, hard_cap_polynomial_plan()).to(X.scalar_type()) * b;
+}
+
+inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double sigma_max,
+                                c10::string_view method, int64_t steps, int64_t iters) {
+  const char* op = "spectral_hard_cap";
+  check_matrix_batch(W, op, "W");
+  check_nonnegative(sigma_max, op, "sigma_max");
+  check_steps(steps, op);
+  check_iters(iters, op);
+  TORCH_CHECK(method == "msign" || method == "polynomial", op,
+              ": argument 'method' must be 'msign' or 'polynomial', got '", std::string(method), "'");
+  if (W.numel() == 0) return at::empty(W.sizes(), W.options());
+  if (sigma_max == 0.0) return W * 0;  // keeps NaN as NaN
+  const at::Tensor X = as_batch3d(W).to(be.state(W.scalar_type()));
+  const auto gemm = be.gemm(W.scalar_type());
+  const at::Tensor out = method == "msign" ? hard_cap_msign(X, sigma_max, steps, gemm, op)
+                                           : hard_cap_polynomial(X, sigma_max, iters, gemm, op);
+  return out.reshape(W.sizes()).to(W.scalar_type()).contiguous();
+}
+
+inline at::Tensor orthogonal_project_impl(const Backend& be, const at::Tensor& W, double sigma_max,
+                                          int64_t steps) {
+  const char* op = "orthogonal_project";
+  check_matrix_batch(W, op, "W");
+  check_nonnegative(sigma_max, op, "sigma_max");
+  check_steps(steps, op);
+  if (W.numel() == 0) return at::empty(W.sizes(), W.options());
+  const at::Tensor X = as_batch3d(W).to(be.state(W.scalar_type()));
+  const at::Tensor out = msign_batched(X, steps, be.gemm(W.scalar_type()), op) * sigma_max;
+  return out.reshape(W.sizes()).to(W.scalar_type()).contiguous();
+}
+
+// Exact U min(S, b) V^T by SVD in float32 (float64 for float64 input). The SVD
+// refuses non-finite input, so this checks first and names the argument.
+inline at::Tensor svd_cap_impl(const at::Tensor& W, double sigma_max) {
+  const char* op = "svd_cap";
+  check_matrix_batch(W, op, "W");
+  check_nonnegative(sigma_max, op, "sigma_max");
+  if (W.numel() == 0) return at::empty(W.sizes(), W.options());
+  const at::Tensor X = as_batch3d(W).to(float_or_double(W.scalar_type()));
+  TORCH_CHECK(at::isfinite(X).all().item<bool>(), op,
+              ": argument 'W' contains non-finite values (NaN or inf); the SVD is undefined");
+  auto [U, S, Vh] = at::linalg_svd(X, /*full_matrices=*/false);
+  const at::Tensor out = at::bmm(U * S.clamp_max(sigma_max).unsqueeze(-2), Vh);
+  return out.reshape(W.sizes()).to(W.scalar_type()).contiguous();
+}
+
+}  // namespace lipschitz

@@ -1,0 +1,7 @@
+"""``python -m lipschitz_ext.bench``: the same as the ``lipschitz-bench`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,358 @@
+"""Weight constraints applied after each optimizer step, in the RMS->RMS frame.
+
+Every constraint acts IN PLACE on a batch of same-shape weights ``W: [k, m, n]``
+(or one ``[m, n]``), PyTorch layout: ``m = fan_out``, ``n = fan_in``. Caps are
+stated in the RMS->RMS operator norm ``||W||_rms = sqrt(n / m) * sigma_max(W)``,
+i.e. on ``W' = W / s`` with ``s = sqrt(m / n)``; the classes fold ``s`` into the
+op's parameters (a cap ``b`` on ``W'`` is a cap ``b * s`` on ``W``; a soft-cap
+``a`` on ``W'`` is ``a / s^2`` on ``W``), so no extra pass over the weights is made.
+
+The optimizer calls ``constraint.apply_(W, lr=..., update_norm=..., decay=...,
+state=...)`` once per bucket of same-shape weights:
+
+* ``lr``: the step's learning rate (used by the weight-decay classes).
+* ``update_norm``: ``mu``, an upper bound on the spectral norm of this step's
+  change of each ``W'`` (RMS->RMS frame); drives the soft-cap coupling.
+* ``decay``: the decoupled weight-decay fraction the optimizer applied this step
+  (``lr * weight_decay``), for the coupling ``k = sigma_max (1 - decay) + mu``.
+* ``state``: a dict the optimizer keeps per bucket; every tensor stored in it has
+  leading dim ``k`` (one slice per matrix), e.g. ``state["u"]: [k, m]`` power
+  iteration vectors. Missing or mis-shaped entries are (re)created; ``None``
+  means no warm start.
+
+Attributes: ``name`` (the :func:`make_constraint` name) and ``sigma_max``: the
+RMS->RMS norm the constraint guarantees after ``apply_`` (``None`` when it
+guarantees none). See each class for how exact that guarantee is.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import math
+from typing import Optional
+
+import torch
+
+from . import ops
+
+__all__ = [
+    "Constraint",
+    "WeightDecay",
+    "SpectralWeightDecay",
+    "SpectralNormalize",
+    "SpectralHammer",
+    "SpectralSoftCap",
+    "SpectralHardCap",
+    "Orthogonal",
+    "SVDCap",
+    "EmbeddingRMSCap",
+    "make_constraint",
+    "CONSTRAINTS",
+    "rms_scale",
+    "COLD_ITERS",
+]
+
+State = Optional[dict[str, torch.Tensor]]
+
+
+def rms_scale(W: torch.Tensor) -> float:
+    """``s = sqrt(fan_out / fan_in) = sqrt(m / n)`` for ``W: [..., m, n]``: ``W' = W / s``."""
+    return math.sqrt(W.shape[-2] / W.shape[-1])
+
+
+def _as_batch(W: torch.Tensor, who: str) -> torch.Tensor:
+    if W.dim() not in (2, 3):
+        raise ValueError(f"{who}.apply_: argument 'W' must be [k, m, n] or [m, n], got shape {tuple(W.shape)}")
+    if not W.dtype.is_floating_point:
+        raise ValueError(f"{who}.apply_: argument 'W' must be floating point, got {W.dtype}")
+    return W if W.dim() == 3 else W.unsqueeze(0)
+
+
+def _check_nonneg(who: str, name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{who}: argument '{name}' must be finite and >= 0, got {value}")
+    return value
+
+
+class Constraint(abc.ABC):
+    """Base class: ``apply_`` modifies ``W`` in place (see the module docstring)."""
+
+    name: str = "constraint"
+    sigma_max: Optional[float] = None
+
+    def apply_(
+        self,
+        W: torch.Tensor,
+        *,
+        lr: float = 0.0,
+        update_norm: float = 0.0,
+        decay: float = 0.0,
+        state: State = None,
+    ) -> None:
+        W3 = _as_batch(W, type(self).__name__)
+        if W3.numel() == 0:
+            return
+        out = self._apply(W3, lr=float(lr), update_norm=float(update_norm), decay=float(decay), state=state)
+        if out is not None:
+            W.copy_(out.reshape(W.shape))
+
+    @abc.abstractmethod
+    def _apply(self, W3: torch.Tensor, *, lr: float, update_norm: float, decay: float, state: State):
+        """Return the new ``[k, m, n]`` weights, or ``None`` after updating ``W3`` in place."""
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+#: power iterations used when no warm-start vector is available (first step, no state)
+COLD_ITERS = 16
+
+
+def _warm_u(state: State, W3: torch.Tensor, iters: int) -> tuple[Optional[torch.Tensor], int]:
+    """The stored ``u`` if it fits ``W3``, and the iterations to run (``COLD_ITERS`` at least without one)."""
+    u = None if state is None else state.get("u")
+    if u is None or tuple(u.shape) != tuple(W3.shape[:2]) or u.device != W3.device:
+        return None, max(iters, COLD_ITERS)
+    return u, iters
+
+
+def _store_u(state: State, u: torch.Tensor) -> None:
+    if state is not None:
+        state["u"] = u
+
+
+class _PowerIterationMixin:
+    iters: int
+
+    def _iters(self, state: State, W3: torch.Tensor) -> tuple[int, Optional[torch.Tensor]]:
+        u, iters = _warm_u(state, W3, self.iters)
+        return iters, u
+
+
+class WeightDecay(Constraint):
+    """Decoupled weight decay ``W <- (1 - wd * lr) W``. Guarantees no norm (``sigma_max = None``)."""
+
+    name = "weight_decay"
+
+    def __init__(self, wd: float = 0.0):
+        self.wd = _check_nonneg("WeightDecay", "wd", wd)
+        self.sigma_max = None
+
+    def _apply(self, W3, *, lr, update_norm, decay, state):
+        factor = 1.0 - self.wd * lr
+        if factor != 1.0:
+            W3.mul_(factor)  # W3 is W or a view of it
+        return None
+
+
+class SpectralWeightDecay(_PowerIterationMixin, Constraint):
+    """Spectral weight decay ``W <- W - lam_eff * sigma_1 u_1 v_1^T`` (``sigma_1 -> (1 - lam_eff) sigma_1``).
+
+    ``lam_eff = lam * lr`` (decoupled, like :class:`WeightDecay`) when
+    ``scale_by_lr`` (default), else ``lam``; it must stay in ``[0, 1]``. The
+    frame does not matter (the map is scale-free). ``iters`` power iterations
+    per call, warm-started from ``state["u"]`` ``[k, m]``. ``sigma_max = None``.
+    """
+
+    name = "spectral_weight_decay"
+
+    def __init__(self, lam: float = 0.0, iters: int = 2, scale_by_lr: bool = True):
+        self.lam = _check_nonneg("SpectralWeightDecay", "lam", lam)
+        self.iters = int(iters)
+        self.scale_by_lr = bool(scale_by_lr)
+        self.sigma_max = None
+
+    def _apply(self, W3, *, lr, update_norm, decay, state):
+        lam = self.lam * lr if self.scale_by_lr else self.lam
+        if lam == 0.0:
+            return None
+        if lam > 1.0:
+            raise ValueError(f"SpectralWeightDecay: lam * lr = {lam} > 1 would flip the top singular direction")
+        out, u = ops.spectral_weight_decay(W3, lam, *self._iters(state, W3), return_u=True)
+        _store_u(state, u)
+        return out
+
+
+class SpectralNormalize(_PowerIterationMixin, Constraint):
+    """Spectral normalization ``W' <- W' / max(1, sigma_1(W') / sigma_max)``.
+
+    ``sigma_1`` by ``iters`` power iterations warm-started from ``state["u"]``
+    ``[k, m]`` (:data:`COLD_ITERS` = 16 at least when there is none): the
+    estimate can only be low, so the cap holds up to the power iteration's
+    convergence.
+    """
+
+    name = "normalize"
+
+    def __init__(self, sigma_max: float = 1.0, iters: int = 2):
+        self.sigma_max = _check_nonneg("SpectralNormalize", "sigma_max", sigma_max)
+        self.iters = int(iters)
+
+    def _apply(self, W3, *, lr, update_norm, decay, state):
+        out, u = ops.spectral_normalize(W3, self.sigma_max * rms_scale(W3), *self._iters(state, W3), return_u=True)
+        _store_u(state, u)
+        return out
+
+
+class SpectralHammer(_PowerIterationMixin, Constraint):
+    """Spectral hammer ``W' <- W' + (sigma_max - sigma_1) u_1 v_1^T``.
+
+    Sets only the top singular value (it can raise it); the others may stay above
+    the cap, so ``sigma_max`` is ``None``. The cap value is kept as ``target``.
+    ``state["u"]`` ``[k, m]`` warm-starts the power iteration.
+    """
+
+    name = "hammer"
+
+    def __init__(self, sigma_max: float = 1.0, iters: int = 2):
+        self.target = _check_nonneg("SpectralHammer", "sigma_max", sigma_max)
+        self.iters = int(iters)
+        self.sigma_max = None
+
+    def _apply(self, W3, *, lr, update_norm, decay, state):
+        out, u = ops.spectral_hammer(W3, self.target * rms_scale(W3), *self._iters(state, W3), return_u=True)
+        _store_u(state, u)
+        return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _coupled_alpha(sigma_max: float, mu: float, decay: float) -> float:
+    return ops.soft_cap_alpha(sigma_max, mu, decay)
+
+
+class SpectralSoftCap(Constraint):
+    """Spectral soft cap: ``W' <- W'(I - a W'^T W')``, then ``W' <- W'(I + a W'^T W')``.
+
+    ``a`` comes from the coupling ``ops.soft_cap_alpha(sigma_max, update_norm,
+    decay)`` (cached), which maps every singular value ``<= k = sigma_max (1 -
+    decay) + update_norm`` to ``<= sigma_max``: so if the weights entered the step
+    with ``||W||_rms <= sigma_max`` and the step moved them by ``<= update_norm``,
+    they leave it capped (``sigma_max`` is that guarantee). With ``update_norm ==
+    0`` (an optimizer that gives no bound) it uses ``mu = default_mu * sigma_max``
+    (default 0.05: ``a = 0.122`` for ``sigma_max = 1``). A fixed ``alpha`` (RMS
+    frame) overrides the coupling. No state.
+    """
+
+    name = "soft_cap"
+
+    def __init__(self, sigma_max: float = 1.0, alpha: Optional[float] = None, default_mu: float = 0.05):
+        self.sigma_max = _check_nonneg("SpectralSoftCap", "sigma_max", sigma_max)
+        if self.sigma_max == 0:
+            raise ValueError("SpectralSoftCap: argument 'sigma_max' must be > 0")
+        self.alpha = None if alpha is None else _check_nonneg("SpectralSoftCap", "alpha", alpha)
+        self.default_mu = _check_nonneg("SpectralSoftCap", "default_mu", default_mu)
+
+    def alpha_for(self, update_norm: float = 0.0, decay: float = 0.0) -> float:
+        """The soft-cap ``a`` (RMS->RMS frame) this constraint uses for a step."""
+        if self.alpha is not None:
+            return self.alpha
+        mu = update_norm if update_norm > 0 else self.default_mu * self.sigma_max
+        return _coupled_alpha(self.sigma_max, float(mu), float(decay))
+
+    def _apply(self, W3, *, lr, update_norm, decay, state):
+        a = self.alpha_for(update_norm, decay)
+        if a == 0.0:
+            return None
+        return ops.spectral_soft_cap(W3, a / rms_scale(W3) ** 2)
+
+
+class SpectralHardCap(Constraint):
+    """Spectral hard cap: singular values of ``W'`` clipped to ``sigma_max``.
+
+    ``method="msign"`` (exact formula on Polar Express msign, ``steps`` per msign;
+    within ~5e-3 * sigma_max in float32) or ``"polynomial"`` (the paper's quintic,
+    peak 1.0109 * sigma_max; out-of-range inputs pre-scaled, see
+    ``ops.spectral_hard_cap``). No state.
+    """
+
+    name = "hard_cap"
+
+    def __init__(self, sigma_max: float = 1.0, method: str = "msign", steps: int = 10):
+        self.sigma_max = _check_nonneg("SpectralHardCap", "sigma_max", sigma_max)
+        if method not in ops.HARD_CAP_METHODS:
+            raise ValueError(f"SpectralHardCap: argument 'method' must be one of {ops.HARD_CAP_METHODS}, got {method!r}")
+        self.method = method
+        self.steps = int(steps)
+
+    def _apply(self, W3, *, lr, update_norm, decay, state):
+        return ops.spectral_hard_cap(W3, self.sigma_max * rms_scale(W3), self.method, self.steps)
+
+
+class Orthogonal(Constraint):
+    """Projection to the scaled Stiefel manifold: ``W' <- sigma_max * msign(W')`` (``steps`` Polar Express steps)."""
+
+    name = "orthogonal"
+
+    def __init__(self, sigma_max: float = 1.0, steps: int = 10):
+        self.sigma_max = _check_nonneg("Orthogonal", "sigma_max", sigma_max)
+        self.steps = int(steps)
+
+    def _apply(self, W3, *, lr, update_norm, decay, state):
+        return ops.orthogonal_project(W3, self.sigma_max * rms_scale(W3), self.steps)
+
+
+class SVDCap(Constraint):
+    """Exact ``W' <- U min(S, sigma_max) V^T`` by SVD (slow; the ground truth)."""
+
+    name = "svd_cap"
+
+    def __init__(self, sigma_max: float = 1.0):
+        self.sigma_max = _check_nonneg("SVDCap", "sigma_max", sigma_max)
+
+    def _apply(self, W3, *, lr, update_norm, decay, state):
+        return ops.svd_cap(W3, self.sigma_max * rms_scale(W3))
+
+
+class EmbeddingRMSCap(Constraint):
+    """Per-token RMS cap for embedding tables: each row ``x`` gets ``RMS(x) <= max_rms``.
+
+    ``W: [k, vocab, d]`` or ``[vocab, d]`` (``nn.Embedding`` layout: one token per
+    row); rows above the cap are scaled down to it, others are untouched.
+    ``sigma_max = max_rms``: the largest per-token RMS, i.e. the operator norm
+    from one-hot inputs to RMS-normed outputs. No state.
+    """
+
+    name = "embedding_rms"
+
+    def __init__(self, max_rms: float = 1.0):
+        self.max_rms = _check_nonneg("EmbeddingRMSCap", "max_rms", max_rms)
+        self.sigma_max = self.max_rms
+
+    def _apply(self, W3, *, lr, update_norm, decay, state):
+        rms = W3.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+        factor = (self.max_rms / rms).clamp(max=1.0)  # zero rows: inf -> 1; NaN stays NaN
+        W3.mul_(factor.to(W3.dtype))
+        return None
+
+
+#: name -> class, for :func:`make_constraint`.
+CONSTRAINTS: dict[str, type[Constraint]] = {
+    cls.name: cls
+    for cls in (
+        WeightDecay,
+        SpectralWeightDecay,
+        SpectralNormalize,
+        SpectralHammer,
+        SpectralSoftCap,
+        SpectralHardCap,
+        Orthogonal,
+        SVDCap,
+        EmbeddingRMSCap,
+    )
+}
+
+
+def make_constraint(name: str, **kwargs) -> Optional[Constraint]:
+    """Build a constraint by name: one of :data:`CONSTRAINTS`' keys, or ``"none"`` (returns ``None``)."""
+    if name == "none":
+        if kwargs:
+            raise ValueError(f"make_constraint('none') takes no parameters, got {sorted(kwargs)}")
+        return None
+    try:
+        cls = CONSTRAINTS[name]
+    except KeyError:
+        raise ValueError(f"make_constraint: unknown constraint {name!r}; choose from {sorted(CONSTRAINTS) + ['none']}") from None
+    return cls(**kwargs)

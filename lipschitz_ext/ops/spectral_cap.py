@@ -1,0 +1,178 @@
+"""The spectral caps: soft cap, hard cap, orthogonal projection and the exact SVD clip
+(wrappers + fake kernels), plus the soft-cap coupling ``soft_cap_alpha``.
+
+All act on plain matrices ``[..., m, n]`` with the plain spectral norm; the
+RMS->RMS frame is :mod:`lipschitz_ext.constraints`' job. Compute: float32
+(float64 for float64 input) on CPU; on CUDA the GEMMs run in bf16 with fp32
+accumulation and the iterate is kept in fp32 (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+__all__ = [
+    "spectral_soft_cap",
+    "soft_cap_alpha",
+    "spectral_hard_cap",
+    "orthogonal_project",
+    "svd_cap",
+    "HARD_CAP_METHODS",
+    "POLYNOMIAL_PRESCALE",
+]
+
+#: Methods understood by :func:`spectral_hard_cap`.
+HARD_CAP_METHODS = ("msign", "polynomial")
+#: ``method="polynomial"`` scales matrices whose estimated ``sigma_1 / sigma_max``
+#: exceeds this down to it first (the quintic is only valid up to ~3.5).
+POLYNOMIAL_PRESCALE = 3.0
+
+
+def spectral_soft_cap(W: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Spectral soft cap: ``W <- W (I - a W^T W)`` then ``W <- W (I + a W^T W)``.
+
+    Every singular value ``s`` becomes ``f(s) = s1 + a s1^3`` with ``s1 = s - a s^3``
+    (singular vectors unchanged). Four batched GEMMs; the Gram matrix is formed on
+    the small side. Choose ``a`` with :func:`soft_cap_alpha`.
+
+    Args:
+        W: ``[..., m, n]`` floating tensor.
+        alpha: a float >= 0 for all matrices, or a floating tensor of shape
+            ``W.shape[:-2]`` (one ``a`` per matrix; values are not checked) or 0-d.
+
+    Returns:
+        A new tensor of W's shape and dtype.
+    """
+    if isinstance(alpha, torch.Tensor):
+        return torch.ops.lipschitz.spectral_soft_cap.per_matrix(W, alpha)
+    return torch.ops.lipschitz.spectral_soft_cap.default(W, float(alpha))
+
+
+def _soft_cap_map(s: float, a: float) -> float:
+    s1 = s - a * s**3
+    return s1 + a * s1**3
+
+
+def soft_cap_alpha(sigma_max: float, mu: float, wd: float = 0.0) -> float:
+    """The soft-cap coupling: the smallest ``a >= 0`` with ``|f_a(s)| <= sigma_max`` on ``[0, k]``.
+
+    ``k = sigma_max * (1 - wd) + mu`` is the largest singular value a step can
+    produce from weights capped at ``sigma_max`` (``mu``: the step's bound on the
+    spectral-norm change, ``wd``: the decoupled weight-decay fraction applied).
+    While ``t = a k^2 <= 1/3`` the map ``f_a`` is increasing on ``[0, k]`` and ``a``
+    is the smallest non-negative root of ``-k^9 a^4 + 3 k^7 a^3 - 3 k^5 a^2 +
+    (k - sigma_max) = 0`` (``f_a(k) = sigma_max``), found by bisection on the
+    monotone ``t^2 (t^2 - 3t + 3) = 1 - sigma_max / k`` to float64 precision.
+    That covers ``k <= 1.3068 sigma_max``. Beyond it the first cubic peaks inside
+    ``[0, k]`` at ``s1* = 2 / (3 sqrt(3a))`` and ``a`` solves ``(31/27) s1* = sigma_max``;
+    if even then ``|s1(k)| > s1*`` no ``a`` works and ValueError is raised.
+    ``k <= sigma_max`` gives 0. Examples (REFERENCE.md): ``(1, 0.06) -> 0.132``,
+    ``(6, 0.1) -> 0.00207``.
+    """
+    sigma_max, mu, wd = float(sigma_max), float(mu), float(wd)
+    for name, v in (("sigma_max", sigma_max), ("mu", mu), ("wd", wd)):
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"soft_cap_alpha: argument '{name}' must be finite and >= 0, got {v}")
+    if wd > 1:
+        raise ValueError(f"soft_cap_alpha: argument 'wd' must be <= 1, got {wd}")
+    if sigma_max == 0:
+        raise ValueError("soft_cap_alpha: argument 'sigma_max' must be > 0")
+    k = sigma_max * (1.0 - wd) + mu
+    if k <= sigma_max:
+        return 0.0
+    r = 1.0 - sigma_max / k
+    if r <= 19.0 / 81.0:  # g(1/3): beyond it the first cubic peaks inside [0, k]
+        lo, hi = 0.0, 1.0 / 3.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if mid * mid * (mid * mid - 3.0 * mid + 3.0) < r:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-17:
+                break
+        return hi / (k * k)
+    # non-monotone regime: the interior peak of s - a s^3 decides
+    a = (62.0 / (81.0 * sigma_max)) ** 2 / 3.0
+    s1_peak = 2.0 / (3.0 * math.sqrt(3.0 * a))
+    if abs(k - a * k**3) > s1_peak:
+        raise ValueError(
+            f"soft_cap_alpha: mu={mu} is too large for sigma_max={sigma_max} (k={k}): no soft-cap "
+            "alpha maps every singular value in [0, k] to <= sigma_max"
+        )
+    return a
+
+
+def spectral_hard_cap(
+    W: torch.Tensor,
+    sigma_max: float = 1.0,
+    method: str = "msign",
+    steps: int = 10,
+    iters: int = 16,
+) -> torch.Tensor:
+    """Spectral hard cap: singular values ``s -> min(s, sigma_max)``, vectors kept.
+
+    Args:
+        W: ``[..., m, n]`` floating tensor.
+        sigma_max: the cap (>= 0).
+        method: ``"msign"`` (default): the exact two-msign formula
+            ``1/2 [b Q + W - (b Q - W) msign(b Q - W)^T Q]``, ``Q = msign(W)``,
+            each msign by ``steps`` Polar Express Newton-Schulz steps. Accuracy
+            (float32 CPU, singular values in ``[0, 10 b]``): ``|s_out - min(s, b)|
+            <= ~2e-3 * b``, limited by how well msign resolves the smallest nonzero
+            singular values relative to ``||W||_F``; ``"polynomial"``: the paper's
+            4-step odd quintic (``f(1) = 0.966``, peak 1.0109 near 1.185). It is only
+            valid for ``s / b <~ 3.5`` and diverges above ~4, so matrices whose
+            power-iteration estimate (``iters`` iterations) of ``sigma_1 / b``
+            exceeds :data:`POLYNOMIAL_PRESCALE` (3.0) are first scaled down to it:
+            the output then never exceeds ``~1.011 b``, but all its singular values
+            of such a matrix are shrunk by that factor before the cap.
+        steps: Newton-Schulz steps per msign (``"msign"``).
+        iters: power iterations of the pre-scale (``"polynomial"``).
+
+    Returns:
+        A new tensor of W's shape and dtype. Non-finite input gives NaN for that matrix.
+    """
+    return torch.ops.lipschitz.spectral_hard_cap.default(
+        W, float(sigma_max), str(method), int(steps), int(iters)
+    )
+
+
+def orthogonal_project(W: torch.Tensor, sigma_max: float = 1.0, steps: int = 10) -> torch.Tensor:
+    """Projection to the scaled Stiefel manifold: ``sigma_max * msign(W)``.
+
+    Every nonzero singular value becomes ``sigma_max`` (zero ones stay ~0), by
+    ``steps`` Polar Express Newton-Schulz steps on ``W / (1.01 ||W||_F)``: singular
+    values far below ``||W||_F`` converge last. ``W``: ``[..., m, n]``; returns a
+    new tensor of W's shape and dtype.
+    """
+    return torch.ops.lipschitz.orthogonal_project.default(W, float(sigma_max), int(steps))
+
+
+def svd_cap(W: torch.Tensor, sigma_max: float = 1.0) -> torch.Tensor:
+    """Exact ``U min(S, sigma_max) V^T`` by SVD: the ground truth and the slow baseline.
+
+    ``torch.linalg.svd`` in float32 (float64 for float64 input) on CPU (LAPACK)
+    and CUDA (cuSOLVER). Raises on non-finite input (the SVD is undefined there).
+    ``W``: ``[..., m, n]``; returns a new tensor of W's shape and dtype.
+    """
+    return torch.ops.lipschitz.svd_cap.default(W, float(sigma_max))
+
+
+def _same_fake(W, *args):
+    torch._check(W.dim() >= 2, lambda: "argument 'W' must have rank >= 2")
+    torch._check(W.dtype.is_floating_point, lambda: "argument 'W' must be floating")
+    return W.new_empty(W.shape)
+
+
+for _name in (
+    "spectral_soft_cap",
+    "spectral_soft_cap.per_matrix",
+    "spectral_hard_cap",
+    "orthogonal_project",
+    "svd_cap",
+):
+    torch.library.register_fake(f"lipschitz::{_name}")(_same_fake)

@@ -1,0 +1,88 @@
+"""Adam followed by a weight constraint (embedding tables: per-token RMS cap)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .bucket import gather_cstate, overlaps, scatter_cstate
+from .distributed import is_dtensor, local_tensor
+from .state import ConstraintGroupsMixin
+
+__all__ = ["ConstrainedAdam"]
+
+
+class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
+    """``torch.optim.Adam``, then each group's constraint on the updated weights.
+
+    Args:
+        params: parameters or param-group dicts (a group may set its own ``"constraint"``).
+        constraint: default constraint (e.g. ``constraints.EmbeddingRMSCap``) with
+            ``apply_(W, *, lr, update_norm, decay, state)``; applied after Adam's step
+            to each group's 2-D weights that had a gradient, same-shape weights
+            stacked into one ``[k, m, n]`` call; None for none. Vectors and scalars
+            are never constrained.
+        **adam_kwargs: passed to ``torch.optim.Adam`` (lr, betas, eps, weight_decay, ...).
+
+    ``update_norm`` is passed as 0 (Adam's step has no spectral bound), ``decay`` as
+    ``lr * weight_decay``. DTensor weights must be sharded on dim 0 (whole rows
+    locally, as FSDP2 does) or replicated; the constraint then acts on local rows.
+    Constraint state lives in ``self.state[p]["constraint.<key>"]`` (leading dim 1).
+    """
+
+    def __init__(self, params: Iterable[Any], constraint: Any = None, **adam_kwargs: Any) -> None:
+        super().__init__(params, **adam_kwargs)
+        self.defaults["constraint"] = constraint
+        for g in self.param_groups:
+            g.setdefault("constraint", constraint)
+            self._check_group(g)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if "constraint" in self.defaults:  # not during Adam.__init__ (checked there after)
+            self.param_groups[-1].setdefault("constraint", self.defaults["constraint"])
+            self._check_group(self.param_groups[-1])
+
+    @staticmethod
+    def _check_group(g: dict[str, Any]) -> None:
+        c = g["constraint"]
+        if c is None:
+            return
+        if not callable(getattr(c, "apply_", None)):
+            raise TypeError(f"ConstrainedAdam: constraint must have an apply_ method, got {type(c).__name__}")
+        for p in g["params"]:
+            if is_dtensor(p) and p.dim() == 2 and any(
+                getattr(pl, "dim", 0) % 2 == 1 for pl in p.placements if pl.is_shard()
+            ):
+                raise ValueError(
+                    "ConstrainedAdam: a constrained DTensor weight must be sharded on dim 0 "
+                    f"(whole rows per rank), got placements {p.placements}"
+                )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Adam's step, then the constraints; returns ``closure()``'s loss if given."""
+        loss = super().step(closure)
+        for group in self.param_groups:
+            c = group["constraint"]
+            if c is None:
+                continue
+            lr = float(group["lr"])
+            decay = lr * float(group["weight_decay"])
+            buckets: dict[tuple, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None and p.dim() == 2:
+                    v = local_tensor(p)
+                    buckets.setdefault((tuple(v.shape), v.dtype, v.device), []).append(p)
+            for ps in buckets.values():
+                values = [local_tensor(p) for p in ps]
+                states = [self.state[p] for p in ps]
+                pieces = overlaps([1] * len(ps), 0, len(ps))
+                W = torch.stack(values)
+                cstate = gather_cstate(states, pieces, full=True)
+                c.apply_(W, lr=lr, update_norm=0.0, decay=decay, state=cstate)
+                torch._foreach_copy_(values, list(W.unbind(0)))
+                scatter_cstate(states, pieces, cstate, full=True)
+        return loss

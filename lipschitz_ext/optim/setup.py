@@ -1,0 +1,241 @@
+"""The paper's optimizer setup for any ``nn.Module`` (REFERENCE.md section 3).
+
+- hidden matrices: :class:`Muon` + a spectral constraint (cap ``hidden_sigma_max``);
+- the head (output) matrix: Muon with its own lr (paper: 10x smaller) and cap;
+- embedding tables: Adam (betas 0.8 / 0.95) + a per-token RMS cap;
+- vectors and scalars (gains, biases) and convolution kernels: Adam, unconstrained.
+
+Parameter roles come from ``model.param_groups_spec()`` when the model has it
+(a list of dicts ``{name, params, kind, sigma_max}`` with kind one of
+``"embedding" | "hidden" | "head" | "vector"``), else from heuristics:
+``nn.Embedding`` weights are embeddings; a 2-D weight is the head when its name
+is in ``head_names``, or (if ``head_names`` is None) when its module is a Linear
+whose out_features equals the vocabulary size (``vocab_size``, or the largest
+nn.Embedding's num_embeddings) or whose attribute name is ``lm_head``, ``head``
+or ``output``; other ``ndim >= 2`` weights are hidden (convolution kernels go to
+Adam: Muon would treat their spatial dims as a batch of matrices); the rest are
+vectors. A parameter shared by two modules (tied embedding / head) counts once,
+as an embedding.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .adam import ConstrainedAdam
+from .muon import Muon
+
+__all__ = ["OptimizerSet", "ParamRole", "build_optimizers", "classify_parameters"]
+
+KINDS = ("embedding", "hidden", "head", "vector")
+_CAP_NAMES = {"normalize", "hammer", "soft_cap", "hard_cap", "orthogonal", "svd_cap"}
+_HEAD_NAME = re.compile(r"(^|\.)(lm_head|head|output)$")
+
+ConstraintSpec = Union[str, Any, None, Callable[[float], Any]]
+
+
+@dataclass
+class ParamRole:
+    """One role group: a name, its parameters, kind and cap (None: the builder's default)."""
+
+    name: str
+    kind: str
+    params: list[nn.Parameter] = field(default_factory=list)
+    sigma_max: Optional[float] = None
+
+
+def classify_parameters(
+    model: nn.Module,
+    *,
+    vocab_size: Optional[int] = None,
+    head_names: Optional[Iterable[str]] = None,
+    embedding_names: Optional[Iterable[str]] = None,
+) -> list[ParamRole]:
+    """Sort ``model``'s trainable parameters into roles (see the module docstring)."""
+    spec_fn = getattr(model, "param_groups_spec", None)
+    if callable(spec_fn):
+        roles = []
+        for d in spec_fn():
+            kind = d["kind"]
+            if kind not in KINDS:
+                raise ValueError(f"build_optimizers: param_groups_spec kind must be one of {KINDS}, got {kind!r}")
+            params = [p for p in d["params"] if p.requires_grad]
+            roles.append(ParamRole(d.get("name", kind), kind, params, d.get("sigma_max")))
+        return roles
+
+    modules = dict(model.named_modules())
+    owner: dict[str, nn.Module] = {}
+    for mname, mod in modules.items():
+        for pname, _ in mod.named_parameters(recurse=False):
+            owner[f"{mname}.{pname}" if mname else pname] = mod
+    embeddings = [m for m in modules.values() if isinstance(m, nn.Embedding)]
+    if vocab_size is None and embeddings:
+        vocab_size = max(m.num_embeddings for m in embeddings)
+    head_set = set(head_names) if head_names is not None else None
+    embed_set = set(embedding_names or ())
+
+    roles = {k: ParamRole(k, k) for k in KINDS}
+    seen: set[int] = set()
+    named = list(model.named_parameters(remove_duplicate=False))
+    # Embeddings first so a tied head/embedding weight counts as an embedding.
+    named.sort(key=lambda kv: not (isinstance(owner.get(kv[0]), nn.Embedding) or kv[0] in embed_set))
+    for name, p in named:
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        mod = owner.get(name)
+        mod_name = name.rsplit(".", 1)[0] if "." in name else ""
+        if isinstance(mod, nn.Embedding) or name in embed_set:
+            kind = "embedding"
+        elif p.dim() < 2 or isinstance(mod, nn.modules.conv._ConvNd):
+            kind = "vector"
+        elif head_set is not None:
+            kind = "head" if name in head_set or mod_name in head_set else "hidden"
+        elif isinstance(mod, nn.Linear) and (
+            (vocab_size is not None and mod.out_features == vocab_size) or _HEAD_NAME.search(mod_name)
+        ):
+            kind = "head"
+        else:
+            kind = "hidden"
+        roles[kind].params.append(p)
+    return [r for r in roles.values() if r.params]
+
+
+def _make(spec: ConstraintSpec, sigma: float, kwarg: str = "sigma_max"):
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        from .. import constraints  # lazy: the constraints module is only needed by name
+
+        if spec == "none":
+            return None
+        if spec in _CAP_NAMES or spec == "embedding_rms":
+            return constraints.make_constraint(spec, **{kwarg: sigma})
+        return constraints.make_constraint(spec)
+    if hasattr(spec, "apply_") and not isinstance(spec, type):
+        return spec
+    if callable(spec):
+        return spec(sigma)
+    raise TypeError(f"build_optimizers: cannot make a constraint from {spec!r}")
+
+
+class OptimizerSet:
+    """Several optimizers stepped together (Muon for matrices, Adam for the rest).
+
+    ``optimizers`` is a list of ``torch.optim.Optimizer`` (use it to attach LR
+    schedulers, e.g. ``[LambdaLR(o, f) for o in opt_set.optimizers]`` or
+    :meth:`schedulers`). Every param group carries ``"kind"`` and ``"role"`` keys.
+    """
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.by_name = dict(optimizers)
+        self.optimizers = list(self.by_name.values())
+
+    def __getitem__(self, name: str) -> torch.optim.Optimizer:
+        return self.by_name[name]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """All groups of all optimizers (the same dicts: editing ``lr`` takes effect)."""
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: o.state_dict() for name, o in self.by_name.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict) != set(self.by_name):
+            raise ValueError(f"OptimizerSet: state dict has {sorted(state_dict)}, expected {sorted(self.by_name)}")
+        for name, o in self.by_name.items():
+            o.load_state_dict(state_dict[name])
+
+    def schedulers(self, factory: Callable[[torch.optim.Optimizer], Any]) -> list[Any]:
+        """``[factory(o) for o in self.optimizers]``, e.g. ``lambda o: LambdaLR(o, f)``."""
+        return [factory(o) for o in self.optimizers]
+
+
+def build_optimizers(
+    model: nn.Module,
+    *,
+    lr: float = 0.05,
+    head_lr: Optional[float] = None,
+    embed_lr: float = 0.1,
+    vector_lr: float = 0.01,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    coefficients: Any = "polar_express",
+    weight_decay: float = 0.0,
+    update_scale: str = "fan_ratio",
+    hidden_constraint: ConstraintSpec = "soft_cap",
+    head_constraint: ConstraintSpec = "soft_cap",
+    embedding_constraint: ConstraintSpec = "embedding_rms",
+    hidden_sigma_max: float = 1.0,
+    head_sigma_max: float = 1.0,
+    embed_max_rms: float = 1.0,
+    adam_betas: tuple[float, float] = (0.8, 0.95),
+    adam_eps: float = 1e-10,
+    vocab_size: Optional[int] = None,
+    head_names: Optional[Iterable[str]] = None,
+    embedding_names: Optional[Iterable[str]] = None,
+    distributed: str = "auto",
+) -> OptimizerSet:
+    """Build Muon (hidden + head matrices) and Adam (embeddings + vectors) for ``model``.
+
+    Defaults follow the paper's NanoGPT run: Muon lr 0.05 (head 10x smaller),
+    momentum 0.95 Nesterov, embedding Adam lr 0.1 with betas (0.8, 0.95), all caps 1.
+    Constraint specs: a name for ``lipschitz_ext.constraints.make_constraint`` (caps get
+    ``sigma_max=``, ``"embedding_rms"`` gets ``max_rms=``), a constraint object, a
+    callable ``sigma_max -> constraint``, or None. A role's ``sigma_max`` from
+    ``param_groups_spec()`` overrides the default cap of its kind.
+
+    Returns:
+        :class:`OptimizerSet` with ``"muon"`` and/or ``"adam"`` (only those with
+        parameters). Each group has keys ``"kind"`` and ``"role"``.
+    """
+    head_lr = lr * 0.1 if head_lr is None else head_lr
+    roles = classify_parameters(model, vocab_size=vocab_size, head_names=head_names,
+                                embedding_names=embedding_names)
+    muon_groups, adam_groups = [], []
+    for r in roles:
+        tag = {"kind": r.kind, "role": r.name}
+        if r.kind == "hidden":
+            s = hidden_sigma_max if r.sigma_max is None else r.sigma_max
+            muon_groups.append({"params": r.params, "lr": lr, "constraint": _make(hidden_constraint, s), **tag})
+        elif r.kind == "head":
+            s = head_sigma_max if r.sigma_max is None else r.sigma_max
+            muon_groups.append({"params": r.params, "lr": head_lr, "constraint": _make(head_constraint, s), **tag})
+        elif r.kind == "embedding":
+            s = embed_max_rms if r.sigma_max is None else r.sigma_max
+            adam_groups.append({"params": r.params, "lr": embed_lr,
+                                "constraint": _make(embedding_constraint, s, "max_rms"), **tag})
+        else:
+            adam_groups.append({"params": r.params, "lr": vector_lr, "constraint": None, **tag})
+    opts: dict[str, torch.optim.Optimizer] = {}
+    if muon_groups:
+        opts["muon"] = Muon(muon_groups, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                            coefficients=coefficients, weight_decay=weight_decay,
+                            update_scale=update_scale, distributed=distributed)
+    if adam_groups:
+        opts["adam"] = ConstrainedAdam(adam_groups, lr=embed_lr, betas=adam_betas, eps=adam_eps)
+    if not opts:
+        raise ValueError("build_optimizers: the model has no trainable parameters")
+    return OptimizerSet(opts)

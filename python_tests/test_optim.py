@@ -1,0 +1,270 @@
+"""Tests of lipschitz_ext.optim.Muon on one process (CPU)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from optim_helpers import PowerNormalize, clone_params
+
+import lipschitz_ext.optim.muon as muon_mod
+from lipschitz_ext.ops import ns_max_gain, orthogonalize
+from lipschitz_ext.optim import Muon, update_scale_factor
+
+
+def _params(shapes, dtype=torch.float32):
+    return [torch.nn.Parameter(torch.randn(*s, dtype=dtype) / math.sqrt(s[-1])) for s in shapes]
+
+
+def _grads(shapes, steps, dtype=torch.float32):
+    return [[torch.randn(*s, dtype=dtype) for s in shapes] for _ in range(steps)]
+
+
+def _run(opt, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+SHAPES = [(6, 10), (10, 6), (6, 10), (1, 9), (9, 1), (12, 12)]
+
+
+def _torch_ns_as_ours(grad, coeffs, steps, eps):
+    """torch.optim.Muon's Newton-Schulz replaced by ours in float64 (same numerics both sides)."""
+    return orthogonalize(grad.double(), steps, [coeffs], eps).to(grad.dtype)
+
+
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_torch_muon_exactly_with_same_newton_schulz(monkeypatch, adjust, nesterov):
+    # With both sides on the same float64 Newton-Schulz, momentum, Nesterov,
+    # lr adjustment and decoupled weight decay must agree to rounding.
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", _torch_ns_as_ours)
+    ours = _params(SHAPES, torch.float64)
+    ref = clone_params(ours)
+    grads = _grads(SHAPES, 4, torch.float64)
+    kw = dict(lr=0.03, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
+    _run(Muon(ours, coefficients="jordan", update_scale=adjust, **kw), ours, grads)
+    _run(torch.optim.Muon(ref, adjust_lr_fn=adjust, **kw), ref, grads)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_matches_torch_muon_within_bf16_tolerance():
+    # Unpatched torch.optim.Muon runs Newton-Schulz in bf16; ours in fp32 on CPU.
+    ours = _params(SHAPES)
+    ref = clone_params(ours)
+    start = clone_params(ours)
+    grads = _grads(SHAPES, 3)
+    _run(Muon(ours, lr=0.02, coefficients="jordan", update_scale="original", weight_decay=0.05), ours, grads)
+    _run(torch.optim.Muon(ref, lr=0.02, weight_decay=0.05), ref, grads)
+    for a, b, s in zip(ours, ref, start):
+        da, db = (a - s).detach(), (b - s).detach()
+        assert (da - db).norm() <= 0.03 * db.norm(), (a.shape, (da - db).norm() / db.norm())
+
+
+def test_batched_equals_per_matrix():
+    stacked = _params([(3, 5, 8), (2, 2, 8, 5)])
+    singles = [torch.nn.Parameter(m.detach().clone()) for p in stacked for m in p.reshape(-1, *p.shape[-2:])]
+    grads = _grads([(3, 5, 8), (2, 2, 8, 5)], 3)
+    single_grads = [[m for g in gs for m in g.reshape(-1, *g.shape[-2:])] for gs in grads]
+    for constraint in (None, PowerNormalize(0.8)):
+        a, b = clone_params(stacked), clone_params(singles)
+        c2 = None if constraint is None else PowerNormalize(0.8)
+        _run(Muon(a, lr=0.1, weight_decay=0.1, constraint=constraint), a, grads)
+        _run(Muon(b, lr=0.1, weight_decay=0.1, constraint=c2), b, single_grads)
+        flat = [m for p in a for m in p.detach().reshape(-1, *p.shape[-2:])]
+        for x, y in zip(flat, b):
+            torch.testing.assert_close(x, y.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_one_orthogonalize_and_one_constraint_call_per_bucket(monkeypatch):
+    calls = []
+
+    def counting(G, *args, **kw):
+        calls.append(tuple(G.shape))
+        return orthogonalize(G, *args, **kw)
+
+    monkeypatch.setattr(muon_mod, "orthogonalize", counting)
+    shapes = [(6, 10), (10, 6), (6, 10), (4, 6, 10), (10, 6), (3, 3)]
+    params = _params(shapes)
+    con = PowerNormalize()
+    opt = Muon(params, lr=0.05, weight_decay=0.2, constraint=con)
+    _run(opt, params, _grads(shapes, 1))
+    assert sorted(calls) == sorted([(6, 6, 10), (2, 10, 6), (1, 3, 3)])
+    assert sorted(c["shape"] for c in con.calls) == sorted(calls)
+    p_max = ns_max_gain(5, "polar_express")
+    for c in con.calls:
+        # update_scale="fan_ratio": the RMS->RMS bound is lr * p_max * 1.05 for every shape.
+        assert c["update_norm"] == pytest.approx(0.05 * p_max * 1.05, rel=1e-12)
+        assert c["decay"] == pytest.approx(0.05 * 0.2) and c["lr"] == 0.05
+        assert c["state_keys"] == []  # first step: the constraint creates its state
+
+
+@pytest.mark.parametrize("update_scale", ["fan_ratio", "none", "original", "match_rms_adamw"])
+def test_update_norm_bounds_the_step_in_rms_frame(update_scale):
+    # mu passed to the constraint must bound ||delta W / sqrt(m/n)||_2 (float64 SVD).
+    shapes = [(8, 24), (24, 8), (16, 16)]
+    params = _params(shapes)
+    start = clone_params(params)
+    con = PowerNormalize(sigma_max=1e6)  # never binds: isolates the update
+    opt = Muon(params, lr=0.07, constraint=con, update_scale=update_scale, coefficients="you")
+    _run(opt, params, _grads(shapes, 1))
+    mus = {c["shape"][1:]: c["update_norm"] for c in con.calls}
+    for p, s in zip(params, start):
+        m, n = p.shape
+        d = (p - s).detach().double() / math.sqrt(m / n)
+        sig = torch.linalg.matrix_norm(d, ord=2).item()
+        assert sig <= mus[(m, n)] / 1.05 * (1 + 1e-5)
+        scale = update_scale_factor(update_scale, m, n)
+        assert mus[(m, n)] == pytest.approx(0.07 * ns_max_gain(5, "you") * scale / math.sqrt(m / n) * 1.05)
+
+
+def test_state_layout_per_parameter():
+    shapes = [(6, 10), (3, 6, 10), (10, 6)]
+    params = _params(shapes)
+    opt = Muon(params, constraint=PowerNormalize())
+    _run(opt, params, _grads(shapes, 2))
+    for p in params:
+        st = opt.state[p]
+        k = math.prod(p.shape[:-2])
+        assert st["momentum_buffer"].shape == p.shape
+        assert st["constraint.u"].shape == (k, p.shape[-1])
+        assert torch.equal(st["constraint.calls"], torch.full((k,), 2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_resumes_bit_identically(dtype):
+    shapes = [(6, 10), (3, 6, 10), (10, 6), (5, 5)]
+    grads = _grads(shapes, 6, dtype)
+
+    def make(params):
+        return Muon(
+            [{"params": params[:2]}, {"params": params[2:], "lr": 0.02, "nesterov": False}],
+            lr=0.05, weight_decay=0.1, constraint=PowerNormalize(0.9),
+        )
+
+    base = _params(shapes, dtype)
+    a = clone_params(base)
+    opt_a = make(a)
+    _run(opt_a, a, grads)
+
+    b = clone_params(base)
+    opt_b = make(b)
+    _run(opt_b, b, grads[:3])
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in b], "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    c = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
+    opt_c = make(c)
+    opt_c.load_state_dict(saved["opt"])
+    assert opt_c.state[c[0]]["constraint.u"].dtype == torch.float32  # not cast to the weight dtype
+    _run(opt_c, c, grads[3:])
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)
+
+
+def test_lr_scheduler_and_zero_grad():
+    params = _params([(6, 10)])
+    start = clone_params(params)
+    opt = Muon(params, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step >= 1 else 1.0)
+    params[0].grad = torch.randn(6, 10)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    moved = params[0].detach().clone()
+    assert not torch.equal(moved, start[0])
+    params[0].grad = torch.randn(6, 10)
+    opt.step()
+    assert torch.equal(params[0].detach(), moved)
+    opt.zero_grad()
+    assert params[0].grad is None
+
+
+def test_params_without_grad_are_skipped():
+    params = _params([(6, 10), (6, 10)])
+    start = clone_params(params)
+    opt = Muon(params)
+    params[0].grad = torch.randn(6, 10)
+    opt.step()
+    assert torch.equal(params[1], start[1]) and not torch.equal(params[0], start[0])
+    assert len(opt.state[params[1]]) == 0
+
+
+def test_rejects_vectors_complex_and_bad_options():
+    with pytest.raises(ValueError, match=r"Muon: parameter 1 of param group 0 has shape \(7,\)"):
+        Muon([torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(7))])
+    with pytest.raises(ValueError, match="complex"):
+        Muon([torch.nn.Parameter(torch.randn(3, 4, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="not contiguous"):
+        Muon([torch.nn.Parameter(torch.randn(4, 3).t())])
+    with pytest.raises(ValueError, match="update_scale"):
+        Muon([torch.nn.Parameter(torch.randn(3, 4))], update_scale="sqrt")
+    with pytest.raises(ValueError, match="nonfinite"):
+        Muon([torch.nn.Parameter(torch.randn(3, 4))], nonfinite="zero")
+    with pytest.raises(ValueError, match="momentum"):
+        Muon([torch.nn.Parameter(torch.randn(3, 4))], momentum=1.0)
+    with pytest.raises(TypeError, match="apply_"):
+        Muon([torch.nn.Parameter(torch.randn(3, 4))], constraint=object())
+
+
+def test_sparse_grad_raises():
+    p = torch.nn.Parameter(torch.randn(4, 5))
+    opt = Muon([p])
+    p.grad = torch.randn(4, 5).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_grad_raise_skip_ignore(bad):
+    params = _params([(4, 5), (5, 4)])
+    start = clone_params(params)
+    g = [torch.randn(4, 5), torch.randn(5, 4)]
+    g[1][2, 3] = bad
+
+    opt = Muon(params)
+    for p, x in zip(params, g):
+        p.grad = x.clone()
+    with pytest.raises(RuntimeError, match=r"non-finite gradient in param group 0 .*\(5, 4\)"):
+        opt.step()
+    assert all(torch.equal(p, s) for p, s in zip(params, start))  # raised before touching anything
+
+    opt = Muon(params, nonfinite="skip")
+    opt.step()
+    assert opt.skipped_steps == 1 and all(torch.equal(p, s) for p, s in zip(params, start))
+    assert len(opt.state[params[0]]) == 0
+
+    opt = Muon(params, nonfinite="ignore")
+    opt.step()
+    assert torch.isnan(params[1]).all() and torch.isfinite(params[0]).all()
+
+
+def test_bf16_weights_keep_their_dtype():
+    p = torch.nn.Parameter(torch.randn(6, 10, dtype=torch.bfloat16))
+    opt = Muon([p], lr=0.05)
+    p.grad = torch.randn(6, 10, dtype=torch.bfloat16)
+    opt.step()
+    assert p.dtype == torch.bfloat16 and opt.state[p]["momentum_buffer"].dtype == torch.bfloat16
+
+
+def test_momentum_warmup_through_group():
+    # The paper ramps momentum 0.85 -> 0.95; the step reads group["momentum"] every time.
+    shapes = [(6, 10)]
+    grads = _grads(shapes, 2)
+    a = _params(shapes)
+    b = clone_params(a)
+    oa, ob = Muon(a, momentum=0.85), Muon(b, momentum=0.85)
+    _run(oa, a, grads[:1])
+    _run(ob, b, grads[:1])
+    oa.param_groups[0]["momentum"] = 0.95
+    _run(oa, a, grads[1:])
+    _run(ob, b, grads[1:])
+    assert not torch.equal(a[0], b[0])
+    buf_expected = torch.lerp(torch.lerp(torch.zeros(6, 10), grads[0][0], 0.15), grads[1][0], 0.05)
+    torch.testing.assert_close(oa.state[a[0]]["momentum_buffer"], buf_expected)

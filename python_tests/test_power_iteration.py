@@ -1,0 +1,270 @@
+"""lipschitz::power_iteration and the rank-1 constraints (normalize, hammer, spectral
+weight decay) against float64 SVD references."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lipschitz_ext import ops
+from reference import svd_apply_f64, with_spectrum
+
+SHAPES = [(40, 60), (60, 40), (1, 33), (33, 1), (3, 20, 28), (2, 2, 17, 9), (64, 64)]
+
+
+def gapped(shape, top=5.0, ratio=0.5):
+    """Float64 matrices with sigma_1 = top and sigma_2 = ratio * top (fast convergence)."""
+    *batch, m, n = shape
+    r = min(m, n)
+    s = torch.rand(*batch, r, dtype=torch.float64) * ratio * top
+    s[..., 0] = top
+    return with_spectrum(s, m, n)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triplet_matches_svd(shape):
+    W = gapped(shape)
+    sigma, u, v = ops.power_iteration(W.float(), iters=30)
+    assert sigma.shape == shape[:-2] and u.shape == shape[:-1] and v.shape == shape[:-2] + shape[-1:]
+    assert sigma.dtype == u.dtype == v.dtype == torch.float32
+    U, S, Vh = torch.linalg.svd(W)
+    torch.testing.assert_close(sigma.double(), S[..., 0], atol=1e-4, rtol=1e-5)
+    # singular vectors up to a common sign: the rank-1 term sigma u v^T is unique
+    torch.testing.assert_close(
+        (sigma[..., None, None] * u[..., :, None] * v[..., None, :]).double(),
+        S[..., 0, None, None] * U[..., :, :1] * Vh[..., :1, :],
+        atol=2e-4,
+        rtol=0,
+    )
+    # u^T W v = sigma and the vectors are unit
+    torch.testing.assert_close((u.double().unsqueeze(-2) @ W @ v.double().unsqueeze(-1))[..., 0, 0], sigma.double(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(u.norm(dim=-1), torch.ones_like(sigma))
+
+
+def test_gram_and_direct_paths_agree():
+    # iters=40 on a 20-wide matrix takes the Gram path, iters=5 (repeated) the direct one
+    W = gapped((3, 20, 50)).float()
+    s_gram, u_gram, _ = ops.power_iteration(W, iters=40)
+    u = None
+    for _ in range(8):
+        s_dir, u, _ = ops.power_iteration(W, iters=5, u=u)
+    torch.testing.assert_close(s_gram, s_dir, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(u_gram.abs(), u.abs(), atol=1e-4, rtol=0)
+
+
+def test_sigma_is_a_lower_bound_and_warm_start_converges():
+    W = torch.randn(4, 48, 64, dtype=torch.float64)  # close top singular values: slow
+    true = torch.linalg.matrix_norm(W, 2)
+    u, sig = None, None
+    for _ in range(30):
+        sig, u, _ = ops.power_iteration(W, iters=2, u=u)
+        assert (sig <= true * (1 + 1e-12)).all()
+    torch.testing.assert_close(sig, true, atol=0, rtol=1e-4)
+
+
+def test_deterministic_start_and_no_rng_use():
+    W = torch.randn(2, 30, 30)
+    state = torch.random.get_rng_state()
+    a = ops.power_iteration(W, iters=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = ops.power_iteration(W, iters=3)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_structured_matrices():
+    # all-ones (top singular vector is constant), rank one, and zero
+    ones = torch.ones(7, 9)
+    s, u, v = ops.power_iteration(ones, iters=2)
+    torch.testing.assert_close(s, torch.tensor(63.0).sqrt())
+    zero = torch.zeros(2, 5, 6)
+    s, u, v = ops.power_iteration(zero)
+    assert (s == 0).all() and (u == 0).all() and (v == 0).all()
+    # a zero warm start (from a zero matrix) falls back to the default start
+    s, _, _ = ops.power_iteration(torch.randn(2, 5, 6) + 3, iters=20, u=u)
+    assert (s > 1).all()
+
+
+def test_bad_warm_start_rows_fall_back():
+    W = gapped((3, 12, 20)).float()
+    u = torch.randn(3, 12)
+    u[1] = float("nan")
+    u[2] = 0
+    s, _, _ = ops.power_iteration(W, iters=30, u=u)
+    torch.testing.assert_close(s, torch.full((3,), 5.0), atol=1e-4, rtol=0)
+
+
+def test_batched_equals_per_matrix_and_non_contiguous():
+    base = torch.randn(4, 30, 22)
+    for W in (base, base.mT, base[:, ::2, 1::2]):
+        s, u, v = ops.power_iteration(W, iters=6)
+        for i in range(W.shape[0]):
+            si, ui, vi = ops.power_iteration(W[i], iters=6)
+            torch.testing.assert_close(s[i], si, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(u[i], ui, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[i], vi, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_and_float64():
+    W = gapped((2, 24, 40))
+    s64, _, _ = ops.power_iteration(W, iters=30)
+    assert s64.dtype == torch.float64
+    torch.testing.assert_close(s64, torch.full((2,), 5.0, dtype=torch.float64), atol=1e-10, rtol=0)
+    sb, ub, _ = ops.power_iteration(W.bfloat16(), iters=30)
+    assert sb.dtype == torch.float32 and ub.dtype == torch.float32
+    torch.testing.assert_close(sb.double(), torch.linalg.matrix_norm(W.bfloat16().double(), 2), atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# rank-1 constraints
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (60, 40), (1, 17), (3, 24, 24), (2, 2, 10, 30)])
+def test_normalize_matches_definition(shape):
+    W = gapped(shape, top=4.0)
+    out = ops.spectral_normalize(W.float(), sigma_max=2.0, iters=30)
+    torch.testing.assert_close(out.double(), W / 2.0, atol=1e-5, rtol=1e-4)
+    # already under the cap: unchanged
+    small = gapped(shape, top=1.5).float()
+    torch.testing.assert_close(ops.spectral_normalize(small, 2.0), small)
+    # per-matrix mix
+    both = torch.stack([W.float().reshape(-1, *shape[-2:])[0], small.reshape(-1, *shape[-2:])[0]])
+    out = ops.spectral_normalize(both, 2.0, iters=30)
+    torch.testing.assert_close(out[0], both[0] / 2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1], both[1])
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (60, 40), (3, 24, 24), (1, 9)])
+def test_hammer_sets_only_the_top_singular_value(shape):
+    W = gapped(shape, top=3.0, ratio=0.5)
+    out = ops.spectral_hammer(W.float(), sigma_max=1.0, iters=30)
+
+    def ref_fn(S):
+        S = S.clone()
+        S[..., 0] = 1.0
+        return S
+
+    torch.testing.assert_close(out.double(), svd_apply_f64(W, ref_fn), atol=1e-4, rtol=0)
+    # it can raise sigma_1 too
+    up = ops.spectral_hammer(W.float(), sigma_max=4.0, iters=30)
+    assert torch.linalg.matrix_norm(up.double(), 2).sub(4.0).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1, 1.0])
+def test_spectral_weight_decay_definition(lam):
+    W = gapped((3, 30, 20), top=2.0)
+    out, u = ops.spectral_weight_decay(W.float(), lam, iters=30, return_u=True)
+    assert u.shape == (3, 30)
+
+    def ref_fn(S):
+        S = S.clone()
+        S[..., 0] *= 1 - lam
+        return S
+
+    torch.testing.assert_close(out.double(), svd_apply_f64(W, ref_fn), atol=1e-4, rtol=0)
+
+
+def test_rank1_return_u_and_warm_start():
+    W = gapped((2, 16, 24), top=3.0).float()
+    out, u = ops.spectral_normalize(W, 1.0, iters=1, return_u=True)
+    for _ in range(20):
+        out, u = ops.spectral_normalize(W, 1.0, iters=1, u=u, return_u=True)
+    assert torch.linalg.matrix_norm(out.double(), 2).sub(1.0).abs().max() < 1e-4
+
+
+def test_rank1_dtypes_and_non_finite():
+    W = torch.randn(3, 12, 18)
+    for dt in (torch.bfloat16, torch.float16, torch.float64):
+        for op in (ops.spectral_normalize, ops.spectral_hammer):
+            out = op(W.to(dt), 1.0)
+            assert out.dtype == dt and out.shape == W.shape
+    out = ops.spectral_weight_decay(W.bfloat16(), 0.5)
+    assert out.dtype == torch.bfloat16
+    for bad in (float("nan"), float("inf")):
+        Wb = W.clone()
+        Wb[1, 3, 4] = bad
+        for out in (ops.spectral_normalize(Wb, 1.0), ops.spectral_hammer(Wb, 1.0), ops.spectral_weight_decay(Wb, 0.3)):
+            assert not torch.isfinite(out[1]).any()
+            assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+        s, _, _ = ops.power_iteration(Wb)
+        assert torch.isnan(s[1]) and torch.isfinite(s[[0, 2]]).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 24),
+    n=st.integers(1, 24),
+    top=st.floats(0.01, 100.0),
+    cap=st.floats(0.1, 10.0),
+)
+def test_normalize_never_exceeds_cap_property(m, n, top, cap):
+    W = gapped((2, m, n), top=top, ratio=0.5)
+    out = ops.spectral_normalize(W, cap, iters=40)
+    sig = torch.linalg.matrix_norm(out, 2)
+    assert (sig <= cap * (1 + 1e-9) + 1e-12).all()
+    torch.testing.assert_close(sig, torch.full_like(sig, min(top, cap)), atol=1e-9 * max(top, 1), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: ops.power_iteration(torch.randn(5)), "power_iteration: argument 'W' must have rank >= 2"),
+        (lambda: ops.power_iteration(torch.ones(4, 4, dtype=torch.int32)), "argument 'W' must be a floating"),
+        (lambda: ops.power_iteration(torch.randn(4, 4), iters=0), "argument 'iters' must be in"),
+        (lambda: ops.power_iteration(torch.randn(2, 4, 5), u=torch.randn(2, 5)), "argument 'u' must have shape"),
+        (lambda: ops.power_iteration(torch.randn(2, 4, 5), u=torch.ones(2, 4, dtype=torch.long)), "argument 'u' must be a floating"),
+        (lambda: ops.spectral_normalize(torch.randn(4, 4), -1.0), "spectral_normalize: argument 'sigma_max' must be finite and >= 0"),
+        (lambda: ops.spectral_hammer(torch.randn(4, 4), float("nan")), "spectral_hammer: argument 'sigma_max'"),
+        (lambda: ops.spectral_weight_decay(torch.randn(4, 4), 1.5), "spectral_weight_decay: argument 'lam' must be in"),
+        (lambda: ops.spectral_normalize(torch.randn(3), 1.0), "spectral_normalize: argument 'W' must have rank >= 2"),
+    ],
+)
+def test_bad_input_errors(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_empty_batch():
+    s, u, v = ops.power_iteration(torch.randn(0, 4, 6))
+    assert s.shape == (0,) and u.shape == (0, 4) and v.shape == (0, 6)
+    assert ops.spectral_normalize(torch.randn(0, 4, 6)).shape == (0, 4, 6)
+
+
+def test_opcheck():
+    W = torch.randn(3, 10, 14)
+    u = torch.randn(3, 10)
+    for args in [(W, 4, None), (W.mT, 4, u[:, :4].repeat(1, 4)[:, :14]), (torch.randn(2, 5, 7, dtype=torch.float64), 3, None)]:
+        torch.library.opcheck(torch.ops.lipschitz.power_iteration.default, args)
+    for name in ("spectral_normalize", "spectral_hammer", "spectral_weight_decay"):
+        op = getattr(torch.ops.lipschitz, name).default
+        torch.library.opcheck(op, (W, 0.5, 3, u))
+        torch.library.opcheck(op, (W.bfloat16(), 0.5, 3, None))
+
+
+def test_torch_compile_fullgraph():
+    def f(W, u):
+        out, u2 = ops.spectral_normalize(W * 2.0, 1.0, 2, u, return_u=True)
+        s, _, _ = ops.power_iteration(out, 2, u2)
+        return out, s
+
+    W, u = torch.randn(2, 12, 20), torch.randn(2, 12)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for x, y in zip(compiled(W, u), f(W, u)):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(768, 768), (3072, 768), (768, 3072), (12, 256, 256), (2, 3, 33, 70), (1, 513)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_matches_cpu(shape, dtype):
+    W = gapped(shape, top=3.0).to(dtype)
+    for op, arg in ((ops.spectral_normalize, 1.0), (ops.spectral_hammer, 1.0), (ops.spectral_weight_decay, 0.2)):
+        cpu, ucpu = op(W, arg, 20, return_u=True)
+        gpu, ugpu = op(W.cuda(), arg, 20, return_u=True)
+        assert gpu.dtype == dtype and gpu.shape == W.shape and ugpu.dtype == ucpu.dtype
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=tol, rtol=tol)
+    s_cpu, _, _ = ops.power_iteration(W, 20)
+    s_gpu, _, _ = ops.power_iteration(W.cuda(), 20)
+    torch.testing.assert_close(s_gpu.cpu(), s_cpu, atol=1e-4, rtol=1e-4)
+    torch.library.opcheck(torch.ops.lipschitz.spectral_hammer.default, (W.cuda(), 1.0, 3, None))

@@ -1,0 +1,178 @@
+"""lipschitz-train end to end on tiny texts: artifacts, exact resume, baseline,
+presets, errors, signals, and a 2-process torchrun (gloo) run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lipschitz_ext import train as T
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8, steps=12, eval_every=6,
+            eval_batches=2, log_every=3, sample_chars=40, head_sigma_max=4.0, device="cpu", threads=1)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    text = "".join(f"{i} little pigs went to market, and {i * 7 % 13} came home.\n" for i in range(400))
+    p = tmp_path / "corpus.txt"
+    p.write_text(text, encoding="utf-8")
+    return str(p)
+
+
+def run(corpus, out, **kw):
+    cfg = T.config_from_preset("shakespeare-cpu", data=corpus, out=str(out), **{**TINY, **kw})
+    return T.train(cfg, quiet=True)
+
+
+def test_run_writes_every_artifact(corpus, tmp_path):
+    s = run(corpus, tmp_path / "r")
+    d = tmp_path / "r"
+    for name in ("config.json", "metrics.jsonl", "summary.json", "latest.pt", "best.pt", "curves.png", "sample.txt"):
+        assert (d / name).exists(), name
+    summary = json.loads((d / "summary.json").read_text())
+    for k in ("val_accuracy", "val_loss", "certified_bound", "max_activation", "steps", "tokens_per_second",
+              "wall_seconds", "device"):
+        assert summary[k] is not None, k
+    assert summary["steps"] == 12 and summary["status"] == "completed"
+    assert 0 < summary["certified_bound"] < float("inf") and 0 <= summary["val_accuracy"] <= 1
+    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all({"train_loss", "lr", "tokens_per_second"} <= r.keys() for r in rows if "train_loss" in r)
+    assert s["val_loss"] == evals[-1]["val_loss"]
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["d_model"] == 32 and cfg["data"] == corpus
+
+
+def test_resume_is_exact(corpus, tmp_path):
+    full = run(corpus, tmp_path / "full")
+    run(corpus, tmp_path / "part", stop_after=5)  # stops at step 5, between evals, as if killed
+    resumed = T.train(resume=str(tmp_path / "part"), quiet=True)
+    a = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    key = lambda rows: [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
+    assert key(a) == key(b)
+    assert resumed["val_loss"] == full["val_loss"]
+    sa = torch.load(tmp_path / "full" / "latest.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "part" / "latest.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_baseline_trains(corpus, tmp_path):
+    s = run(corpus, tmp_path / "b", model="baseline", steps=30, eval_every=30)
+    assert s["certified_bound"] is None and s["status"] == "completed"
+    rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert losses[-1] < losses[0]
+
+
+def test_presets_validate():
+    for name in T.PRESETS:
+        cfg = T.config_from_preset(name)
+        assert cfg.preset == name
+    assert T.config_from_preset("shakespeare").d_model == 256
+    g = T.config_from_preset("gpt2-small")
+    assert (g.n_layers, g.d_model, g.n_heads, g.d_model // g.n_heads) == (12, 768, 6, 128)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(d_model=30, n_heads=4), "multiple of --n-heads"),
+    (dict(sigma_max=-1.0), "must be > 0"),
+    (dict(model="resnet"), "--model must be"),
+    (dict(steps=0), "--steps must be > 0"),
+])
+def test_bad_configs(kw, match):
+    with pytest.raises(ValueError, match=match):
+        T.config_from_preset("shakespeare-cpu", **kw)
+    with pytest.raises(ValueError, match="unknown preset"):
+        T.config_from_preset("imagenet")
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert T.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
+    assert "data file not found" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("hello", encoding="utf-8")
+    assert T.main(["--data", str(short), "--out", str(tmp_path / "y")]) == 2
+    assert "too short" in capsys.readouterr().err
+    assert T.main(["--resume", str(tmp_path / "nothing")]) == 2
+
+
+def test_resume_with_other_vocabulary_is_refused(corpus, tmp_path):
+    run(corpus, tmp_path / "r", steps=3, eval_every=3)
+    other = tmp_path / "other.txt"
+    other.write_text("ZYXW vuts " * 500, encoding="utf-8")
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    ck = torch.load(tmp_path / "r" / "latest.pt", weights_only=False)
+    ck["config"]["data"] = str(other)
+    torch.save(ck, tmp_path / "r" / "latest.pt")
+    with pytest.raises(ValueError, match="does not match the checkpoint"):
+        T.train(resume=str(tmp_path / "r"), quiet=True)
+    assert cfg["data"] == corpus
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(corpus, tmp_path):
+    s = run(corpus, tmp_path / "nan", model="baseline", baseline_lr=1e6, steps=60, eval_every=2)
+    if s["status"] == "completed":
+        pytest.fail("expected the absurd learning rate to diverge")
+    assert s["status"] == "diverged"
+    ck = torch.load(tmp_path / "nan" / "latest.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_sigterm_leaves_resumable_checkpoint(corpus, tmp_path):
+    out = tmp_path / "sig"
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        from lipschitz_ext import data, train as T
+        calls = [0]
+        real_next = data.BatchSampler.next
+        def next_and_signal(self, device="cpu"):
+            calls[0] += 1
+            if calls[0] == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_next(self, device)
+        data.BatchSampler.next = next_and_signal
+        sys.exit(T.main(["--data", {corpus!r}, "--out", {str(out)!r}, "--quiet"] + {T_args()!r}))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130, r.stderr
+    assert "resume with" in r.stderr
+    ck = torch.load(out / "latest.pt", weights_only=False)
+    assert ck["step"] == 5
+    s = T.train(resume=str(out), quiet=True)
+    assert s["steps"] == 12 and s["status"] == "completed"
+
+
+def T_args():
+    args = []
+    for k, v in TINY.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return args
+
+
+def test_sweep_writes_frontier(corpus, tmp_path):
+    out = tmp_path / "sw"
+    assert T.main(["sweep", "--sigma-max", "0.5,2", "--constraint", "soft_cap,normalize", "--data", corpus,
+                   "--out", str(out), "--quiet", *T_args()]) == 0
+    lines = (out / "frontier.csv").read_text().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("constraint,sigma_max,certified_bound")
+    assert (out / "frontier.png").exists()
+
+
+def test_torchrun_two_processes(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "lipschitz_ext.train", "--data", corpus, "--out", str(out), "--quiet", *T_args()]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 12
+    # twice the tokens per step of a single process
+    assert summary["tokens"] == 12 * 2 * TINY["batch_size"] * TINY["seq_len"]
