@@ -45,4 +45,23 @@ TORCH_LIBRARY(lipschitz, m) {
       "int iters=16) -> Tensor");
   m.def("orthogonal_project(Tensor W, float sigma_max=1.0, int steps=10) -> Tensor");
   m.def("svd_cap(Tensor W, float sigma_max=1.0) -> Tensor");
+
+  // fp8 (e4m3) attention forward with static scales, bf16 [B, H, N, d] in and
+  // out; see csrc/fp8_attention.h for the exact rounding it performs. The
+  // composite op calls fp8_attention_fwd, which carries the autograd formula
+  // (registered in lipschitz_ext/ops/fp8_attention.py). `backward` picks the
+  // gradient: "exact" (recomputed exact statistics) or "saved" (the forward's).
+  m.def(
+      "fp8_attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? softmax_scale=None, "
+      "float q_scale=1.0, float k_scale=1.0, float v_scale=1.0, str backward=\"exact\") -> Tensor");
+  // Returns (out bf16 [B, H, N, d], lse float32 [B, H, N], natural log).
+  m.def(
+      "fp8_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
+      "float q_scale, float k_scale, float v_scale, str backward=\"exact\") -> (Tensor, Tensor)");
+  // bf16 gradient of softmax attention at (q, k, v), straight-through for the
+  // fp8 quantization. Without (out, lse): exact attention's gradient. With
+  // them: FlashAttention's formulas fed with those statistics. -> (dq, dk, dv)
+  m.def(
+      "fp8_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? out, Tensor? lse, "
+      "bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
         f"install, run from another directory. Original error: {exc}"
     ) from exc
 
-from . import ops  # noqa: E402
+from . import fp8_scales, ops  # noqa: E402
 from . import constraints  # noqa: E402
 from .ops import orthogonalize  # noqa: E402
 from . import nn  # noqa: E402
@@ -30,4 +30,4 @@ from . import optim  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["certify", "constraints", "nn", "ops", "optim", "orthogonalize", "__version__"]
+__all__ = ["certify", "constraints", "fp8_scales", "nn", "ops", "optim", "orthogonalize", "__version__"]

@@ -17,6 +17,7 @@ from .attention import (
 from .baseline import BaselineGPT
 from .config import GPTConfig
 from .embedding import LipschitzEmbedding
+from .fp8 import FP8_BACKEND, Fp8AttentionBackend
 from .gpt import LipschitzBlock, LipschitzGPT
 from .linear import LipschitzLinear, rms_norm_of
 from .mlp import GELU_MAX_SLOPE, GELU_MIN_SLOPE, LipschitzMLP
@@ -24,6 +25,8 @@ from .stats import activation_stats
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "FP8_BACKEND",
+    "Fp8AttentionBackend",
     "BaselineGPT",
     "GELU_MAX_SLOPE",
     "GELU_MIN_SLOPE",

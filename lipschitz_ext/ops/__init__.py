@@ -8,6 +8,7 @@ family: ``orthogonalize.py`` here <-> ``csrc/cpu/orthogonalize.cpp`` <->
 ``csrc/cuda/orthogonalize.cu`` <-> ``python_tests/test_orthogonalize.py``.
 """
 
+from .fp8_attention import E4M3_MAX, fp8_attention, fp8_saturation_count
 from .orthogonalize import COEFFICIENT_SETS, ns_max_gain, ns_polynomial, orthogonalize
 from .power_iteration import power_iteration, spectral_hammer, spectral_normalize, spectral_weight_decay
 from .spectral_cap import (
@@ -22,8 +23,11 @@ from .spectral_cap import (
 
 __all__ = [
     "COEFFICIENT_SETS",
+    "E4M3_MAX",
     "HARD_CAP_METHODS",
     "POLYNOMIAL_PRESCALE",
+    "fp8_attention",
+    "fp8_saturation_count",
     "ns_max_gain",
     "ns_polynomial",
     "orthogonal_project",

@@ -1,0 +1,53 @@
+"""The ``"fp8"`` attention backend: :func:`lipschitz_ext.ops.fp8_attention` with
+static q/k/v scales (set from the certificate by
+:func:`lipschitz_ext.fp8_scales.configure_fp8_attention`)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import fp8_attention, fp8_saturation_count
+from .attention import register_attention_backend
+
+__all__ = ["Fp8AttentionBackend", "FP8_BACKEND"]
+
+
+class Fp8AttentionBackend:
+    """Causal ``softmax(s q k^T / d_head) v`` in fp8 (a backend ``fn(q, k, v, s) -> out``).
+
+    ``q, k, v [B, H, T, d_head]`` (d_head 64 or 128) are cast to bf16 for the fp8
+    kernel and the output is cast back to q's dtype; gradients flow (bf16
+    straight-through backward).
+
+    Attributes:
+        scales: static ``(q_scale, k_scale, v_scale)`` shared by every layer using
+            this backend; (1, 1, 1) until configured.
+        count_saturation: debug flag; when True each call adds the number of
+            q/k/v entries that saturate the e4m3 range to :attr:`saturated`
+            (synchronizes with the device; 0 is expected with certified scales).
+        saturated: the running count.
+        backward: the gradient mode of :func:`lipschitz_ext.ops.fp8_attention`,
+            ``"exact"`` (default) or ``"saved"`` (faster, fp8-sized gradient error).
+    """
+
+    def __init__(self) -> None:
+        self.scales: tuple[float, float, float] = (1.0, 1.0, 1.0)
+        self.count_saturation = False
+        self.saturated = 0
+        self.backward = "exact"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+        qs, ks, vs = self.scales
+        if self.count_saturation:
+            self.saturated += fp8_saturation_count(q, k, v, qs, ks, vs)
+        out = fp8_attention(
+            q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True,
+            softmax_scale=softmax_scale / q.shape[-1], q_scale=qs, k_scale=ks, v_scale=vs,
+            backward=self.backward,
+        )
+        return out.to(q.dtype)
+
+
+#: The instance registered as backend ``"fp8"``.
+FP8_BACKEND = Fp8AttentionBackend()
+register_attention_backend("fp8", FP8_BACKEND)

@@ -1,0 +1,96 @@
+"""The "fp8" attention backend of LipschitzAttention and its certified static scales."""
+
+import math
+
+import pytest
+import torch
+
+import lipschitz_ext
+from lipschitz_ext.fp8_scales import configure_fp8_attention, fp8_scales_from_certificate
+from lipschitz_ext.nn import FP8_BACKEND, Fp8AttentionBackend, GPTConfig, LipschitzGPT
+
+
+def model(attention: str, **kw) -> LipschitzGPT:
+    cfg = GPTConfig(vocab_size=65, d_model=64, n_layers=2, n_heads=1, seq_len=40,
+                    attention=attention, zero_init_out=False, **kw)
+    return LipschitzGPT(cfg)
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend():
+    def reset():
+        FP8_BACKEND.scales, FP8_BACKEND.count_saturation, FP8_BACKEND.saturated = (1.0, 1.0, 1.0), False, 0
+        FP8_BACKEND.backward = "exact"
+
+    reset()
+    yield
+    reset()
+
+
+@pytest.mark.parametrize("backward", ["exact", "saved"])
+def test_fp8_model_matches_reference_backend(backward):
+    torch.manual_seed(0)
+    m8 = model("fp8", sigma_max=2.0)
+    mref = model("reference", sigma_max=2.0)
+    mref.load_state_dict(m8.state_dict())
+    scales = configure_fp8_attention(m8)
+    assert FP8_BACKEND.scales == scales
+    FP8_BACKEND.backward = backward
+    idx = torch.randint(0, 65, (2, 40))
+    FP8_BACKEND.count_saturation = True
+    out, ref = m8(idx), mref(idx)
+    assert FP8_BACKEND.saturated == 0
+    assert out.dtype == ref.dtype == torch.float32
+    err = (out - ref).detach().double()
+    assert 10 * math.log10(ref.detach().double().pow(2).sum() / err.pow(2).sum()) >= 25.0
+    # Gradients flow through the bf16 backward and agree with the float32 model's.
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, p8), pr in zip(m8.named_parameters(), mref.parameters()):
+        cos = torch.nn.functional.cosine_similarity(p8.grad.flatten(), pr.grad.flatten(), dim=0)
+        assert cos > 0.99, name
+
+
+def test_certified_scales_bound_the_real_entries():
+    torch.manual_seed(1)
+    m = model("fp8", sigma_max=1.5)
+    with torch.no_grad():  # grow the weights past the init so the bound is not trivial
+        for blk in m.blocks:
+            for lin in (blk.attn.q, blk.attn.k, blk.attn.v):
+                lin.weight.mul_(1.4)
+    qs, ks, vs = configure_fp8_attention(m)
+    for s in (qs, ks, vs):
+        assert math.frexp(s)[0] == 0.5
+    seen = []
+    hooks = [blk.attn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach())) for blk in m.blocks]
+    m(torch.randint(0, 65, (3, 40)))
+    for h in hooks:
+        h.remove()
+    for blk, x in zip(m.blocks, seen):
+        for lin, s in ((blk.attn.q, qs), (blk.attn.k, ks), (blk.attn.v, vs)):
+            assert lin(x).abs().max().item() / s <= 448.0
+
+
+def test_scales_from_certificate_walks_the_rows():
+    m = model("sdpa")
+    cert = lipschitz_ext.certify(m)
+    got = fp8_scales_from_certificate(cert, 64, 64)
+    # Every weight at RMS->RMS norm 1 (1 + 1e-9 in the certificate) and inputs of
+    # RMS <= 1: bound 8 * 1.02 / 448 -> 2^-5.
+    assert got == (2.0**-5, 2.0**-5, 2.0**-5)
+    cert.rows = [r for r in cert.rows if r.kind != "attention"]
+    with pytest.raises(ValueError, match="no attention rows"):
+        fp8_scales_from_certificate(cert, 64, 64)
+
+
+def test_saturation_counter_counts_when_scales_are_too_small():
+    torch.manual_seed(2)
+    m = model("fp8")
+    backend = Fp8AttentionBackend()
+    configure_fp8_attention(m, backend=backend)
+    assert FP8_BACKEND.scales == (1.0, 1.0, 1.0)  # only the given backend changed
+    FP8_BACKEND.scales = (2.0**-12,) * 3
+    FP8_BACKEND.count_saturation = True
+    out = m(torch.randint(0, 65, (2, 30)))
+    assert FP8_BACKEND.saturated > 0
+    assert torch.isfinite(out).all()
