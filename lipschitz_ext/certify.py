@@ -185,7 +185,7 @@ class Certificate:
         position cannot flip any position's top-1 prediction: ``margin / (sqrt(2 V) * bound)``.
 
         Both the clean and the perturbed input must lie in the domain (docs/certificate.md,
-        Corollary 2). ``margin`` = smallest over positions of (top logit - runner-up).
+        Corollary 4). ``margin`` = smallest over positions of (top logit - runner-up).
         """
         V = self.config.get("vocab_size")
         if margin <= 0 or self.bound == 0:

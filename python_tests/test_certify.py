@@ -99,7 +99,7 @@ configs = st.builds(
 )
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(cfg=configs, seed=st.integers(0, 2**16), T=st.integers(1, 6))
 def test_empirical_search_never_exceeds_bound(cfg, seed, T):
     gen = torch.Generator().manual_seed(seed)
@@ -177,7 +177,7 @@ def attention_ascent(attn, a, T, steps, restarts=12):
     return best, best_gain
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(heads=st.sampled_from([1, 2, 4]), s=st.sampled_from([0.5, 2.0, 8.0, 24.0]),
        a=st.floats(0.3, 1.5), T=st.integers(2, 5), seed=st.integers(0, 2**16))
 def test_attention_bound_sound_on_random_modules(heads, s, a, T, seed):
