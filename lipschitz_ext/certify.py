@@ -237,6 +237,17 @@ def certify(model: LipschitzGPT, input_rms: float = 1.0) -> Certificate:
         )
     if not (math.isfinite(input_rms) and input_rms > 0):
         raise ValueError(f"certify: input_rms must be finite and > 0, got {input_rms}")
+    # The eigensolves are small (<= d x d): one thread is as fast, and multi-threaded
+    # LAPACK on a busy CPU stalled for minutes in OpenMP barriers (seen on a shared 2-core VM).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _certify(model, float(input_rms))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _certify(model: LipschitzGPT, input_rms: float) -> Certificate:
     start = time.perf_counter()
     rows: list[CertificateRow] = []
     lip, a, a_max = 1.0, float(input_rms), float(input_rms)

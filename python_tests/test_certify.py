@@ -252,7 +252,8 @@ def test_certificate_matches_reference_and_is_input_independent():
         y = project(x[:, :T] + 1e-3 * torch.randn(5, T, 16, dtype=F64))
         assert pair_ratio(model.forward_embeddings, x[:, :T], y) <= cert.bound * SLACK
     assert certify(model).bound == cert.bound
-    assert model.float() is not None and certify(model).bound == pytest.approx(cert.bound, rel=1e-6)
+    model.float()  # the certificate reads the weights in any dtype
+    assert certify(model).bound == pytest.approx(cert.bound, rel=1e-6)
 
 
 def test_input_radius_scales_domain():
@@ -290,7 +291,9 @@ def test_certified_radius_protects_predictions():
 
 def test_api_export_and_table():
     model = lnn.LipschitzGPT(lnn.GPTConfig(vocab_size=9, d_model=8, n_layers=2, n_heads=2, seq_len=4))
+    threads = torch.get_num_threads()
     cert = lipschitz_ext.certify(model)  # the module is callable
+    assert torch.get_num_threads() == threads  # certify's single-threaded section is undone
     assert isinstance(cert, Certificate)
     assert lipschitz_ext.certify.empirical_lipschitz is empirical_lipschitz
     assert lipschitz_ext.certify.certify is certify
@@ -321,6 +324,7 @@ def test_shakespeare_model_at_cap_is_fast():
                 lin.weight.mul_(lin.rms_scale)
     cert = certify(model)
     assert cert.bound == pytest.approx(reference_bound(model)[0], rel=1e-7)
-    assert all(v == pytest.approx(1.0, rel=1e-6) for row in cert.rows for v in row.weight_norms.values()
-               if v > 0.99)
+    for row in cert.rows:
+        capped = {k: v for k, v in row.weight_norms.items() if k != "out@in"}
+        assert capped and all(v == pytest.approx(1.0, rel=1e-6) for v in capped.values())
     assert cert.seconds < 5.0  # < 1 s on an idle 2-core CPU (docs/certificate.md); slack for shared CI
