@@ -101,8 +101,8 @@ def attention_bounds(attn: LipschitzAttention, a: float) -> tuple[float, float, 
     Wo_cols = Wo.view(Wo.shape[0], H, dh).permute(1, 0, 2)
     m = _product_sigmas(Wo_cols, rows(Wv)) if dh < Wo.shape[0] else _sigmas(Wo_cols @ rows(Wv))
     s_q, s_o = _sigma(Wq), _sigma(Wo)
-    f = attn.out_factor
-    c = attn.softmax_scale * H * a * a  # = s * a^2 * d / d_head: the logit scale
+    f = abs(attn.out_factor)
+    c = abs(attn.softmax_scale) * H * a * a  # = |s| a^2 d / d_head: the logit scale
     qkv = sq * sk * sv
     v_path = min(s_o * sv.norm().item(), m.sum().item())
     dq_path = c * min(
