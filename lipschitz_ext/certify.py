@@ -101,8 +101,8 @@ def attention_bounds(attn: LipschitzAttention, a: float) -> tuple[float, float, 
     Wo_cols = Wo.view(Wo.shape[0], H, dh).permute(1, 0, 2)
     m = _product_sigmas(Wo_cols, rows(Wv)) if dh < Wo.shape[0] else _sigmas(Wo_cols @ rows(Wv))
     s_q, s_o = _sigma(Wq), _sigma(Wo)
-    f = attn.out_factor
-    c = attn.softmax_scale * H * a * a  # = s * a^2 * d / d_head: the logit scale
+    f = abs(attn.out_factor)
+    c = abs(attn.softmax_scale) * H * a * a  # = |s| a^2 d / d_head: the logit scale
     qkv = sq * sk * sv
     v_path = min(s_o * sv.norm().item(), m.sum().item())
     dq_path = c * min(
@@ -185,7 +185,7 @@ class Certificate:
         position cannot flip any position's top-1 prediction: ``margin / (sqrt(2 V) * bound)``.
 
         Both the clean and the perturbed input must lie in the domain (docs/certificate.md,
-        Corollary 2). ``margin`` = smallest over positions of (top logit - runner-up).
+        Corollary 4). ``margin`` = smallest over positions of (top logit - runner-up).
         """
         V = self.config.get("vocab_size")
         if margin <= 0 or self.bound == 0:
@@ -237,6 +237,17 @@ def certify(model: LipschitzGPT, input_rms: float = 1.0) -> Certificate:
         )
     if not (math.isfinite(input_rms) and input_rms > 0):
         raise ValueError(f"certify: input_rms must be finite and > 0, got {input_rms}")
+    # The eigensolves are small (<= d x d): one thread is as fast, and multi-threaded
+    # LAPACK on a busy CPU stalled for minutes in OpenMP barriers (seen on a shared 2-core VM).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _certify(model, float(input_rms))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _certify(model: LipschitzGPT, input_rms: float) -> Certificate:
     start = time.perf_counter()
     rows: list[CertificateRow] = []
     lip, a, a_max = 1.0, float(input_rms), float(input_rms)

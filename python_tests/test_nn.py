@@ -1,0 +1,287 @@
+"""lipschitz_ext.nn against hand-written float64 math (never the code under test)."""
+
+import math
+
+import pytest
+import torch
+
+from lipschitz_ext import nn as lnn
+
+F64 = torch.float64
+
+
+def small_config(**kw):
+    base = dict(vocab_size=11, d_model=16, n_layers=2, n_heads=2, seq_len=12, zero_init_out=False)
+    base.update(kw)
+    return lnn.GPTConfig(**base)
+
+
+# ---------------------------------------------------------------- references (float64)
+
+
+def rope_ref(x, base=10000.0):
+    """x [T, dh]: rotate pair (i, i + dh/2) at position t by angle t * base^(-2i/dh)."""
+    T, dh = x.shape
+    out = x.clone()
+    for t in range(T):
+        for i in range(dh // 2):
+            th = t * base ** (-2.0 * i / dh)
+            c, s = math.cos(th), math.sin(th)
+            a, b = x[t, i].item(), x[t, i + dh // 2].item()
+            out[t, i], out[t, i + dh // 2] = a * c - b * s, a * s + b * c
+    return out
+
+
+def attention_ref(attn, x):
+    """x [T, d] float64 -> [T, d]; explicit per-head, per-position softmax."""
+    T, d = x.shape
+    H, dh = attn.n_heads, attn.d_head
+    Wq, Wk, Wv, Wo = (m.weight.detach().double() for m in (attn.q, attn.k, attn.v, attn.o))
+    heads = []
+    for h in range(H):
+        sl = slice(h * dh, (h + 1) * dh)
+        q, k, v = x @ Wq[sl].T, x @ Wk[sl].T, x @ Wv[sl].T
+        if attn.rope:
+            q, k = rope_ref(q, attn.rope_base), rope_ref(k, attn.rope_base)
+        out = torch.zeros(T, dh, dtype=F64)
+        for t in range(T):
+            logits = torch.stack([attn.softmax_scale * (q[t] @ k[s]) / dh for s in range(t + 1)])
+            p = torch.exp(logits - logits.max())
+            p = p / p.sum()
+            out[t] = sum(p[s] * v[s] for s in range(t + 1))
+        heads.append(out)
+    return torch.cat(heads, dim=1) @ Wo.T / 3.0
+
+
+def gelu_ref(z):
+    return z * 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+def mlp_ref(mlp, x):
+    W_in, W_out = mlp.fc_in.weight.detach().double(), mlp.fc_out.weight.detach().double()
+    return gelu_ref(x @ W_in.T) / 1.1289041452 @ W_out.T  # GELU'(sqrt 2) to 11 digits
+
+
+def gpt_ref(model, x):
+    L = model.config.n_layers
+    a = 1 / (2 * L)
+    out = []
+    for b in range(x.shape[0]):
+        z = x[b].double()
+        for blk in model.blocks:
+            z = (1 - a) * z + a * attention_ref(blk.attn, z)
+            z = (1 - a) * z + a * mlp_ref(blk.mlp, z)
+        out.append(z @ model.head.weight.detach().double().T)
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("shape", [(7, 23), (23, 7), (1, 9), (9, 1), (16, 16)])
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_linear_init_is_rms_isometry(shape, scale):
+    out_f, in_f = shape
+    lin = lnn.LipschitzLinear(in_f, out_f, init_scale=scale)
+    W = lin.weight.detach().double()
+    s = torch.linalg.svdvals(W / math.sqrt(out_f / in_f))
+    torch.testing.assert_close(s, torch.full_like(s, scale), atol=1e-5, rtol=1e-5)
+    assert lin.rms_norm() == pytest.approx(scale, rel=1e-5)
+    x = torch.randn(3, 5, in_f)
+    torch.testing.assert_close(lin(x), x @ lin.weight.T)
+
+
+def test_linear_zero_init_and_errors():
+    assert lnn.LipschitzLinear(5, 3, init="zero").weight.abs().max() == 0
+    with pytest.raises(ValueError, match="init"):
+        lnn.LipschitzLinear(5, 3, init="xavier")
+    with pytest.raises(ValueError, match="init_scale"):
+        lnn.LipschitzLinear(5, 3, init_scale=-1.0)
+
+
+def test_embedding_rows_inside_cap():
+    for cap in (1.0, 0.5):
+        emb = lnn.LipschitzEmbedding(37, 24, max_rms=cap)
+        rms = emb.weight.detach().double().pow(2).mean(1).sqrt()
+        assert rms.max() <= cap and rms.min() > cap * (1 - 1e-5)
+        assert emb.max_row_rms() == pytest.approx(rms.max().item())
+        idx = torch.tensor([[0, 36, 5]])
+        torch.testing.assert_close(emb(idx)[0], emb.weight[[0, 36, 5]])
+    with pytest.raises(ValueError, match="max_rms"):
+        lnn.LipschitzEmbedding(3, 4, max_rms=0.0)
+
+
+def test_gelu_constants():
+    z = torch.linspace(-6, 6, 200001, dtype=F64, requires_grad=True)
+    (slope,) = torch.autograd.grad(gelu_ref(z).sum(), z)
+    assert slope.max().item() == pytest.approx(lnn.GELU_MAX_SLOPE, abs=1e-9)
+    assert slope.min().item() == pytest.approx(lnn.GELU_MIN_SLOPE, abs=1e-9)
+    assert slope.max().item() <= lnn.GELU_MAX_SLOPE + 1e-12
+
+
+def test_rope_orthogonal_and_relative():
+    x = torch.randn(2, 3, 9, 8, dtype=F64)
+    r = lnn.apply_rope(x)
+    torch.testing.assert_close(r.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(r[0, 0], rope_ref(x[0, 0]))
+    # <R_t q, R_s k> depends only on t - s
+    q, k = torch.randn(8, dtype=F64), torch.randn(8, dtype=F64)
+    rq = lnn.apply_rope(q.expand(1, 1, 9, 8))[0, 0]
+    rk = lnn.apply_rope(k.expand(1, 1, 9, 8))[0, 0]
+    torch.testing.assert_close(rq[5] @ rk[2], rq[7] @ rk[4])
+
+
+@pytest.mark.parametrize("heads,rope,scale", [(1, True, 1.0), (2, False, 3.0), (4, True, 0.5)])
+def test_attention_matches_reference_math(heads, rope, scale):
+    attn = lnn.LipschitzAttention(16, heads, softmax_scale=scale, rope=rope, zero_init_out=False).double()
+    x = torch.randn(2, 7, 16, dtype=F64)
+    out = attn(x)
+    for b in range(2):
+        torch.testing.assert_close(out[b], attention_ref(attn, x[b]), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [1, 5, 33])
+def test_sdpa_and_reference_backends_agree(dtype, T):
+    q, k, v = (torch.randn(2, 3, T, 8, dtype=dtype) for _ in range(3))
+    for s in (1.0, 7.0):
+        a = lnn.sdpa_attention(q, k, v, s)
+        b = lnn.reference_attention(q, k, v, s)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    # whole models with either backend, same weights
+    cfg = small_config()
+    m1 = lnn.LipschitzGPT(cfg).to(dtype)
+    m2 = lnn.LipschitzGPT(small_config(attention="reference")).to(dtype)
+    m2.load_state_dict(m1.state_dict())
+    idx = torch.randint(0, 11, (2, min(T, 12)))
+    torch.testing.assert_close(m1(idx), m2(idx), atol=tol * 10, rtol=tol * 10)
+
+
+def test_backend_registry():
+    calls = []
+
+    def counting(q, k, v, s):
+        calls.append(q.shape)
+        return lnn.reference_attention(q, k, v, s)
+
+    lnn.register_attention_backend("counting_test", counting, overwrite=True)
+    try:
+        m = lnn.LipschitzGPT(small_config(attention="counting_test"))
+        m(torch.randint(0, 11, (3, 4)))
+        assert calls == [torch.Size([3, 2, 4, 8])] * 2
+        with pytest.raises(ValueError, match="already registered"):
+            lnn.register_attention_backend("counting_test", counting)
+    finally:
+        del lnn.ATTENTION_BACKENDS["counting_test"]
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'.*reference"):
+        lnn.LipschitzGPT(small_config(attention="nope"))
+
+
+def test_mlp_block_and_gpt_match_reference():
+    m = lnn.LipschitzGPT(small_config(softmax_scale=2.0)).double()
+    x = torch.randn(2, 6, 16, dtype=F64)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(m.blocks[0].mlp(x), mlp_ref(m.blocks[0].mlp, x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(m.forward_embeddings(x), gpt_ref(m, x), atol=1e-6, rtol=1e-6)
+    idx = torch.randint(0, 11, (2, 6))
+    torch.testing.assert_close(m(idx), m.forward_embeddings(m.embed.weight[idx]))
+
+
+def test_zero_init_and_default_sizes():
+    m = lnn.LipschitzGPT(lnn.GPTConfig(vocab_size=65))
+    assert sum(p.numel() for p in m.parameters()) == 65 * 256 * 2 + 3 * (4 * 256**2 + 2 * 4 * 256**2)
+    for blk in m.blocks:
+        assert blk.attn.o.weight.abs().max() == 0 and blk.mlp.fc_out.weight.abs().max() == 0
+        assert blk.alpha == pytest.approx(1 / 6)
+    assert not any(isinstance(mod, torch.nn.LayerNorm) for mod in m.modules())
+
+
+def test_param_groups_spec_covers_every_parameter_once():
+    m = lnn.LipschitzGPT(small_config(sigma_max=2.0, head_sigma_max=5.0, embed_max_rms=0.5))
+    spec = m.param_groups_spec()
+    assert [g["kind"] for g in spec] == ["embedding", "hidden", "head"]
+    assert [g["sigma_max"] for g in spec] == [0.5, 2.0, 5.0]
+    ids = [id(p) for g in spec for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters())
+    named = dict(m.named_parameters())
+    for g in spec:
+        assert all(named[n] is p for n, p in zip(g["names"], g["params"]))
+    assert len(spec[1]["params"]) == 2 * 6
+    b = lnn.BaselineGPT(small_config())
+    bspec = b.param_groups_spec()
+    assert {g["kind"] for g in bspec} == {"embedding", "hidden", "head", "vector"}
+    assert sorted(id(p) for g in bspec for p in g["params"]) == sorted(id(p) for p in b.parameters())
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_baseline_runs_and_is_causal(rope):
+    cfg = small_config(rope=rope)
+    b = lnn.BaselineGPT(cfg)
+    idx = torch.randint(0, 11, (3, 9))
+    logits = b(idx)
+    assert logits.shape == (3, 9, 11)
+    logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in b.parameters())
+    assert any(isinstance(mod, torch.nn.LayerNorm) for mod in b.modules())
+    idx2 = idx.clone()
+    idx2[:, 6] = (idx2[:, 6] + 1) % 11
+    torch.testing.assert_close(b(idx2)[:, :6], logits[:, :6])
+    assert b.forward_embeddings(torch.randn(2, 5, 16)).shape == (2, 5, 11)
+
+
+def test_lipschitz_model_is_causal_and_batch_independent():
+    m = lnn.LipschitzGPT(small_config())
+    idx = torch.randint(0, 11, (3, 9))
+    full = m(idx)
+    torch.testing.assert_close(m(idx[1:2]), full[1:2], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(m(idx[:, :4]), full[:, :4], atol=1e-6, rtol=1e-6)
+
+
+def test_activation_stats_both_models():
+    idx = torch.randint(0, 11, (2, 8))
+    for model in (lnn.LipschitzGPT(small_config()), lnn.BaselineGPT(small_config())):
+        stats = lnn.activation_stats(model, idx)
+        assert "head" in stats and "blocks.1.mlp" in stats and "blocks" not in stats
+        logits = model(idx).double()
+        assert stats["head"]["max_abs"] == pytest.approx(logits.abs().max().item(), rel=1e-6)
+        assert stats["head"]["rms"] == pytest.approx(logits.pow(2).mean().sqrt().item(), rel=1e-6)
+        for s in stats.values():
+            assert 0 <= s["rms"] <= s["max_token_rms"] + 1e-9 and s["rms"] <= s["max_abs"] + 1e-9
+    lip = lnn.LipschitzGPT(small_config())
+    stats = lnn.activation_stats(lip, idx)
+    assert stats["embed"]["max_token_rms"] <= 1.0
+    assert not lip._forward_hooks and not lip.head._forward_hooks  # hooks removed
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(d_model=30, n_heads=4), "divisible"),
+        (dict(sigma_max=-1.0), "sigma_max"),
+        (dict(head_sigma_max=0.0), "head_sigma_max"),
+        (dict(embed_max_rms=float("nan")), "embed_max_rms"),
+        (dict(softmax_scale=-2.0), "softmax_scale"),
+        (dict(n_layers=0), "n_layers"),
+        (dict(vocab_size=2.5), "vocab_size"),
+        (dict(d_model=12, n_heads=4, rope=True), "even head dimension"),
+        (dict(attention=""), "attention"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(kw, match):
+    base = dict(vocab_size=11, d_model=16, n_heads=2)
+    base.update(kw)
+    with pytest.raises(ValueError, match=match):
+        lnn.GPTConfig(**base)
+
+
+def test_bad_inputs_raise():
+    m = lnn.LipschitzGPT(small_config())
+    with pytest.raises(ValueError, match="seq_len"):
+        m(torch.zeros(1, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        m(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"\[B, T, 16\]"):
+        m.forward_embeddings(torch.zeros(1, 3, 8))
+    with pytest.raises(TypeError, match="GPTConfig"):
+        lnn.LipschitzGPT({"vocab_size": 3})
