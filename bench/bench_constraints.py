@@ -162,6 +162,67 @@ OPS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+def _op_flops(op: str, shape) -> float:
+    """FLOPs of one call (m <= n after the small-side transpose); 0 where the op is
+    bandwidth- or SVD-bound (the runner then uses the byte floor)."""
+    b, m, n = shape
+    m, n = min(m, n), max(m, n)
+    ns = P["steps"] * (4 * m * m * n + 2 * m**3)
+    return float(b * {
+        "power_iteration": 4 * P["iters"] * m * n,
+        "spectral_normalize": 4 * P["iters"] * m * n,
+        "spectral_hammer": 4 * P["iters"] * m * n,
+        "spectral_weight_decay": 4 * P["iters"] * m * n,
+        "spectral_soft_cap": 8 * m * m * n,  # two cubic steps, each a Gram + a product
+        "spectral_hard_cap_msign": 2 * ns,  # two msign evaluations (lower bound)
+        "spectral_hard_cap_polynomial": 4 * (4 * m * m * n + 2 * m**3),
+        "orthogonal_project": ns,
+        "gemm_reference": 2 * m * m * n,
+    }.get(op, 0))
+
+
+def _setup(fn: Callable, shape, dtype, device, seed: int, n_sets: int):
+    from lipschitz_ext.bench import Setup
+
+    return Setup(fn, [(make_input(shape, dtype, device, seed + i),) for i in range(n_sets)])
+
+
+def cases(cfg) -> list:
+    """Cases for the shared ``lipschitz-bench --suite constraints`` runner: every
+    op at the Shakespeare and GPT-2-small buckets, beside plain PyTorch and svd_cap."""
+    import functools
+
+    from lipschitz_ext.bench import Case
+
+    device = str(cfg.device)
+    dtype = cfg.dtype or (torch.bfloat16 if cfg.is_cuda else torch.float32)
+    if cfg.smoke:
+        shapes, names = [(2, 16, 24)], ["spectral_soft_cap", "spectral_normalize", "svd_cap"]
+    else:
+        shapes = SHAPES["shakespeare"] + SHAPES["gpt2"] if cfg.is_cuda else SHAPES["shakespeare"] + [(8, 768, 768)]
+        names = [k for k in OPS if k != "gemm_reference"]
+    out = []
+    for shape in shapes:
+        for op in names:
+            ours, plain = OPS[op]
+            baselines = {}
+            if plain is not None and op != "svd_cap":
+                baselines["torch_eager"] = functools.partial(_setup, plain, shape, dtype, device, cfg.seed)
+            if op != "svd_cap":
+                baselines["svd_cap"] = functools.partial(_setup, OPS["svd_cap"][0], shape, dtype, device, cfg.seed)
+            if op == "spectral_soft_cap":
+                baselines["one_gemm_pass"] = functools.partial(_setup, OPS["gemm_reference"][0], shape, dtype,
+                                                               device, cfg.seed)
+            out.append(Case(
+                name=op, shape=tuple(shape), dtype=dtype, params=dict(PARAMS),
+                ours=functools.partial(_setup, ours, shape, dtype, device, cfg.seed),
+                baselines=baselines, flops=_op_flops(op, shape),
+                bytes=2.0 * shape[0] * shape[1] * shape[2] * dtype.itemsize,
+                peak=None if cfg.is_cuda else "fp32_tflops",
+            ))
+    return out
+
+
 def time_fn(fn: Callable, W: torch.Tensor, repeats: int, warmup: int) -> list[float]:
     """Wall-clock milliseconds of ``repeats`` calls (after ``warmup`` calls)."""
     sync = torch.cuda.synchronize if W.is_cuda else (lambda: None)
