@@ -23,6 +23,15 @@ F64 = torch.float64
 SLACK = 1 + 1e-9  # float64 rounding of the measured ratios
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matrices: threads only add OpenMP spin-waits, which stall badly on a busy shared CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def project(z, radius=1.0):
     rms = z.pow(2).mean(-1, keepdim=True).sqrt()
     return z * torch.clamp(radius / rms, max=1.0)

@@ -10,6 +10,15 @@ from lipschitz_ext import nn as lnn
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matrices: threads only add OpenMP spin-waits, which stall badly on a busy shared CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_config(**kw):
     base = dict(vocab_size=11, d_model=16, n_layers=2, n_heads=2, seq_len=12, zero_init_out=False)
     base.update(kw)
