@@ -322,8 +322,12 @@ class EmbeddingRMSCap(Constraint):
         self.sigma_max = self.max_rms
 
     def _apply(self, W3, *, lr, update_norm, decay, state):
-        rms = W3.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
-        factor = (self.max_rms / rms).clamp(max=1.0)  # zero rows: inf -> 1; NaN stays NaN
+        # RMS in float64 and a target two ulps of W's dtype below the cap: rounding in the
+        # final multiply (<= half an ulp per entry) can then never leave a row above it,
+        # so the certificate's input domain (per-token RMS <= max_rms) really holds.
+        rms = W3.double().pow(2).mean(dim=-1, keepdim=True).sqrt()
+        target = self.max_rms * (1.0 - 2.0 * torch.finfo(W3.dtype).eps)
+        factor = torch.where(rms > target, target / rms, torch.ones_like(rms))  # NaN rows stay NaN
         W3.mul_(factor.to(W3.dtype))
         return None
 

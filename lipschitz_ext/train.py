@@ -50,6 +50,7 @@ class TrainConfig:
     mlp_ratio: int = 4
     softmax_scale: float = 1.0
     attention: str = "sdpa"  # sdpa | reference | fp8
+    pos_bias: str = "none"  # none | alibi | learned (Lipschitz model; free in the certificate)
     # constraints (RMS->RMS caps)
     constraint: str = "soft_cap"
     sigma_max: float = 1.0  # hidden matrices
@@ -67,6 +68,11 @@ class TrainConfig:
     warmup_steps: int = 0
     final_lr_frac: float = 0.0  # linear decay to this fraction of the lr
     grad_clip: float = 0.0  # baseline only (0 = off)
+    # Loss temperature: cross-entropy (and sampling) use logit_scale * logits. The model,
+    # its certified bound, its accuracy and its certified radii (margin / bound) are the
+    # model's own logits, all unchanged by this factor; it only sets how sharp the
+    # training targets look to a model whose logits the head cap keeps small.
+    logit_scale: float = 1.0
     # evaluation and logging
     eval_every: int = 200
     eval_batches: int = 20
@@ -139,6 +145,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.eval_every > 0 and cfg.eval_batches > 0 and cfg.log_every > 0,
          "--eval-every, --eval-batches and --log-every must be > 0"),
         (cfg.time_budget >= 0, "--time-budget must be >= 0"),
+        (math.isfinite(cfg.logit_scale) and cfg.logit_scale > 0, f"--logit-scale must be finite and > 0, got {cfg.logit_scale}"),
+        (cfg.pos_bias in ("none", "alibi", "learned"), f"--pos-bias must be none, alibi or learned, got {cfg.pos_bias!r}"),
+        (not (cfg.pos_bias != "none" and cfg.attention == "fp8"),
+         "--attention fp8 has no positional bias: use --pos-bias none with it"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -191,7 +201,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
         vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
         seq_len=cfg.seq_len, softmax_scale=cfg.softmax_scale, mlp_ratio=cfg.mlp_ratio,
         attention=cfg.attention, sigma_max=cfg.sigma_max, head_sigma_max=cfg.head_sigma_max,
-        embed_max_rms=cfg.embed_max_rms,
+        embed_max_rms=cfg.embed_max_rms, pos_bias=cfg.pos_bias,
     )
     return (LipschitzGPT if cfg.model == "lipschitz" else BaselineGPT)(gcfg)
 
@@ -281,7 +291,8 @@ def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, device: torch.dev
                                                      cfg.eval_batches)):
         x, y = x.to(device), y.to(device)
         logits = m(x)
-        loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        loss_sum += F.cross_entropy(cfg.logit_scale * logits.flatten(0, 1).float(), y.flatten(),
+                                    reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         count += y.numel()
         if i == 0:
@@ -300,12 +311,14 @@ def certified_bound(model: torch.nn.Module) -> float | None:
         return None
     from .certify import certify
 
-    return float(certify(model).bound)
+    # the domain must hold the embedding's rows: its cap, or more if a row is above it
+    input_rms = max(model.config.embed_max_rms, model.embed.max_row_rms())
+    return float(certify(model, input_rms=input_rms).bound)
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompt_ids: torch.Tensor, n: int, seq_len: int,
-             seed: int = 0, temperature: float = 0.8) -> str:
+             seed: int = 0, temperature: float = 0.8, logit_scale: float = 1.0) -> str:
     m = unwrap(model)
     was_training = m.training
     m.eval()
@@ -313,7 +326,7 @@ def generate(model: torch.nn.Module, tokenizer, prompt_ids: torch.Tensor, n: int
     ids = prompt_ids.clone()
     for _ in range(n):
         logits = m(ids[None, -seq_len:].to(next(m.parameters()).device))[0, -1].float().cpu()
-        probs = torch.softmax(logits / temperature, -1)
+        probs = torch.softmax(logits * (logit_scale / temperature), -1)
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)])
     m.train(was_training)
     return tokenizer.decode(ids.tolist())
@@ -519,7 +532,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
             set_lrs(opt, lr_multiplier(cfg, step))
             x, y = sampler.next(device)
             logits = train_model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            loss = F.cross_entropy(cfg.logit_scale * logits.flatten(0, 1).float(), y.flatten())
             if not torch.isfinite(loss):
                 status = "diverged"
                 message = (f"non-finite loss ({loss.item()}) at step {step}: stopping; the last good "
@@ -576,7 +589,8 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
     if dist.main:
         if status != "diverged" and cfg.sample_chars > 0 and data.tokenizer.kind != "shards":
             prompt = torch.as_tensor(data.val[: min(cfg.seq_len, 64)], dtype=torch.long)
-            text = generate(model, data.tokenizer, prompt, cfg.sample_chars, cfg.seq_len, cfg.seed)
+            text = generate(model, data.tokenizer, prompt, cfg.sample_chars, cfg.seq_len, cfg.seed,
+                            logit_scale=cfg.logit_scale)
             atomic_write_text(os.path.join(out, "sample.txt"), text + "\n")
         atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
         plot_curves(out)

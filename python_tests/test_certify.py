@@ -46,6 +46,9 @@ def random_model(cfg, scale_lo=0.2, scale_hi=3.0, gen=None):
                 W = torch.randn(lin.weight.shape, dtype=F64, generator=gen)
                 target = scale_lo + (scale_hi - scale_lo) * torch.rand((), dtype=F64, generator=gen)
                 lin.weight.copy_(W / lnn.rms_norm_of(W) * target)
+            elif isinstance(lin, lnn.LipschitzAttention) and lin.bias_table is not None:
+                # any input-independent bias, sharp or flat: the bound must not depend on it
+                lin.bias_table.copy_(4 * torch.randn(lin.bias_table.shape, dtype=F64, generator=gen))
     return m
 
 
@@ -95,9 +98,10 @@ def reference_bound(model, input_rms=1.0):
 # ---------------------------------------------------------------- strategies
 
 configs = st.builds(
-    lambda heads, dh, layers, s, vocab, mlp_ratio: lnn.GPTConfig(
+    lambda heads, dh, layers, s, vocab, mlp_ratio, pos_bias: lnn.GPTConfig(
         vocab_size=vocab, d_model=heads * dh, n_layers=layers, n_heads=heads, seq_len=8,
         softmax_scale=s, mlp_ratio=mlp_ratio, attention="reference", zero_init_out=False,
+        pos_bias=pos_bias,
     ),
     heads=st.sampled_from([1, 2, 4]),
     dh=st.sampled_from([2, 4]),
@@ -105,6 +109,7 @@ configs = st.builds(
     s=st.sampled_from([0.25, 1.0, 4.0, 12.0]),
     vocab=st.integers(2, 9),
     mlp_ratio=st.integers(1, 3),
+    pos_bias=st.sampled_from(["none", "learned"]),
 )
 
 
@@ -337,3 +342,22 @@ def test_shakespeare_model_at_cap_is_fast():
         capped = {k: v for k, v in row.weight_norms.items() if k != "out@in"}
         assert capped and all(v == pytest.approx(1.0, rel=1e-6) for v in capped.values())
     assert cert.seconds < 5.0  # < 1 s on an idle 2-core CPU (docs/certificate.md); slack for shared CI
+
+
+def test_positional_bias_costs_nothing_in_the_bound():
+    """The bias is input-independent: the certificate is the same with and without it,
+    and stays sound when the bias makes heads sharp (measured ratio below the bound)."""
+    torch.manual_seed(11)
+    cfg = lnn.GPTConfig(vocab_size=9, d_model=8, n_layers=2, n_heads=2, seq_len=8, softmax_scale=4.0,
+                        attention="reference", zero_init_out=False, pos_bias="learned")
+    model = random_model(cfg, scale_lo=0.8, scale_hi=1.5)
+    plain = lnn.LipschitzGPT(lnn.GPTConfig(**{**cfg.to_dict(), "pos_bias": "none"})).double()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "bias_table" not in k})
+    assert certify(model).bound == pytest.approx(certify(plain).bound, rel=1e-12)
+    x = project(2 * torch.randn(4, 6, 8, dtype=F64))
+    assert not torch.allclose(model.forward_embeddings(x), plain.forward_embeddings(x))
+    for scale in (1.0, 30.0):  # 30: near-one-hot attention patterns
+        with torch.no_grad():
+            model.blocks[0].attn.bias_table.mul_(scale)
+        emp = empirical_lipschitz(model, x, steps=80, lr=0.05)
+        assert emp <= certify(model).bound * SLACK

@@ -235,3 +235,16 @@ def test_non_finite_weights_stay_non_finite():
         W[1, 0, 0] = float("nan")
         c.apply_(W, update_norm=0.05)
         assert not torch.isfinite(W[1]).any() and torch.isfinite(W[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_embedding_cap_holds_exactly_after_rounding(dtype):
+    """Rows are never left a rounding error above the cap (the certificate's domain)."""
+    torch.manual_seed(5)
+    for cap in (1.0, 0.37, 2.5):
+        W = (3 * torch.randn(500, 96)).to(dtype)
+        keep = W[:10].clone() * 0.01  # well inside: untouched
+        W[:10] = keep
+        C.EmbeddingRMSCap(cap).apply_(W)
+        assert W.double().pow(2).mean(-1).sqrt().max().item() <= cap
+        assert torch.equal(W[:10], keep)

@@ -167,6 +167,59 @@ def test_sdpa_and_reference_backends_agree(dtype, T):
     torch.testing.assert_close(m1(idx), m2(idx), atol=tol * 10, rtol=tol * 10)
 
 
+@pytest.mark.parametrize("kind", ["alibi", "learned"])
+def test_positional_bias_matches_reference_math(kind):
+    attn = lnn.LipschitzAttention(16, 4, softmax_scale=2.0, zero_init_out=False, pos_bias=kind, max_len=9).double()
+    if kind == "learned":
+        with torch.no_grad():
+            attn.bias_table.copy_(torch.randn(4, 9, dtype=F64))
+        assert attn.bias_table.requires_grad
+    else:
+        assert dict(attn.named_buffers())["bias_table"].shape == (4, 9)
+        torch.testing.assert_close(attn.bias_table[:, 3], -3 * lnn.alibi_slopes(4).double())
+    table = attn.bias_table.detach()
+    x = torch.randn(2, 7, 16, dtype=F64)
+    want = []
+    for b in range(2):  # explicit per-head, per-position softmax with the bias b_h(t - s)
+        H, dh, T = 4, 4, 7
+        Wq, Wk, Wv, Wo = (m.weight.detach() for m in (attn.q, attn.k, attn.v, attn.o))
+        heads = []
+        for h in range(H):
+            sl = slice(h * dh, (h + 1) * dh)
+            q = rope_ref(x[b] @ Wq[sl].T, attn.rope_base)
+            k = rope_ref(x[b] @ Wk[sl].T, attn.rope_base)
+            v = x[b] @ Wv[sl].T
+            out = torch.zeros(T, dh, dtype=F64)
+            for t in range(T):
+                logits = torch.stack([2.0 * (q[t] @ k[s]) / dh + table[h, t - s] for s in range(t + 1)])
+                p = torch.softmax(logits, 0)
+                out[t] = sum(p[s] * v[s] for s in range(t + 1))
+            heads.append(out)
+        want.append(torch.cat(heads, 1) @ Wo.T / 3.0)
+    torch.testing.assert_close(attn(x), torch.stack(want), atol=1e-10, rtol=1e-10)
+    attn.backend = "reference"
+    torch.testing.assert_close(attn(x), torch.stack(want), atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="exceeds"):
+        attn(torch.randn(1, 10, 16, dtype=F64))
+
+
+def test_positional_bias_in_models_and_errors():
+    m = lnn.LipschitzGPT(small_config(pos_bias="learned"))
+    spec = m.param_groups_spec()
+    assert [g["kind"] for g in spec] == ["vector", "embedding", "hidden", "head"]
+    assert sorted(id(p) for g in spec for p in g["params"]) == sorted(id(p) for p in m.parameters())
+    idx = torch.randint(0, 11, (2, 12))
+    m(idx).square().sum().backward()
+    assert all(torch.isfinite(b.attn.bias_table.grad).all() and b.attn.bias_table.grad.abs().sum() > 0
+               for b in m.blocks)
+    with pytest.raises(ValueError, match="pos_bias"):
+        small_config(pos_bias="rotary")
+    with pytest.raises(ValueError, match="pos_bias"):
+        lnn.LipschitzAttention(8, 2, pos_bias="nope")
+    with pytest.raises(ValueError, match="positional bias"):
+        lnn.FP8_BACKEND(*(torch.randn(1, 1, 4, 8) for _ in range(3)), 1.0, bias=torch.zeros(1, 4, 4))
+
+
 def test_backend_registry():
     calls = []
 

@@ -72,6 +72,31 @@ def test_baseline_trains(corpus, tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_logit_scale_is_a_loss_temperature_only(corpus, tmp_path):
+    """logit_scale changes the loss the model is trained and reported with, never the
+    model's logits: the saved weights certify to the reported bound, and evaluating them
+    with logit_scale 1 gives the same accuracy and a different loss."""
+    import dataclasses
+
+    from lipschitz_ext import data as D
+    from lipschitz_ext.certify import certify
+
+    s = run(corpus, tmp_path / "t", pos_bias="learned", logit_scale=4.0, head_sigma_max=1.0, steps=6,
+            eval_every=6)
+    ck = torch.load(tmp_path / "t" / "latest.pt", weights_only=False)
+    cfg = T.TrainConfig(**json.loads((tmp_path / "t" / "config.json").read_text()))
+    assert cfg.logit_scale == 4.0 and cfg.pos_bias == "learned"
+    model = T.build_model(cfg, ck["model"]["embed.weight"].shape[0])
+    model.load_state_dict(ck["model"])
+    assert any("bias_table" in k for k in ck["model"])
+    assert certify(model).bound == pytest.approx(s["certified_bound"], rel=1e-9)
+    val = D.load_data(corpus, "char", cfg.seq_len, cfg.vocab_size).val
+    at4 = T.evaluate(model, val, cfg, torch.device("cpu"))
+    at1 = T.evaluate(model, val, dataclasses.replace(cfg, logit_scale=1.0), torch.device("cpu"))
+    assert at4["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6)
+    assert at4["val_accuracy"] == at1["val_accuracy"] and at4["val_loss"] != at1["val_loss"]
+
+
 def test_presets_validate():
     for name in T.PRESETS:
         cfg = T.config_from_preset(name)
@@ -86,6 +111,9 @@ def test_presets_validate():
     (dict(sigma_max=-1.0), "must be > 0"),
     (dict(model="resnet"), "--model must be"),
     (dict(steps=0), "--steps must be > 0"),
+    (dict(logit_scale=0.0), "--logit-scale"),
+    (dict(pos_bias="sinusoid"), "--pos-bias"),
+    (dict(pos_bias="learned", attention="fp8"), "no positional bias"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):

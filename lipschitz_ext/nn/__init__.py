@@ -7,11 +7,14 @@ operator norm ``sqrt(fan_in / fan_out) * sigma_max(W)``. See ``docs/certificate.
 
 from .attention import (
     ATTENTION_BACKENDS,
+    POS_BIAS_KINDS,
     LipschitzAttention,
+    alibi_slopes,
     apply_rope,
     get_attention_backend,
     reference_attention,
     register_attention_backend,
+    relative_bias,
     sdpa_attention,
 )
 from .baseline import BaselineGPT
@@ -25,6 +28,7 @@ from .stats import activation_stats
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "POS_BIAS_KINDS",
     "FP8_BACKEND",
     "Fp8AttentionBackend",
     "BaselineGPT",
@@ -38,10 +42,12 @@ __all__ = [
     "LipschitzLinear",
     "LipschitzMLP",
     "activation_stats",
+    "alibi_slopes",
     "apply_rope",
     "get_attention_backend",
     "reference_attention",
     "register_attention_backend",
+    "relative_bias",
     "rms_norm_of",
     "sdpa_attention",
 ]

@@ -1,8 +1,10 @@
 """LipschitzAttention: ``W_o (1/3) softmax(s Q K^T / d_head, causal) V`` with RoPE.
 
-Backends are plain functions ``fn(q, k, v, softmax_scale) -> out`` with
+Backends are plain functions ``fn(q, k, v, softmax_scale, bias=None) -> out`` with
 ``q, k, v, out [B, H, T, d_head]`` computing causal
-``softmax(softmax_scale * q k^T / d_head) v``; they live in
+``softmax(softmax_scale * q k^T / d_head + bias) v``, where ``bias [H, T, T]`` (finite,
+the same for every batch element, independent of the input) is passed only when the
+module has a positional bias; they live in
 :data:`ATTENTION_BACKENDS` and more can be added with
 :func:`register_attention_backend` (e.g. an fp8 kernel) without touching this file.
 """
@@ -16,25 +18,59 @@ from torch import nn
 
 from .linear import LipschitzLinear
 
-AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+AttentionBackend = Callable[..., torch.Tensor]
+
+#: Kinds of positional logit bias ``LipschitzAttention`` supports (see :func:`alibi_slopes`).
+POS_BIAS_KINDS = ("none", "alibi", "learned")
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+def _future_mask(T: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal attention through ``F.scaled_dot_product_attention`` with ``scale = s / d_head``."""
-    return nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=softmax_scale / q.shape[-1]
-    )
+    scale = softmax_scale / q.shape[-1]
+    if bias is None:
+        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    T = q.shape[-2]
+    mask = bias.to(q.dtype).masked_fill(_future_mask(T, q.device), float("-inf"))
+    return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Causal attention in plain math (materializes the ``[B, H, T, T]`` logits)."""
     T = q.shape[-2]
     logits = (q @ k.transpose(-2, -1)) * (softmax_scale / q.shape[-1])
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    logits = logits.masked_fill(future, float("-inf"))
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    logits = logits.masked_fill(_future_mask(T, q.device), float("-inf"))
     return torch.softmax(logits, dim=-1) @ v
+
+
+def alibi_slopes(n_heads: int, strongest: float = 1.0, ratio: float = 0.25) -> torch.Tensor:
+    """Per-head recency slopes ``strongest * ratio**h`` (h = 0..H-1), float32 ``[H]``.
+
+    ALiBi's geometric family, shifted so the first head starts nearly on the
+    previous token (slope 1 per position) and the last one sees a long window.
+    """
+    return strongest * ratio ** torch.arange(n_heads, dtype=torch.float32)
+
+
+def relative_bias(table: torch.Tensor, T: int) -> torch.Tensor:
+    """``table [H, max_len]`` (bias by distance ``t - s``) -> ``bias [H, T, T]``.
+
+    Entries above the diagonal (future keys) are filled with the distance-0 value;
+    backends mask them anyway.
+    """
+    if T > table.shape[-1]:
+        raise ValueError(f"relative_bias: sequence length {T} exceeds the table's {table.shape[-1]} distances")
+    pos = torch.arange(T, device=table.device)
+    return table[:, (pos[:, None] - pos[None, :]).clamp_min(0)]
 
 
 #: name -> backend; see the module docstring for the calling convention.
@@ -45,10 +81,12 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
 
 
 def register_attention_backend(name: str, fn: AttentionBackend, *, overwrite: bool = False) -> None:
-    """Add ``fn(q, k, v, softmax_scale) -> out`` (all ``[B, H, T, d_head]``) under ``name``.
+    """Add ``fn(q, k, v, softmax_scale, bias=None) -> out`` (all ``[B, H, T, d_head]``) under ``name``.
 
-    The function must compute causal ``softmax(softmax_scale * q k^T / d_head) v``:
-    the certificate assumes exactly that map.
+    The function must compute causal ``softmax(softmax_scale * q k^T / d_head + bias) v``:
+    the certificate assumes exactly that map. ``bias`` is only passed to models with a
+    positional bias; a backend that cannot add one may take four arguments and is then
+    refused for such models.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_attention_backend: name must be a non-empty str, got {name!r}")
@@ -91,6 +129,13 @@ class LipschitzAttention(nn.Module):
     ``out_factor = 1/3``, ``s = softmax_scale``, ``q = RoPE(W_q x)``, ``k = RoPE(W_k x)``,
     ``v = W_v x``; head h uses rows ``h*d_head:(h+1)*d_head`` of W_q, W_k, W_v and the
     matching columns of W_o. All four maps are bias-free ``LipschitzLinear(d, d)``.
+
+    ``pos_bias`` adds a per-head logit bias ``b_h(t - s)`` that depends only on the
+    distance between query t and key s: ``"alibi"`` fixes it to ``-slope_h (t - s)``
+    (:func:`alibi_slopes`), ``"learned"`` learns a table ``[H, max_len]`` initialized
+    the same way. Because it does not depend on the input it costs nothing in the
+    Lipschitz certificate (docs/certificate.md, Theorem 1 holds for any such bias),
+    while it lets a head focus on nearby tokens without large, expensive Q.K logits.
     """
 
     out_factor: float = 1.0 / 3.0
@@ -105,8 +150,12 @@ class LipschitzAttention(nn.Module):
         rope_base: float = 10000.0,
         zero_init_out: bool = True,
         init_scale: float = 1.0,
+        pos_bias: str = "none",
+        max_len: int = 1024,
     ) -> None:
         super().__init__()
+        if pos_bias not in POS_BIAS_KINDS:
+            raise ValueError(f"LipschitzAttention: pos_bias must be one of {POS_BIAS_KINDS}, got {pos_bias!r}")
         if d_model % n_heads != 0:
             raise ValueError(
                 f"LipschitzAttention: d_model ({d_model}) must be divisible by n_heads ({n_heads})"
@@ -124,6 +173,15 @@ class LipschitzAttention(nn.Module):
         self.o = LipschitzLinear(
             d_model, d_model, init="zero" if zero_init_out else "orthogonal", init_scale=init_scale
         )
+        self.pos_bias = pos_bias
+        if pos_bias != "none":
+            table = -alibi_slopes(n_heads)[:, None] * torch.arange(max_len, dtype=torch.float32)
+            if pos_bias == "learned":
+                self.bias_table = nn.Parameter(table)
+            else:
+                self.register_buffer("bias_table", table)
+        else:
+            self.bias_table = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -134,12 +192,16 @@ class LipschitzAttention(nn.Module):
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         if self.rope:
             q, k = apply_rope(q, self.rope_base), apply_rope(k, self.rope_base)
-        out = get_attention_backend(self.backend)(q, k, v, self.softmax_scale)
+        backend = get_attention_backend(self.backend)
+        if self.bias_table is None:
+            out = backend(q, k, v, self.softmax_scale)
+        else:
+            out = backend(q, k, v, self.softmax_scale, bias=relative_bias(self.bias_table, T))
         out = out.transpose(1, 2).reshape(B, T, self.d_model)
         return self.o(out) * self.out_factor
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, softmax_scale={self.softmax_scale}, "
-            f"backend={self.backend!r}, rope={self.rope}"
+            f"backend={self.backend!r}, rope={self.rope}, pos_bias={self.pos_bias!r}"
         )

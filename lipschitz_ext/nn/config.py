@@ -25,6 +25,9 @@ class GPTConfig:
         zero_init_out: zero-initialize the attention output and MLP output matrices.
         rope: rotary position embedding on Q and K (base ``rope_base``).
         rope_base: RoPE frequency base.
+        pos_bias: positional logit bias of every attention layer, ``"none"``, ``"alibi"``
+            (fixed recency slopes) or ``"learned"`` (a per-head table over distances,
+            ALiBi-initialized); input-independent, so free in the certificate.
 
     The caps are *intended* values for the optimizer/constraint (reported by
     ``LipschitzGPT.param_groups_spec``); the certificate always reads the actual weights.
@@ -44,6 +47,7 @@ class GPTConfig:
     zero_init_out: bool = True
     rope: bool = True
     rope_base: float = 10000.0
+    pos_bias: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "mlp_ratio"):
@@ -65,6 +69,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig: '{name}' must be a number, got {value!r}")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"GPTConfig: '{name}' must be finite and > 0, got {value!r}")
+        if self.pos_bias not in ("none", "alibi", "learned"):
+            raise ValueError(f"GPTConfig: 'pos_bias' must be 'none', 'alibi' or 'learned', got {self.pos_bias!r}")
         if not isinstance(self.attention, str) or not self.attention:
             raise ValueError(f"GPTConfig: 'attention' must be a backend name, got {self.attention!r}")
 

@@ -36,7 +36,12 @@ class Fp8AttentionBackend:
         self.saturated = 0
         self.backward = "exact"
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if bias is not None:
+            raise ValueError("attention backend 'fp8' has no positional bias: use pos_bias='none' with it")
         qs, ks, vs = self.scales
         if self.count_saturation:
             self.saturated += fp8_saturation_count(q, k, v, qs, ks, vs)

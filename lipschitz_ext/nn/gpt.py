@@ -46,6 +46,8 @@ class LipschitzBlock(nn.Module):
             rope_base=config.rope_base,
             zero_init_out=config.zero_init_out,
             init_scale=scale,
+            pos_bias=config.pos_bias,
+            max_len=config.seq_len,
         )
         self.mlp = LipschitzMLP(
             config.d_model, config.mlp_ratio, zero_init_out=config.zero_init_out, init_scale=scale
@@ -102,12 +104,22 @@ class LipschitzGPT(nn.Module):
         (``"embedding"``, ``"hidden"`` or ``"head"``), ``params`` (list of
         Parameters), ``names`` (their qualified names) and ``sigma_max`` (the intended cap:
         per-token RMS for the embedding, RMS->RMS operator norm for matrices). Every
-        parameter appears in exactly one group; all are bias-free matrices in PyTorch
-        layout ``[fan_out, fan_in]`` (the embedding table is ``[vocab_size, d_model]``,
-        one token per row). This model has no ``"vector"`` (gain/bias) parameters.
+        parameter appears in exactly one group; matrices are in PyTorch layout
+        ``[fan_out, fan_in]`` (the embedding table is ``[vocab_size, d_model]``, one
+        token per row). Learned positional-bias tables (``pos_bias="learned"``) form a
+        ``"vector"`` group (unconstrained: they do not enter the certificate).
         """
         hidden = self.hidden_linears()
-        return [
+        tables = [
+            (f"{n}.bias_table", m.bias_table)
+            for n, m in self.named_modules()
+            if isinstance(m, LipschitzAttention) and isinstance(m.bias_table, nn.Parameter)
+        ]
+        vector = [
+            {"name": "pos_bias", "kind": "vector", "params": [p for _, p in tables],
+             "names": [n for n, _ in tables], "sigma_max": None}
+        ] if tables else []
+        return vector + [
             {
                 "name": "embedding",
                 "kind": "embedding",
