@@ -31,7 +31,7 @@ from . import data as data_mod
 from . import train as train_mod
 
 __all__ = ["load_run", "pgd_attack", "certified_radius", "robustness", "activations", "frontier",
-           "lr_sensitivity", "main"]
+           "attention_logits", "attention_logit_max", "output_logit_stats", "lr_sensitivity", "main"]
 
 
 class CheckpointError(ValueError):
@@ -67,6 +67,11 @@ def load_run(run_dir: str, which: str = "best", device: str | torch.device = "cp
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model its config describes ({exc})") from None
     return model.to(device).eval(), cfg, data
+
+
+def _upcast(z: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors; float32/float64 stay as they are."""
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
 def _token_rms(x: torch.Tensor) -> torch.Tensor:
@@ -325,19 +330,57 @@ def frontier(run_dirs: list[str], out: str) -> list[dict]:
 # large-scale Transformer training instabilities")
 # ---------------------------------------------------------------------------
 @torch.no_grad()
+def attention_logits(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Causal attention logits ``[B, H, T, T]`` of an attention module on its input
+    ``x [B, T, d]``: after the softmax scale, before the softmax, ``-inf`` above the
+    diagonal. ``LipschitzAttention``: ``(s / d_head) q_h k_h^T``; ``BaselineAttention``:
+    ``q_h k_h^T / sqrt(d_head)``; RoPE on q and k when the module uses it. A module
+    with its own ``attention_logits(x)`` method is asked directly."""
+    from .nn import LipschitzAttention
+    from .nn.attention import apply_rope
+    from .nn.baseline import BaselineAttention
+
+    if hasattr(mod, "attention_logits"):
+        return mod.attention_logits(x)
+    B, T, d = x.shape
+    if isinstance(mod, LipschitzAttention):
+        q, k = mod._heads(mod.q(x)), mod._heads(mod.k(x))
+        scale = mod.softmax_scale / mod.d_head
+    elif isinstance(mod, BaselineAttention):
+        q, k, _ = mod.qkv(x).view(B, T, 3, mod.n_heads, mod.d_head).permute(2, 0, 3, 1, 4)
+        scale = 1.0 / math.sqrt(mod.d_head)
+    else:
+        raise TypeError(f"attention_logits: unsupported attention module {type(mod).__name__}")
+    if mod.rope:
+        q, k = apply_rope(q, mod.rope_base), apply_rope(k, mod.rope_base)
+    logits = (_upcast(q) @ _upcast(k).transpose(-2, -1)) * scale
+    future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+    return logits.masked_fill(future, float("-inf"))
+
+
+def _is_attention(mod: torch.nn.Module) -> bool:
+    from .nn import LipschitzAttention
+    from .nn.baseline import BaselineAttention
+
+    return isinstance(mod, (LipschitzAttention, BaselineAttention)) or hasattr(mod, "attention_logits")
+
+
+@torch.no_grad()
 def attention_logit_max(model, idx: torch.Tensor) -> float:
-    """Largest attention logit (after its scale, before the softmax) on ``idx``,
-    over every attention module that exposes ``attention_logits(x)``."""
+    """Largest attention logit (after its scale, before the softmax, causal entries
+    only) on ``idx``, over every attention module of the model (Wortsman et al.'s
+    attention-logit growth indicator). Raises ``ValueError`` for a model without any."""
     found: list[float] = []
-    handles = []
-    for mod in model.modules():
-        if hasattr(mod, "attention_logits"):
-            handles.append(mod.register_forward_hook(
-                lambda m, inp, outp: found.append(float(m.attention_logits(inp[0]).max()))))
-    model(idx)
-    for h in handles:
-        h.remove()
-    return max(found) if found else float("nan")
+    handles = [mod.register_forward_hook(lambda m, inp, outp: found.append(float(attention_logits(m, inp[0]).max())))
+               for mod in model.modules() if _is_attention(mod)]
+    try:
+        model(idx)
+    finally:
+        for h in handles:
+            h.remove()
+    if not found:
+        raise ValueError(f"attention_logit_max: {type(model).__name__} has no attention module")
+    return max(found)
 
 
 @torch.no_grad()
@@ -372,6 +415,8 @@ def lr_sensitivity(base: "train_mod.TrainConfig", multipliers: list[float], out:
                     x, _ = next(iter(_val_batches(rcfg, data, 1, 8)))
                     row["attention_logit_max"] = attention_logit_max(net, x)
                     row.update(output_logit_stats(net, x))
+                with open(os.path.join(cfg.out, "lr_sensitivity.json"), "w", encoding="utf-8") as fh:
+                    json.dump(row, fh, indent=1)  # this run's own record, beside its metrics.jsonl
                 rows.append(row)
                 _write_table(rows, os.path.join(out, "lr_sensitivity.csv"))
     plt = _plt()
