@@ -381,8 +381,9 @@ def attention_logits(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Causal attention logits ``[B, H, T, T]`` of an attention module on its input
     ``x [B, T, d]``: after the softmax scale, before the softmax, ``-inf`` above the
     diagonal. ``LipschitzAttention``: ``(s / d_head) q_h k_h^T``; ``BaselineAttention``:
-    ``q_h k_h^T / sqrt(d_head)``; RoPE on q and k when the module uses it. A module
-    with its own ``attention_logits(x)`` method is asked directly."""
+    ``q_h k_h^T / sqrt(d_head)``; RoPE on q and k when the module uses it, plus its
+    positional bias ``relative_bias(bias_table, T)`` when it has one. A module with its
+    own ``attention_logits(x)`` method is asked directly."""
     from .nn import LipschitzAttention
     from .nn.attention import apply_rope
     from .nn.baseline import BaselineAttention
@@ -401,6 +402,14 @@ def attention_logits(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if mod.rope:
         q, k = apply_rope(q, mod.rope_base), apply_rope(k, mod.rope_base)
     logits = (_upcast(q) @ _upcast(k).transpose(-2, -1)) * scale
+    table = getattr(mod, "bias_table", None)  # a positional logit bias b_h(t - s), where the model has one
+    if table is not None:
+        try:
+            from .nn.attention import relative_bias
+        except ImportError:
+            raise TypeError(f"attention_logits: {type(mod).__name__} has a positional bias this version "
+                            "cannot rebuild") from None
+        logits = logits + relative_bias(table, T).to(logits.dtype)
     future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
     return logits.masked_fill(future, float("-inf"))
 
