@@ -21,6 +21,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import sys
 from typing import Any
 
@@ -31,42 +32,52 @@ from . import data as data_mod
 from . import train as train_mod
 
 __all__ = ["load_run", "pgd_attack", "certified_radius", "robustness", "activations", "frontier",
-           "lr_sensitivity", "main"]
+           "attention_logits", "attention_logit_max", "output_logit_stats", "lr_sensitivity", "main"]
 
 
 class CheckpointError(ValueError):
     """A run folder that is missing, incomplete or incompatible."""
 
 
-def load_run(run_dir: str, which: str = "best", device: str | torch.device = "cpu"):
+def load_run(run_dir: str, which: str = "best", device: str | torch.device = "cpu", arg: str | None = None):
     """Rebuild the model of a ``lipschitz-train`` run folder from its checkpoint.
 
     Returns ``(model, cfg, data)``: the model in eval mode on ``device``, the
     run's :class:`~lipschitz_ext.train.TrainConfig` and its data (same split).
+    ``arg`` (e.g. ``"--baseline"``) prefixes error messages, to say which input was bad.
+    Raises :class:`CheckpointError` (a ``ValueError``) for a missing folder, a folder
+    without ``best.pt``/``latest.pt``, or a file that is not a lipschitz-train checkpoint.
     """
+    who = f"{arg} {run_dir}" if arg else str(run_dir)
     if not os.path.isdir(run_dir):
-        raise CheckpointError(f"run folder not found: {run_dir}")
+        raise CheckpointError(f"{who}: run folder not found")
     path = os.path.join(run_dir, f"{which}.pt")
     if not os.path.exists(path):
         path = os.path.join(run_dir, "latest.pt")
     if not os.path.exists(path):
-        raise CheckpointError(f"{run_dir} holds no checkpoint (best.pt / latest.pt): is it a lipschitz-train run?")
+        raise CheckpointError(f"{who}: holds no checkpoint (best.pt / latest.pt); is it a lipschitz-train run?")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         cfg = train_mod.TrainConfig(**ckpt["config"])
         state = ckpt["model"]
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a lipschitz-train checkpoint ({exc})") from None
+    except (KeyError, TypeError, RuntimeError, EOFError, OSError, ValueError, AttributeError,
+            pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"{who}: {path} is not a lipschitz-train checkpoint ({exc})") from None
     data = data_mod.load_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.vocab_size)
-    if data.tokenizer.to_dict() != ckpt["tokenizer"]:
-        raise CheckpointError(f"{run_dir}: its data ({cfg.data or 'built-in corpus'}) no longer matches the "
+    if data.tokenizer.to_dict() != ckpt.get("tokenizer"):
+        raise CheckpointError(f"{who}: its data ({cfg.data or 'built-in corpus'}) no longer matches the "
                               "checkpoint's vocabulary")
     model = train_mod.build_model(cfg, data.vocab_size)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model its config describes ({exc})") from None
+        raise CheckpointError(f"{who}: {path}: weights do not fit the model its config describes ({exc})") from None
     return model.to(device).eval(), cfg, data
+
+
+def _upcast(z: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors; float32/float64 stay as they are."""
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
 def _token_rms(x: torch.Tensor) -> torch.Tensor:
@@ -90,12 +101,20 @@ def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int =
 
     ``x [B, T, d]`` are clean token embeddings; returns ``x + delta`` with every
     token moved by at most ``eps`` in RMS (the certificate's input norm) and kept
-    in the certificate's domain (per-token RMS <= ``domain_rms``). ``steps=1``
+    in the certificate's domain (per-token RMS <= ``domain_rms``). ``eps`` is a
+    float or a tensor of per-sequence radii ``[B]``. Label entries ``-100`` are
+    ignored, so an attack can target chosen positions. ``steps=1``
     with ``step_size=eps`` is the single-step attack (normalized-gradient FGSM).
     Each step moves every token along its own L2-normalized gradient.
     """
-    if eps <= 0:
+    if not isinstance(eps, torch.Tensor):
+        eps = torch.tensor(float(eps), dtype=x.dtype)
+    eps = eps.to(device=x.device, dtype=x.dtype)
+    if eps.dim() == 1:  # one radius per batch element
+        eps = eps.view(-1, 1, 1)
+    if bool((eps <= 0).all()):
         return x.clone()
+    eps = eps.clamp_min(0)
     step_size = 2.5 * eps / steps if step_size is None else step_size
     d = x.shape[-1]
     if steps > 1:  # random start inside the ball
@@ -105,7 +124,7 @@ def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int =
         delta = torch.zeros_like(x)
     for _ in range(steps):
         delta.requires_grad_(True)
-        loss = F.cross_entropy(model.forward_embeddings(x + delta).flatten(0, 1).float(), y.flatten())
+        loss = F.cross_entropy(_upcast(model.forward_embeddings(x + delta)).flatten(0, 1), y.flatten())
         (g,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             g_rms = g.norm(dim=-1, keepdim=True) / math.sqrt(d)
@@ -122,10 +141,18 @@ def certified_radius(logits: torch.Tensor, bound: float) -> torch.Tensor:
     is certified for every ``eps < margin / (sqrt(2) * sqrt(V) * bound)`` (proof in
     docs/certificate.md). ``logits [..., V]`` -> radius ``[...]``.
     """
-    top2 = logits.float().topk(2, dim=-1).values
+    try:
+        b = float(bound)
+    except (TypeError, ValueError):
+        b = math.nan
+    if isinstance(bound, bool) or not (math.isfinite(b) and b >= 0):
+        raise ValueError(f"certified_radius: bound must be a finite certified Lipschitz bound >= 0 "
+                         f"(certify(model).bound of a LipschitzGPT), got {bound!r}; baseline models have none")
+    top2 = _upcast(logits).topk(2, dim=-1).values
     margin = top2[..., 0] - top2[..., 1]
     V = logits.shape[-1]
-    return margin / (math.sqrt(2.0) * math.sqrt(V) * bound)
+    radius = margin / (math.sqrt(2.0) * math.sqrt(V) * b)  # bound 0: a constant map, radius inf
+    return torch.where(margin > 0, radius, torch.zeros_like(radius))
 
 
 def _val_batches(cfg, data, n_batches: int, batch_size: int):
@@ -133,11 +160,15 @@ def _val_batches(cfg, data, n_batches: int, batch_size: int):
 
 
 def _write_table(rows: list[dict], path: str) -> None:
+    """``rows`` as CSV at ``path`` and as JSON (a list of objects, ``None`` kept as null)
+    beside it with the extension ``.json``."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
+    with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as fh:
+        json.dump(rows, fh, indent=1)
 
 
 def _print_table(rows: list[dict], cols: list[str]) -> None:
@@ -168,18 +199,32 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
 
     ``relative=True`` measures eps in units of the model's mean clean token RMS
     (so models whose embeddings have different scales are attacked alike); the
-    certified fraction always uses the absolute radius against the certificate.
+    certified fraction always uses the absolute radius ``eps_abs`` against the
+    certificate. A position counts as robust under attack only if it is correct
+    both clean and attacked (the zero perturbation is inside every ball), so the
+    attacked accuracies never exceed the clean one. For a ``LipschitzGPT`` the
+    certificate's domain is ``per-token RMS <= input_rms`` with ``input_rms`` =
+    the larger of the configured embedding cap and the largest embedding row RMS
+    (so the clean inputs are inside it); the attacks stay in that domain.
+    Baselines get ``certified_bound = certified_fraction = None``.
     """
+    from .certify import certify
     from .nn import LipschitzGPT
 
+    if not run_dirs:
+        raise ValueError("robustness: give at least one --checkpoint run folder")
+    bad = [e for e in eps_list if not (math.isfinite(e) and e >= 0)]
+    if bad:
+        raise ValueError(f"--eps values must be finite and >= 0, got {bad}")
     os.makedirs(out, exist_ok=True)
     rows: list[dict] = []
     for run in run_dirs:
-        model, cfg, data = load_run(run, device=device)
+        model, cfg, data = load_run(run, device=device, arg="--checkpoint")
         for p in model.parameters():
             p.requires_grad_(False)
         certified = isinstance(model, LipschitzGPT)
-        bound = train_mod.certified_bound(model) if certified else None
+        rho = max(float(model.config.embed_max_rms), model.embed.max_row_rms()) if certified else None
+        bound = float(certify(model, input_rms=rho).bound) if certified else None
         batches = [(x.to(device), y.to(device)) for x, y in _val_batches(cfg, data, n_batches, batch_size)]
         embeds = [model.embed(x) for x, _ in batches]
         scale = float(torch.cat([_token_rms(e).flatten() for e in embeds]).mean()) if relative else 1.0
@@ -188,17 +233,18 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
         radius = torch.cat([certified_radius(z, bound).flatten() for z in clean_logits]) if certified else None
         correct = torch.cat([(z.argmax(-1) == y).flatten() for z, (_, y) in zip(clean_logits, batches)])
         g = torch.Generator().manual_seed(seed)
-        for eps in [0.0] + [e for e in eps_list if e > 0]:
+        for eps in [0.0] + sorted(set(e for e in eps_list if e > 0)):
             eps_abs = eps * scale
             acc = {}
             for name, steps, step in (("fgsm", 1, eps_abs), ("pgd", pgd_steps, None)):
                 hits = 0
-                for e, (_, y) in zip(embeds, batches):
-                    xa = pgd_attack(model, e, y, eps_abs, steps, step, 1.0 if certified else None, g)
+                for e, z, (_, y) in zip(embeds, clean_logits, batches):
+                    xa = pgd_attack(model, e, y, eps_abs, steps, step, rho, g)
                     with torch.no_grad():
-                        hits += (model.forward_embeddings(xa).argmax(-1) == y).sum().item()
+                        hits += ((model.forward_embeddings(xa).argmax(-1) == y) & (z.argmax(-1) == y)).sum().item()
                 acc[name] = hits / correct.numel()
             row = {"run": run, "model": cfg.model, "eps": eps, "eps_abs": eps_abs, "certified_bound": bound,
+                   "input_rms": rho,
                    "clean_accuracy": correct.float().mean().item(), "fgsm_accuracy": acc["fgsm"],
                    "pgd_accuracy": acc["pgd"],
                    "certified_fraction": None if radius is None else
@@ -243,7 +289,7 @@ def activations(run_dir: str, out: str, baseline: str | None = None, n_batches: 
     for role, run in (("model", run_dir), ("baseline", baseline)):
         if run is None:
             continue
-        model, cfg, data = load_run(run, device=device)
+        model, cfg, data = load_run(run, device=device, arg="--checkpoint" if role == "model" else "--baseline")
         agg: dict[str, dict] = {}
         sat: dict[str, list[int]] = {}
         handles = []
@@ -299,22 +345,28 @@ def activations(run_dir: str, out: str, baseline: str | None = None, n_batches: 
 # ---------------------------------------------------------------------------
 def frontier(run_dirs: list[str], out: str) -> list[dict]:
     """Validation accuracy vs certified bound of finished runs, one curve per constraint."""
-    rows = []
+    if not run_dirs:
+        raise ValueError("frontier: give at least one RUN_DIR")
+    rows, skipped = [], []
     for run in run_dirs:
+        if not os.path.isdir(run):
+            raise CheckpointError(f"RUN_DIR {run}: run folder not found")
         sp, cp = os.path.join(run, "summary.json"), os.path.join(run, "config.json")
         if not (os.path.exists(sp) and os.path.exists(cp)):
-            raise CheckpointError(f"{run}: no summary.json/config.json (an unfinished or foreign run?)")
+            raise CheckpointError(f"RUN_DIR {run}: no summary.json/config.json (an unfinished or foreign run?)")
         with open(sp, encoding="utf-8") as fh:
             s = json.load(fh)
         with open(cp, encoding="utf-8") as fh:
             c = json.load(fh)
         if s.get("certified_bound") is None:
+            skipped.append(run)
             continue  # unconstrained baselines have no bound to plot against
         rows.append({"constraint": c["constraint"], "sigma_max": c["sigma_max"], "run": run,
                      **{k: s.get(k) for k in ("certified_bound", "val_accuracy", "val_loss", "max_activation",
                                               "steps", "wall_seconds")}})
     if not rows:
-        raise CheckpointError("no certified runs among the given folders")
+        raise CheckpointError(f"no certified (LipschitzGPT) runs among the given folders; baselines have no "
+                              f"certified bound: {', '.join(skipped)}")
     os.makedirs(out, exist_ok=True)
     train_mod.write_frontier(rows, out)
     return rows
@@ -325,19 +377,66 @@ def frontier(run_dirs: list[str], out: str) -> list[dict]:
 # large-scale Transformer training instabilities")
 # ---------------------------------------------------------------------------
 @torch.no_grad()
+def attention_logits(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Causal attention logits ``[B, H, T, T]`` of an attention module on its input
+    ``x [B, T, d]``: after the softmax scale, before the softmax, ``-inf`` above the
+    diagonal. ``LipschitzAttention``: ``(s / d_head) q_h k_h^T``; ``BaselineAttention``:
+    ``q_h k_h^T / sqrt(d_head)``; RoPE on q and k when the module uses it, plus its
+    positional bias ``relative_bias(bias_table, T)`` when it has one. A module with its
+    own ``attention_logits(x)`` method is asked directly."""
+    from .nn import LipschitzAttention
+    from .nn.attention import apply_rope
+    from .nn.baseline import BaselineAttention
+
+    if hasattr(mod, "attention_logits"):
+        return mod.attention_logits(x)
+    B, T, d = x.shape
+    if isinstance(mod, LipschitzAttention):
+        q, k = mod._heads(mod.q(x)), mod._heads(mod.k(x))
+        scale = mod.softmax_scale / mod.d_head
+    elif isinstance(mod, BaselineAttention):
+        q, k, _ = mod.qkv(x).view(B, T, 3, mod.n_heads, mod.d_head).permute(2, 0, 3, 1, 4)
+        scale = 1.0 / math.sqrt(mod.d_head)
+    else:
+        raise TypeError(f"attention_logits: unsupported attention module {type(mod).__name__}")
+    if mod.rope:
+        q, k = apply_rope(q, mod.rope_base), apply_rope(k, mod.rope_base)
+    logits = (_upcast(q) @ _upcast(k).transpose(-2, -1)) * scale
+    table = getattr(mod, "bias_table", None)  # a positional logit bias b_h(t - s), where the model has one
+    if table is not None:
+        try:
+            from .nn.attention import relative_bias
+        except ImportError:
+            raise TypeError(f"attention_logits: {type(mod).__name__} has a positional bias this version "
+                            "cannot rebuild") from None
+        logits = logits + relative_bias(table, T).to(logits.dtype)
+    future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+    return logits.masked_fill(future, float("-inf"))
+
+
+def _is_attention(mod: torch.nn.Module) -> bool:
+    from .nn import LipschitzAttention
+    from .nn.baseline import BaselineAttention
+
+    return isinstance(mod, (LipschitzAttention, BaselineAttention)) or hasattr(mod, "attention_logits")
+
+
+@torch.no_grad()
 def attention_logit_max(model, idx: torch.Tensor) -> float:
-    """Largest attention logit (after its scale, before the softmax) on ``idx``,
-    over every attention module that exposes ``attention_logits(x)``."""
+    """Largest attention logit (after its scale, before the softmax, causal entries
+    only) on ``idx``, over every attention module of the model (Wortsman et al.'s
+    attention-logit growth indicator). Raises ``ValueError`` for a model without any."""
     found: list[float] = []
-    handles = []
-    for mod in model.modules():
-        if hasattr(mod, "attention_logits"):
-            handles.append(mod.register_forward_hook(
-                lambda m, inp, outp: found.append(float(m.attention_logits(inp[0]).max()))))
-    model(idx)
-    for h in handles:
-        h.remove()
-    return max(found) if found else float("nan")
+    handles = [mod.register_forward_hook(lambda m, inp, outp: found.append(float(attention_logits(m, inp[0]).max())))
+               for mod in model.modules() if _is_attention(mod)]
+    try:
+        model(idx)
+    finally:
+        for h in handles:
+            h.remove()
+    if not found:
+        raise ValueError(f"attention_logit_max: {type(model).__name__} has no attention module")
+    return max(found)
 
 
 @torch.no_grad()
@@ -372,6 +471,8 @@ def lr_sensitivity(base: "train_mod.TrainConfig", multipliers: list[float], out:
                     x, _ = next(iter(_val_batches(rcfg, data, 1, 8)))
                     row["attention_logit_max"] = attention_logit_max(net, x)
                     row.update(output_logit_stats(net, x))
+                with open(os.path.join(cfg.out, "lr_sensitivity.json"), "w", encoding="utf-8") as fh:
+                    json.dump(row, fh, indent=1)  # this run's own record, beside its metrics.jsonl
                 rows.append(row)
                 _write_table(rows, os.path.join(out, "lr_sensitivity.csv"))
     plt = _plt()
