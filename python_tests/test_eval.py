@@ -361,3 +361,20 @@ def test_clear_errors(runs, tmp_path, capsys):
     with pytest.raises(ValueError, match="--baseline"):
         E.load_run(str(empty), arg="--baseline")
     assert not (tmp_path / "o" / "robustness.csv").exists()
+
+
+def test_attention_logits_include_positional_bias():
+    import lipschitz_ext.nn as lnn
+
+    torch.manual_seed(2)
+    cfg = lnn.GPTConfig(vocab_size=7, d_model=16, n_layers=1, n_heads=2, seq_len=9, pos_bias="learned",
+                        zero_init_out=False)
+    model = lnn.LipschitzGPT(cfg)
+    m = model.blocks[0].attn
+    with torch.no_grad():
+        m.bias_table.copy_(3 * torch.randn_like(m.bias_table))
+    xin = torch.randn(2, 9, 16)
+    logits = E.attention_logits(m, xin)
+    with torch.no_grad():
+        y = m.o((torch.softmax(logits, -1) @ m._heads(m.v(xin))).transpose(1, 2).reshape(2, 9, 16)) * m.out_factor
+        assert torch.allclose(y, m(xin), rtol=1e-4, atol=1e-6)
