@@ -51,6 +51,7 @@ class TrainConfig:
     softmax_scale: float = 1.0
     attention: str = "sdpa"  # sdpa | reference | fp8
     pos_bias: str = "none"  # none | alibi | learned (Lipschitz model; free in the certificate)
+    residual_scale: float = 1.0  # convex residual weight alpha = residual_scale / (2 n_layers)
     # constraints (RMS->RMS caps)
     constraint: str = "soft_cap"
     sigma_max: float = 1.0  # hidden matrices
@@ -201,7 +202,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
         vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
         seq_len=cfg.seq_len, softmax_scale=cfg.softmax_scale, mlp_ratio=cfg.mlp_ratio,
         attention=cfg.attention, sigma_max=cfg.sigma_max, head_sigma_max=cfg.head_sigma_max,
-        embed_max_rms=cfg.embed_max_rms, pos_bias=cfg.pos_bias,
+        embed_max_rms=cfg.embed_max_rms, pos_bias=cfg.pos_bias, residual_scale=cfg.residual_scale,
     )
     return (LipschitzGPT if cfg.model == "lipschitz" else BaselineGPT)(gcfg)
 
@@ -287,6 +288,12 @@ def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, device: torch.dev
     m.eval()
     loss_sum, correct, count = 0.0, 0, 0
     max_act = 0.0
+    fp8 = fp8_backend(m)
+    if fp8 is not None:  # refresh the static scales from the current certificate, count saturation
+        from .fp8_scales import configure_fp8_attention
+
+        configure_fp8_attention(m)
+        fp8.saturated, fp8.count_saturation = 0, True
     for i, (x, y) in enumerate(data_mod.eval_batches(tokens, min(cfg.batch_size, 64), cfg.seq_len,
                                                      cfg.eval_batches)):
         x, y = x.to(device), y.to(device)
@@ -300,8 +307,20 @@ def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, device: torch.dev
             max_act = max(float(s["max_abs"]) for s in stats.values())
     out = {"val_loss": loss_sum / count, "val_accuracy": correct / count, "max_activation": max_act}
     out["certified_bound"] = certified_bound(m)
+    if fp8 is not None:
+        out["fp8_saturated"] = fp8.saturated  # entries beyond e4m3 at the certified scales: 0 expected
+        fp8.count_saturation = False
     m.train(was_training)
     return out
+
+
+def fp8_backend(model: torch.nn.Module):
+    """The fp8 attention backend object when ``model`` (a LipschitzGPT) uses it, else None."""
+    from .nn import FP8_BACKEND, LipschitzGPT
+
+    if isinstance(model, LipschitzGPT) and model.config.attention == "fp8":
+        return FP8_BACKEND
+    return None
 
 
 def certified_bound(model: torch.nn.Module) -> float | None:
@@ -467,6 +486,9 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
                 f"--resume {resume}: the data's vocabulary ({data.vocab_size} tokens, {data.source}) does not "
                 f"match the checkpoint's ({saved_tok.get('kind')}, "
                 f"{len(saved_tok.get('chars', '')) or saved_tok.get('vocab_size', 256)} tokens)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for the fp32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
     model = build_model(cfg, data.vocab_size).to(device)
     opt = build_optimizer(model, cfg)
     sampler = data_mod.BatchSampler(data.train, cfg.batch_size, cfg.seq_len, cfg.seed, dist.rank, dist.world_size)
@@ -476,6 +498,10 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
         opt.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
         step, best_val, elapsed0, tokens_seen = ckpt["step"], ckpt["best_val"], ckpt["elapsed"], ckpt["tokens"]
+    if fp8_backend(model) is not None:  # static q/k/v scales from the certificate (weights capped)
+        from .fp8_scales import configure_fp8_attention
+
+        configure_fp8_attention(model)
     # Under torchrun gradients are averaged by DDP; the optimizer splits its
     # orthogonalize/constraint work across ranks (lipschitz_ext.optim).
     train_model = model

@@ -98,10 +98,10 @@ def reference_bound(model, input_rms=1.0):
 # ---------------------------------------------------------------- strategies
 
 configs = st.builds(
-    lambda heads, dh, layers, s, vocab, mlp_ratio, pos_bias: lnn.GPTConfig(
+    lambda heads, dh, layers, s, vocab, mlp_ratio, pos_bias, rs: lnn.GPTConfig(
         vocab_size=vocab, d_model=heads * dh, n_layers=layers, n_heads=heads, seq_len=8,
         softmax_scale=s, mlp_ratio=mlp_ratio, attention="reference", zero_init_out=False,
-        pos_bias=pos_bias,
+        pos_bias=pos_bias, residual_scale=rs,
     ),
     heads=st.sampled_from([1, 2, 4]),
     dh=st.sampled_from([2, 4]),
@@ -110,6 +110,7 @@ configs = st.builds(
     vocab=st.integers(2, 9),
     mlp_ratio=st.integers(1, 3),
     pos_bias=st.sampled_from(["none", "learned"]),
+    rs=st.sampled_from([0.5, 1.0, 2.0]),
 )
 
 

@@ -265,6 +265,25 @@ def test_argument_errors():
 
 CUDA_SEQ_LENS = [1, 63, 64, 65, 127, 128, 129, 200, 1000, 2048]
 
+# The CPU emulation rounds exactly like the kernel (inputs to e4m3, P to e4m3 after
+# clamping) but cannot reproduce the tensor cores' fp32 accumulation: Hopper's fp8
+# wgmma adds partial products with a reduced-precision accumulator (about 14 mantissa
+# bits, as DeepSeek-V3's report measures) in its own order. Logits then differ by
+# ~1e-4 relative (log-sum-exp by up to 2e-3 measured on an H100 at logits ~ 10), and a
+# logit that moves across an e4m3 rounding boundary of P (3 mantissa bits) changes
+# that P entry by 1/8. So kernel-vs-emulation is compared elementwise on all but a
+# tiny fraction of entries; the accuracy criterion proper is FlashAttention-3's,
+# against exact attention: max|out - ref| <= 2 max|out_emulated - ref| + atol.
+LSE_TOL = dict(atol=5e-3, rtol=5e-4)
+
+
+def assert_matches_emulation(out, want, atol=1e-2, rtol=1e-2, min_fraction=0.995):
+    out, want = out.float(), want.float()
+    close = (out - want).abs() <= atol + rtol * want.abs()
+    assert close.float().mean().item() >= min_fraction, (
+        f"{(~close).sum().item()} of {close.numel()} entries differ from the emulation; "
+        f"max |diff| {(out - want).abs().max().item():.3g}")
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [True, False])
@@ -274,8 +293,8 @@ def test_cuda_kernel_matches_cpu_emulation(N, d, causal):
     q, k, v = qkv(2, 3, N, d)
     out, lse = fwd(q.cuda(), k.cuda(), v.cuda(), causal, 1 / d, **SCALES)
     want, want_lse = fwd(q, k, v, causal, 1 / d, **SCALES)
-    torch.testing.assert_close(out.cpu().float(), want.float(), atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-4, rtol=1e-5)
+    assert_matches_emulation(out.cpu(), want)
+    torch.testing.assert_close(lse.cpu(), want_lse, **LSE_TOL)
     ref = exact_attention(q, k, v, causal, 1 / d)
     err, err_emulated = (out.cpu().double() - ref).abs().max(), (want.double() - ref).abs().max()
     assert err <= 2 * err_emulated + 1e-3
@@ -301,7 +320,10 @@ def test_cuda_non_contiguous_and_large_values():
     q, k, v = (x.transpose(1, 2) for x in base)
     out = ops.fp8_attention(q, k, v, causal=False, q_scale=1 / 32, k_scale=1 / 32, v_scale=1 / 16)
     want = ops.fp8_attention(q.cpu(), k.cpu(), v.cpu(), causal=False, q_scale=1 / 32, k_scale=1 / 32, v_scale=1 / 16)
-    torch.testing.assert_close(out.cpu().float(), want.float(), atol=2e-2, rtol=1e-2)
+    assert_matches_emulation(out.cpu(), want, atol=2e-2)
+    ref = exact_attention(q.cpu(), k.cpu(), v.cpu(), False, 1 / 128)
+    err, err_emulated = (out.cpu().double() - ref).abs().max(), (want.double() - ref).abs().max()
+    assert err <= 2 * err_emulated + 1e-3
 
 
 @pytest.mark.cuda
@@ -352,4 +374,4 @@ def test_cuda_qk_path_alone(d):
         out, lse = fwd(q.cuda(), k.cuda(), v.cuda(), causal, 0.2, q_scale=0.25, k_scale=0.5)
         _, want = fwd(q, k, v, causal, 0.2, q_scale=0.25, k_scale=0.5)
         assert out.abs().max().item() == 0
-        torch.testing.assert_close(lse.cpu(), want, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(lse.cpu(), want, **LSE_TOL)

@@ -203,6 +203,14 @@ def test_positional_bias_matches_reference_math(kind):
         attn(torch.randn(1, 10, 16, dtype=F64))
 
 
+def test_residual_scale_sets_alpha():
+    m = lnn.LipschitzGPT(small_config(n_layers=3, residual_scale=2.0))
+    assert all(b.alpha == pytest.approx(1 / 3) for b in m.blocks)
+    for bad in (0.0, -1.0, 6.5, True):
+        with pytest.raises(ValueError, match="residual_scale"):
+            small_config(n_layers=3, residual_scale=bad)
+
+
 def test_positional_bias_in_models_and_errors():
     m = lnn.LipschitzGPT(small_config(pos_bias="learned"))
     spec = m.param_groups_spec()

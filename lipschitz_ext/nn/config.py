@@ -25,6 +25,8 @@ class GPTConfig:
         zero_init_out: zero-initialize the attention output and MLP output matrices.
         rope: rotary position embedding on Q and K (base ``rope_base``).
         rope_base: RoPE frequency base.
+        residual_scale: ``r`` in the convex residual weight ``alpha = r / (2 n_layers)``
+            (1 = the paper's default; at most ``2 n_layers`` so the residual stays convex).
         pos_bias: positional logit bias of every attention layer, ``"none"``, ``"alibi"``
             (fixed recency slopes) or ``"learned"`` (a per-head table over distances,
             ALiBi-initialized); input-independent, so free in the certificate.
@@ -48,6 +50,7 @@ class GPTConfig:
     rope: bool = True
     rope_base: float = 10000.0
     pos_bias: str = "none"
+    residual_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "mlp_ratio"):
@@ -69,6 +72,13 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig: '{name}' must be a number, got {value!r}")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"GPTConfig: '{name}' must be finite and > 0, got {value!r}")
+        if isinstance(self.residual_scale, bool) or not isinstance(self.residual_scale, (int, float)) or not (
+            0 < self.residual_scale <= 2 * self.n_layers
+        ):
+            raise ValueError(
+                f"GPTConfig: 'residual_scale' must be in (0, 2 * n_layers] = (0, {2 * self.n_layers}] so that "
+                f"alpha = residual_scale / (2 n_layers) <= 1, got {self.residual_scale!r}"
+            )
         if self.pos_bias not in ("none", "alibi", "learned"):
             raise ValueError(f"GPTConfig: 'pos_bias' must be 'none', 'alibi' or 'learned', got {self.pos_bias!r}")
         if not isinstance(self.attention, str) or not self.attention:

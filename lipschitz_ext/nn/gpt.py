@@ -27,7 +27,8 @@ def check_tokens(idx: torch.Tensor, config: GPTConfig, who: str) -> None:
 
 
 class LipschitzBlock(nn.Module):
-    """``x <- (1-a) x + a attn(x)``, then ``x <- (1-a) x + a mlp(x)``, ``a = 1/(2 n_layers)``.
+    """``x <- (1-a) x + a attn(x)``, then ``x <- (1-a) x + a mlp(x)``,
+    ``a = residual_scale / (2 n_layers)`` (``1/(2 n_layers)`` by default).
 
     Shapes ``x [B, T, d] -> [B, T, d]``. Convex residuals keep the per-token RMS
     bounded without any normalization layer.
@@ -35,7 +36,7 @@ class LipschitzBlock(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.alpha = 1.0 / (2 * config.n_layers)
+        self.alpha = config.residual_scale / (2 * config.n_layers)
         scale = min(1.0, config.sigma_max)
         self.attn = LipschitzAttention(
             config.d_model,
