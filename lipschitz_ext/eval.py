@@ -447,7 +447,7 @@ def output_logit_stats(model, idx: torch.Tensor) -> dict[str, float]:
 
 
 def lr_sensitivity(base: "train_mod.TrainConfig", multipliers: list[float], out: str,
-                   sizes: list[tuple[int, int]] = ((32, 1), (64, 2)), models=("lipschitz", "baseline"),
+                   sizes: list[tuple[int, int]] = ((32, 2), (64, 2)), models=("lipschitz", "baseline"),
                    quiet: bool = True) -> list[dict]:
     """Final validation loss vs learning rate for each (model, size); all of a
     model's learning rates are multiplied by each multiplier. ``sizes`` are
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--preset", default="shakespeare-cpu", choices=sorted(train_mod.PRESETS))
     s.add_argument("--lrs", type=_floats, default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
                    help="learning-rate multipliers (>= 3 orders of magnitude)")
-    s.add_argument("--sizes", default="32x1,64x2", help="model sizes d_modelxn_layers, comma-separated")
+    s.add_argument("--sizes", default="32x2,64x2", help="model sizes d_modelxn_layers, comma-separated")
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--data")
     for sp in (r, a, s):

@@ -209,6 +209,10 @@ def test_residual_scale_sets_alpha():
     for bad in (0.0, -1.0, 6.5, True):
         with pytest.raises(ValueError, match="residual_scale"):
             small_config(n_layers=3, residual_scale=bad)
+    # alpha = 1 removes the skip path: with zero-initialized outputs the network is dead
+    with pytest.raises(ValueError, match="no skip path"):
+        small_config(n_layers=1, residual_scale=2.0, zero_init_out=True)
+    assert lnn.LipschitzGPT(small_config(n_layers=1, residual_scale=2.0)).blocks[0].alpha == 1.0
 
 
 def test_positional_bias_in_models_and_errors():

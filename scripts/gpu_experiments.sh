@@ -26,7 +26,7 @@ left() { local s=$(( DEADLINE - $(now) )); [ $s -lt 20 ] && s=20; echo $s; }
 
 if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; HEAD_STEPS=12; BASE_STEPS=12; FP8_STEPS=6; FR_STEPS=6; BATCH=4; EVAL=6; LR_STEPS=4
-  SIZE=(--d-model 32 --n-layers 2 --seq-len 32 --threads 1); FR_SIZE=(--d-model 16 --n-layers 1 --seq-len 16)
+  SIZE=(--d-model 32 --n-layers 2 --seq-len 32 --threads 1); FR_SIZE=(--d-model 16 --n-layers 2 --seq-len 16)
   SEQ=32
 else
   DEV=cuda; HEAD_STEPS=2000; BASE_STEPS=2000; FP8_STEPS=1000; FR_STEPS=1000; BATCH=128; EVAL=100; LR_STEPS=300

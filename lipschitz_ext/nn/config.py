@@ -27,6 +27,8 @@ class GPTConfig:
         rope_base: RoPE frequency base.
         residual_scale: ``r`` in the convex residual weight ``alpha = r / (2 n_layers)``
             (1 = the paper's default; at most ``2 n_layers`` so the residual stays convex).
+        mlp_act_scale: ``k`` in the MLP activation ``GELU(k z) / (k * 1.1289...)``: same slopes
+            and certificate for every k > 0; k > 1 keeps it nonlinear on small inputs.
         pos_bias: positional logit bias of every attention layer, ``"none"``, ``"alibi"``
             (fixed recency slopes) or ``"learned"`` (a per-head table over distances,
             ALiBi-initialized); input-independent, so free in the certificate.
@@ -51,6 +53,7 @@ class GPTConfig:
     rope_base: float = 10000.0
     pos_bias: str = "none"
     residual_scale: float = 1.0
+    mlp_act_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "mlp_ratio"):
@@ -66,7 +69,7 @@ class GPTConfig:
                 f"GPTConfig: rope=True needs an even head dimension, got d_head = "
                 f"{self.d_model // self.n_heads}"
             )
-        for name in ("softmax_scale", "sigma_max", "head_sigma_max", "embed_max_rms", "rope_base"):
+        for name in ("softmax_scale", "sigma_max", "head_sigma_max", "embed_max_rms", "rope_base", "mlp_act_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"GPTConfig: '{name}' must be a number, got {value!r}")
@@ -78,6 +81,12 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig: 'residual_scale' must be in (0, 2 * n_layers] = (0, {2 * self.n_layers}] so that "
                 f"alpha = residual_scale / (2 n_layers) <= 1, got {self.residual_scale!r}"
+            )
+        if self.zero_init_out and self.residual_scale >= 2 * self.n_layers:
+            raise ValueError(
+                f"GPTConfig: residual_scale={self.residual_scale} gives alpha = 1 with {self.n_layers} layer(s): "
+                "no skip path, and with zero_init_out every branch output and gradient is zero; "
+                "use a smaller residual_scale or zero_init_out=False"
             )
         if self.pos_bias not in ("none", "alibi", "learned"):
             raise ValueError(f"GPTConfig: 'pos_bias' must be 'none', 'alibi' or 'learned', got {self.pos_bias!r}")

@@ -51,7 +51,8 @@ class LipschitzBlock(nn.Module):
             max_len=config.seq_len,
         )
         self.mlp = LipschitzMLP(
-            config.d_model, config.mlp_ratio, zero_init_out=config.zero_init_out, init_scale=scale
+            config.d_model, config.mlp_ratio, zero_init_out=config.zero_init_out, init_scale=scale,
+            act_scale=config.mlp_act_scale,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
