@@ -70,10 +70,11 @@ class TrainConfig:
     warmup_steps: int = 0
     final_lr_frac: float = 0.0  # linear decay to this fraction of the lr
     grad_clip: float = 0.0  # baseline only (0 = off)
-    # Loss temperature: cross-entropy (and sampling) use logit_scale * logits. The model,
-    # its certified bound, its accuracy and its certified radii (margin / bound) are the
-    # model's own logits, all unchanged by this factor; it only sets how sharp the
-    # training targets look to a model whose logits the head cap keeps small.
+    # Loss temperature of the Lipschitz model: its cross-entropy (and sampling) use
+    # logit_scale * logits. The model, its certified bound, its accuracy and its certified
+    # radii (margin / bound) are the model's own logits, all unchanged by this factor; it
+    # only sets how sharp the training targets look to a model whose logits the head cap
+    # keeps small. The unconstrained baseline always trains at logit_scale 1.
     logit_scale: float = 1.0
     # evaluation and logging
     eval_every: int = 200
@@ -305,7 +306,7 @@ def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, device: torch.dev
                                                      cfg.eval_batches)):
         x, y = x.to(device), y.to(device)
         logits = m(x)
-        loss_sum += F.cross_entropy(cfg.logit_scale * logits.flatten(0, 1).float(), y.flatten(),
+        loss_sum += F.cross_entropy(loss_logit_scale(cfg) * logits.flatten(0, 1).float(), y.flatten(),
                                     reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         count += y.numel()
@@ -319,6 +320,12 @@ def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, device: torch.dev
         fp8.count_saturation = False
     m.train(was_training)
     return out
+
+
+def loss_logit_scale(cfg: TrainConfig) -> float:
+    """The factor on the logits inside the loss: ``cfg.logit_scale`` for the Lipschitz
+    model, 1 for the baseline (whose logits nothing caps)."""
+    return cfg.logit_scale if cfg.model == "lipschitz" else 1.0
 
 
 def fp8_backend(model: torch.nn.Module):
@@ -565,7 +572,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
             set_lrs(opt, lr_multiplier(cfg, step))
             x, y = sampler.next(device)
             logits = train_model(x)
-            loss = F.cross_entropy(cfg.logit_scale * logits.flatten(0, 1).float(), y.flatten())
+            loss = F.cross_entropy(loss_logit_scale(cfg) * logits.flatten(0, 1).float(), y.flatten())
             if not torch.isfinite(loss):
                 status = "diverged"
                 message = (f"non-finite loss ({loss.item()}) at step {step}: stopping; the last good "
@@ -623,7 +630,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
         if status != "diverged" and cfg.sample_chars > 0 and data.tokenizer.kind != "shards":
             prompt = torch.as_tensor(data.val[: min(cfg.seq_len, 64)], dtype=torch.long)
             text = generate(model, data.tokenizer, prompt, cfg.sample_chars, cfg.seq_len, cfg.seed,
-                            logit_scale=cfg.logit_scale)
+                            logit_scale=loss_logit_scale(cfg))
             atomic_write_text(os.path.join(out, "sample.txt"), text + "\n")
         atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
         plot_curves(out)

@@ -64,6 +64,12 @@ def test_resume_is_exact(corpus, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_loss_temperature_is_for_the_lipschitz_model_only():
+    lip = T.config_from_preset("shakespeare-cpu")
+    assert lip.logit_scale > 1 and T.loss_logit_scale(lip) == lip.logit_scale
+    assert T.loss_logit_scale(T.config_from_preset("shakespeare-cpu", model="baseline")) == 1.0
+
+
 def test_baseline_trains(corpus, tmp_path):
     s = run(corpus, tmp_path / "b", model="baseline", steps=30, eval_every=30)
     assert s["certified_bound"] is None and s["status"] == "completed"
