@@ -223,7 +223,7 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
         for p in model.parameters():
             p.requires_grad_(False)
         certified = isinstance(model, LipschitzGPT)
-        rho = max(float(model.config.embed_max_rms), model.embed.max_row_rms()) if certified else None
+        rho = model.input_rms() if certified else None
         bound = float(certify(model, input_rms=rho).bound) if certified else None
         batches = [(x.to(device), y.to(device)) for x, y in _val_batches(cfg, data, n_batches, batch_size)]
         embeds = [model.embed(x) for x, _ in batches]
@@ -380,36 +380,21 @@ def frontier(run_dirs: list[str], out: str) -> list[dict]:
 def attention_logits(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Causal attention logits ``[B, H, T, T]`` of an attention module on its input
     ``x [B, T, d]``: after the softmax scale, before the softmax, ``-inf`` above the
-    diagonal. ``LipschitzAttention``: ``(s / d_head) q_h k_h^T``; ``BaselineAttention``:
-    ``q_h k_h^T / sqrt(d_head)``; RoPE on q and k when the module uses it, plus its
-    positional bias ``relative_bias(bias_table, T)`` when it has one. A module with its
-    own ``attention_logits(x)`` method is asked directly."""
-    from .nn import LipschitzAttention
+    diagonal. A module with its own ``attention_logits(x)`` (``LipschitzAttention``:
+    ``(s / d_head) q_h k_h^T`` plus its positional bias) is asked directly;
+    ``BaselineAttention``: ``q_h k_h^T / sqrt(d_head)``, RoPE on q and k when it uses it."""
     from .nn.attention import apply_rope
     from .nn.baseline import BaselineAttention
 
     if hasattr(mod, "attention_logits"):
         return mod.attention_logits(x)
-    B, T, d = x.shape
-    if isinstance(mod, LipschitzAttention):
-        q, k = mod._heads(mod.q(x)), mod._heads(mod.k(x))
-        scale = mod.softmax_scale / mod.d_head
-    elif isinstance(mod, BaselineAttention):
-        q, k, _ = mod.qkv(x).view(B, T, 3, mod.n_heads, mod.d_head).permute(2, 0, 3, 1, 4)
-        scale = 1.0 / math.sqrt(mod.d_head)
-    else:
+    if not isinstance(mod, BaselineAttention):
         raise TypeError(f"attention_logits: unsupported attention module {type(mod).__name__}")
+    B, T, d = x.shape
+    q, k, _ = mod.qkv(x).view(B, T, 3, mod.n_heads, mod.d_head).permute(2, 0, 3, 1, 4)
     if mod.rope:
         q, k = apply_rope(q, mod.rope_base), apply_rope(k, mod.rope_base)
-    logits = (_upcast(q) @ _upcast(k).transpose(-2, -1)) * scale
-    table = getattr(mod, "bias_table", None)  # a positional logit bias b_h(t - s), where the model has one
-    if table is not None:
-        try:
-            from .nn.attention import relative_bias
-        except ImportError:
-            raise TypeError(f"attention_logits: {type(mod).__name__} has a positional bias this version "
-                            "cannot rebuild") from None
-        logits = logits + relative_bias(table, T).to(logits.dtype)
+    logits = (_upcast(q) @ _upcast(k).transpose(-2, -1)) / math.sqrt(mod.d_head)
     future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
     return logits.masked_fill(future, float("-inf"))
 

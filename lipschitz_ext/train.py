@@ -136,6 +136,8 @@ def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Clear errors for impossible settings (before any data or model is built)."""
+    from .nn.attention import POS_BIAS_KINDS
+
     checks = [
         (cfg.model in ("lipschitz", "baseline"), f"--model must be lipschitz or baseline, got {cfg.model!r}"),
         (cfg.tokenizer in ("char", "byte"), f"--tokenizer must be char or byte, got {cfg.tokenizer!r}"),
@@ -154,7 +156,7 @@ def validate(cfg: TrainConfig) -> None:
          "--eval-every, --eval-batches and --log-every must be > 0"),
         (cfg.time_budget >= 0, "--time-budget must be >= 0"),
         (math.isfinite(cfg.logit_scale) and cfg.logit_scale > 0, f"--logit-scale must be finite and > 0, got {cfg.logit_scale}"),
-        (cfg.pos_bias in ("none", "alibi", "learned"), f"--pos-bias must be none, alibi or learned, got {cfg.pos_bias!r}"),
+        (cfg.pos_bias in POS_BIAS_KINDS, f"--pos-bias must be one of {', '.join(POS_BIAS_KINDS)}, got {cfg.pos_bias!r}"),
         (not (cfg.pos_bias != "none" and cfg.attention == "fp8"),
          "--attention fp8 has no positional bias: use --pos-bias none with it"),
     ]
@@ -344,9 +346,7 @@ def certified_bound(model: torch.nn.Module) -> float | None:
         return None
     from .certify import certify
 
-    # the domain must hold the embedding's rows: its cap, or more if a row is above it
-    input_rms = max(model.config.embed_max_rms, model.embed.max_row_rms())
-    return float(certify(model, input_rms=input_rms).bound)
+    return float(certify(model, input_rms=model.input_rms()).bound)
 
 
 @torch.no_grad()

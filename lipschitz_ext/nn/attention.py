@@ -187,6 +187,21 @@ class LipschitzAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)
 
+    @torch.no_grad()
+    def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits ``[B, H, T, T]`` this module softmaxes on ``x [B, T, d]``:
+        ``(s / d_head) q_h k_h^T`` (RoPE applied) plus the positional bias, ``-inf``
+        above the diagonal. For inspection (e.g. the attention-logit growth in
+        ``lipschitz-eval lr-sensitivity``); ``forward`` never materializes them."""
+        T = x.shape[1]
+        q, k = self._heads(self.q(x)), self._heads(self.k(x))
+        if self.rope:
+            q, k = apply_rope(q, self.rope_base), apply_rope(k, self.rope_base)
+        logits = (q @ k.transpose(-2, -1)) * (self.softmax_scale / self.d_head)
+        if self.bias_table is not None:
+            logits = logits + relative_bias(self.bias_table, T).to(logits.dtype)
+        return logits.masked_fill(_future_mask(T, x.device), float("-inf"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .attention import POS_BIAS_KINDS
+
 
 @dataclass
 class GPTConfig:
@@ -88,8 +90,8 @@ class GPTConfig:
                 "no skip path, and with zero_init_out every branch output and gradient is zero; "
                 "use a smaller residual_scale or zero_init_out=False"
             )
-        if self.pos_bias not in ("none", "alibi", "learned"):
-            raise ValueError(f"GPTConfig: 'pos_bias' must be 'none', 'alibi' or 'learned', got {self.pos_bias!r}")
+        if self.pos_bias not in POS_BIAS_KINDS:
+            raise ValueError(f"GPTConfig: 'pos_bias' must be one of {POS_BIAS_KINDS}, got {self.pos_bias!r}")
         if not isinstance(self.attention, str) or not self.attention:
             raise ValueError(f"GPTConfig: 'attention' must be a backend name, got {self.attention!r}")
 

@@ -83,6 +83,11 @@ class LipschitzGPT(nn.Module):
             config.d_model, config.vocab_size, init_scale=min(1.0, config.head_sigma_max)
         )
 
+    def input_rms(self) -> float:
+        """Radius of the certificate domain that holds every token this model embeds: the
+        embedding cap, or the largest row RMS if a row is above it (per-token RMS)."""
+        return max(float(self.config.embed_max_rms), self.embed.max_row_rms())
+
     def forward_embeddings(self, x: torch.Tensor) -> torch.Tensor:
         check_embeddings(x, self.config, "LipschitzGPT.forward_embeddings")
         for block in self.blocks:
