@@ -8,6 +8,7 @@ on mismatch, which fails the test through ``mp.spawn``.
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import socket
 
@@ -39,6 +40,17 @@ def _init(rank: int, port: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def _finish() -> None:
+    # Both ranks leave together: a rank tearing down gloo while its peer still talks to
+    # it can abort the process at exit ("terminate called without an active exception").
+    # The barrier is bounded so that a rank whose peer already failed still exits.
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()
 
 
 def _spawn(fn) -> None:
@@ -92,7 +104,7 @@ def _replicated_worker(rank: int, port: int) -> None:
         expected = {0: 5, 1: 3}[rank]
         assert sum(seen) == expected * STEPS, (rank, seen)
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def test_replicated_matches_single_process():
@@ -172,7 +184,7 @@ def _fsdp_worker(rank: int, port: int) -> None:
             torch.testing.assert_close(p.to_local(), q.detach(), rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(o_rep.state[p]["constraint.u"], o_loc.state[q]["constraint.u"])
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def test_fsdp2_matches_single_process():
