@@ -118,6 +118,14 @@ def torch_hard_cap(W, sigma_max=1.0, steps=10):
     return (0.5 * (sigma_max * Q + X - D @ R.mT @ Q)).to(W.dtype)
 
 
+def torch_hard_cap_eigh(W, sigma_max=1.0):
+    X = W.float()
+    tall = X.shape[-2] >= X.shape[-1]
+    lam, V = torch.linalg.eigh(X.mT @ X if tall else X @ X.mT)
+    M = (V * (1 - sigma_max * lam.clamp_min(0).rsqrt()).clamp_min(0).unsqueeze(-2)) @ V.mT
+    return (X - X @ M if tall else X - M @ X).to(W.dtype)
+
+
 def torch_orthogonal(W, sigma_max=1.0, steps=10):
     return (sigma_max * _torch_msign(W.float(), steps)).to(W.dtype)
 
@@ -152,6 +160,10 @@ OPS: dict[str, tuple[Callable, Callable]] = {
         lambda W: ops.spectral_hard_cap(W, P["sigma_max"], "polynomial", P["steps"], P["iters"]),
         None,
     ),
+    "spectral_hard_cap_eigh": (
+        lambda W: ops.spectral_hard_cap(W, P["sigma_max"], "eigh"),
+        lambda W: torch_hard_cap_eigh(W, P["sigma_max"]),
+    ),
     "orthogonal_project": (
         lambda W: ops.orthogonal_project(W, P["sigma_max"], P["steps"]),
         lambda W: torch_orthogonal(W, P["sigma_max"], P["steps"]),
@@ -176,6 +188,7 @@ def _op_flops(op: str, shape) -> float:
         "spectral_soft_cap": 8 * m * m * n,  # two cubic steps, each a Gram + a product
         "spectral_hard_cap_msign": 2 * ns,  # two msign evaluations (lower bound)
         "spectral_hard_cap_polynomial": 4 * (4 * m * m * n + 2 * m**3),
+        "spectral_hard_cap_eigh": 4 * m * m * n + 2 * m**3,  # Gram, V g V^T, product (eigh not counted)
         "orthogonal_project": ns,
         "gemm_reference": 2 * m * m * n,
     }.get(op, 0))

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <functional>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -222,6 +223,26 @@ inline at::Tensor hard_cap_polynomial(const at::Tensor& X, double b, int64_t ite
   return newton_schulz_steps(Y, hard_cap_polynomial_plan()).to(X.scalar_type()) * b;
 }
 
+// Exact cap through the eigendecomposition of the Gram matrix on the small side:
+// with G = X^T X = V diag(l) V^T (tall X; X X^T for wide), U min(S, b) V^T =
+// X - X V diag(g) V^T, g = max(0, 1 - b / sqrt(l)). g is a Lipschitz function of
+// l that vanishes below b^2, so clustered or tiny eigenvalues (whose eigenvectors
+// the solver cannot separate) cost nothing; error ~ eps * ||X||. One Gram, one
+// eigh of the small side, two small-side GEMMs: on CPU and for small matrices
+// several times cheaper than two msigns. A matrix with a non-finite entry is NaN.
+inline at::Tensor hard_cap_eigh(const at::Tensor& X, double b) {
+  const bool tall = X.size(1) >= X.size(2);
+  const at::Tensor finite = at::isfinite(X).flatten(1).all(1).view({-1, 1, 1});
+  const at::Tensor Xs = at::where(finite, X, at::zeros({}, X.options()));
+  const at::Tensor G = tall ? at::bmm(Xs.mT(), Xs) : at::bmm(Xs, Xs.mT());
+  auto [lam, V] = at::linalg_eigh(G);
+  // l <= 0 (rounding of a zero direction): rsqrt = inf, g = max(0, -inf) = 0
+  const at::Tensor g = (1.0 - b * at::rsqrt(lam.clamp_min(0))).clamp_min(0);
+  const at::Tensor M = at::bmm(V * g.unsqueeze(-2), V.mT());
+  const at::Tensor out = tall ? Xs - at::bmm(Xs, M) : Xs - at::bmm(M, Xs);
+  return at::where(finite, out, at::full({}, std::numeric_limits<double>::quiet_NaN(), X.options()));
+}
+
 inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double sigma_max,
                                 c10::string_view method, int64_t steps, int64_t iters) {
   const char* op = "spectral_hard_cap";
@@ -229,10 +250,14 @@ inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double s
   check_nonnegative(sigma_max, op, "sigma_max");
   check_steps(steps, op);
   check_iters(iters, op);
-  TORCH_CHECK(method == "msign" || method == "polynomial", op,
-              ": argument 'method' must be 'msign' or 'polynomial', got '", std::string(method), "'");
+  TORCH_CHECK(method == "msign" || method == "polynomial" || method == "eigh", op,
+              ": argument 'method' must be 'msign', 'polynomial' or 'eigh', got '", std::string(method),
+              "'");
   if (W.numel() == 0) return at::empty(W.sizes(), W.options());
   if (sigma_max == 0.0) return W * 0;  // keeps NaN as NaN
+  if (method == "eigh")  // eigh has no half-precision kernels: float32 (float64 for float64)
+    return hard_cap_eigh(as_batch3d(W).to(float_or_double(W.scalar_type())), sigma_max)
+        .reshape(W.sizes()).to(W.scalar_type()).contiguous();
   const at::Tensor X = as_batch3d(W).to(be.state(W.scalar_type()));
   const auto gemm = be.gemm(W.scalar_type());
   const at::Tensor out = method == "msign" ? hard_cap_msign(X, sigma_max, steps, gemm, op)

@@ -1,4 +1,4 @@
-"""The spectral caps (soft cap + soft_cap_alpha, msign/polynomial hard cap,
+"""The spectral caps (soft cap + soft_cap_alpha, msign/polynomial/eigh hard cap,
 orthogonal_project, svd_cap) against float64 SVD references on matrices with
 controlled spectra."""
 
@@ -152,6 +152,43 @@ def test_msign_hard_cap_matches_clip(shape, kind):
     torch.testing.assert_close(ops.svd_cap(W.float(), cap).double(), ref, atol=1e-5, rtol=1e-5)
 
 
+#: eigh hard cap, float32: ||out - U min(S, b) V^T||_2 <= EIGH_TOL * ||W||_2 (rounding only).
+EIGH_TOL = 2e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 1, 37)])
+@pytest.mark.parametrize("kind", ["spread", "rank_deficient", "repeated"])
+def test_eigh_hard_cap_is_exact(shape, kind):
+    cap = 0.7
+    W = controlled(shape, kind, cap=cap)
+    out = ops.spectral_hard_cap(W.float(), cap, method="eigh")
+    assert out.shape == W.shape and out.dtype == torch.float32
+    ref = svd_apply_f64(W, lambda S: S.clamp(max=cap))
+    scale = torch.linalg.matrix_norm(W, 2).clamp_min(cap)
+    err = torch.linalg.matrix_norm(out.double() - ref, 2)
+    assert (err <= EIGH_TOL * scale).all(), (err / scale).max()
+    # float64 in, float64 out: exact to float64 rounding
+    out64 = ops.spectral_hard_cap(W, cap, method="eigh")
+    assert out64.dtype == torch.float64
+    assert (torch.linalg.matrix_norm(out64 - ref, 2) <= 1e-12 * scale).all()
+
+
+def test_eigh_hard_cap_at_the_cap_and_non_contiguous():
+    # Training leaves most singular values AT the cap (a cluster the eigensolver cannot
+    # resolve) with a few just above it: the cap must hold and the rest stay put.
+    torch.manual_seed(1)
+    s = torch.ones(4, 64, dtype=torch.float64)
+    s[:, :5] = 1 + torch.rand(4, 5, dtype=torch.float64) * 0.05
+    s[:, -8:] = torch.rand(4, 8, dtype=torch.float64)
+    W = with_spectrum(s, 96, 64)
+    ref = svd_apply_f64(W, lambda S: S.clamp(max=1.0))
+    Wt = W.float().mT.contiguous().mT  # same values, column-major strides
+    assert not Wt.is_contiguous()
+    out = ops.spectral_hard_cap(Wt, 1.0, method="eigh")
+    assert torch.linalg.matrix_norm(out.double() - ref, 2).max() <= EIGH_TOL * 1.05
+    assert torch.linalg.svdvals(out.double()).max() <= 1.0 + 1e-6
+
+
 def test_msign_hard_cap_float64_is_tight():
     W = controlled((2, 40, 64), "spread", cap=1.0)
     out = ops.spectral_hard_cap(W, 1.0, steps=12)
@@ -163,7 +200,7 @@ def test_hard_cap_zero_cap_and_zero_matrix():
     W = torch.randn(2, 8, 12)
     assert (ops.spectral_hard_cap(W, 0.0) == 0).all()
     Z = torch.zeros(2, 8, 12)
-    for method in ("msign", "polynomial"):
+    for method in ("msign", "polynomial", "eigh"):
         assert (ops.spectral_hard_cap(Z, 1.0, method=method) == 0).all()
     assert (ops.orthogonal_project(Z) == 0).all()
 
@@ -222,6 +259,7 @@ def test_ops_accept_low_precision_and_keep_dtype():
         for out in (
             ops.spectral_hard_cap(W.to(dt), 0.5),
             ops.spectral_hard_cap(W.to(dt), 0.5, method="polynomial"),
+            ops.spectral_hard_cap(W.to(dt), 0.5, method="eigh"),
             ops.orthogonal_project(W.to(dt), 0.5),
         ):
             assert out.dtype == dt and out.shape == W.shape
@@ -236,6 +274,7 @@ def test_batched_equals_per_matrix():
         "soft": ops.spectral_soft_cap(W, 0.01),
         "hard": ops.spectral_hard_cap(W, 0.3),
         "poly": ops.spectral_hard_cap(W, 0.3, method="polynomial"),
+        "eigh": ops.spectral_hard_cap(W, 0.3, method="eigh"),
         "orth": ops.orthogonal_project(W, 0.3),
         "svd": ops.svd_cap(W, 0.3),
     }
@@ -246,6 +285,7 @@ def test_batched_equals_per_matrix():
                 "soft": ops.spectral_soft_cap(Wi, 0.01),
                 "hard": ops.spectral_hard_cap(Wi, 0.3),
                 "poly": ops.spectral_hard_cap(Wi, 0.3, method="polynomial"),
+                "eigh": ops.spectral_hard_cap(Wi, 0.3, method="eigh"),
                 "orth": ops.orthogonal_project(Wi, 0.3),
                 "svd": ops.svd_cap(Wi, 0.3),
             }
@@ -261,6 +301,7 @@ def test_non_finite_weights_never_become_finite():
             ops.spectral_soft_cap(W, 0.1),
             ops.spectral_hard_cap(W, 1.0),
             ops.spectral_hard_cap(W, 1.0, method="polynomial"),
+            ops.spectral_hard_cap(W, 1.0, method="eigh"),
             ops.orthogonal_project(W, 1.0),
         ):
             assert not torch.isfinite(out[1]).any()
@@ -279,7 +320,7 @@ def test_non_finite_weights_never_become_finite():
         (lambda: ops.spectral_soft_cap(torch.randn(2, 3, 3), torch.ones(2, dtype=torch.long)), "argument 'alpha' must be a float or a floating"),
         (lambda: ops.spectral_hard_cap(torch.randn(3, 3), -1.0), "spectral_hard_cap: argument 'sigma_max' must be finite and >= 0"),
         (lambda: ops.spectral_hard_cap(torch.randn(3), 1.0), "spectral_hard_cap: argument 'W' must have rank >= 2"),
-        (lambda: ops.spectral_hard_cap(torch.randn(3, 3), 1.0, method="svd"), "argument 'method' must be 'msign' or 'polynomial'"),
+        (lambda: ops.spectral_hard_cap(torch.randn(3, 3), 1.0, method="svd"), "argument 'method' must be 'msign', 'polynomial' or 'eigh'"),
         (lambda: ops.spectral_hard_cap(torch.randn(3, 3), 1.0, steps=0), "argument 'steps' must be in"),
         (lambda: ops.orthogonal_project(torch.randn(3, 3), -2.0), "orthogonal_project: argument 'sigma_max'"),
         (lambda: ops.orthogonal_project(torch.ones(3, 3, dtype=torch.int32)), "orthogonal_project: argument 'W' must be a floating"),
@@ -305,6 +346,7 @@ def test_opcheck():
         torch.library.opcheck(lib.spectral_soft_cap.per_matrix, (W, torch.full(W.shape[:-2], 0.1, dtype=W.dtype)))
         torch.library.opcheck(lib.spectral_hard_cap.default, (W, 0.5, "msign", 8, 16))
         torch.library.opcheck(lib.spectral_hard_cap.default, (W, 0.5, "polynomial", 8, 4))
+        torch.library.opcheck(lib.spectral_hard_cap.default, (W, 0.5, "eigh", 8, 4))
         torch.library.opcheck(lib.orthogonal_project.default, (W, 1.0, 6))
         torch.library.opcheck(lib.svd_cap.default, (W, 0.5))
 
@@ -331,6 +373,7 @@ def test_cuda_matches_cpu(shape, dtype):
         ("soft_pm", lambda X: ops.spectral_soft_cap(X, torch.full(X.shape[:-2], a, device=X.device))),
         ("hard", lambda X: ops.spectral_hard_cap(X, 0.5)),
         ("poly", lambda X: ops.spectral_hard_cap(X, 0.5, method="polynomial")),
+        ("eigh", lambda X: ops.spectral_hard_cap(X, 0.5, method="eigh")),
         ("orth", lambda X: ops.orthogonal_project(X, 0.5)),
         ("svd", lambda X: ops.svd_cap(X, 0.5)),
     ):
