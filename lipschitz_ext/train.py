@@ -56,6 +56,8 @@ class TrainConfig:
     # constraints (RMS->RMS caps)
     constraint: str = "soft_cap"
     sigma_max: float = 1.0  # hidden matrices
+    attn_sigma_max: float | None = None  # attention Q, K, V, O (None = sigma_max)
+    mlp_sigma_max: float | None = None  # MLP in, out (None = sigma_max)
     head_sigma_max: float = 1.0  # output layer
     embed_max_rms: float = 1.0
     # optimization
@@ -150,6 +152,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.n_layers > 0, f"--n-layers must be > 0, got {cfg.n_layers}"),
         (cfg.sigma_max > 0 and cfg.head_sigma_max > 0 and cfg.embed_max_rms > 0,
          "--sigma-max, --head-sigma-max and --embed-max-rms must be > 0"),
+        (all(v is None or (math.isfinite(v) and v > 0) for v in (cfg.attn_sigma_max, cfg.mlp_sigma_max)),
+         f"--attn-sigma-max and --mlp-sigma-max must be finite and > 0, got "
+         f"{cfg.attn_sigma_max} and {cfg.mlp_sigma_max}"),
         (min(cfg.lr, cfg.head_lr, cfg.embed_lr, cfg.baseline_lr) > 0, "learning rates must be > 0"),
         (0 <= cfg.final_lr_frac <= 1, "--final-lr-frac must be in [0, 1]"),
         (cfg.eval_every > 0 and cfg.eval_batches > 0 and cfg.log_every > 0,
@@ -210,8 +215,8 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
     gcfg = GPTConfig(
         vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
         seq_len=cfg.seq_len, softmax_scale=cfg.softmax_scale, mlp_ratio=cfg.mlp_ratio,
-        attention=cfg.attention, sigma_max=cfg.sigma_max, head_sigma_max=cfg.head_sigma_max,
-        embed_max_rms=cfg.embed_max_rms, pos_bias=cfg.pos_bias, residual_scale=cfg.residual_scale,
+        attention=cfg.attention, sigma_max=cfg.sigma_max, attn_sigma_max=cfg.attn_sigma_max,
+        mlp_sigma_max=cfg.mlp_sigma_max, head_sigma_max=cfg.head_sigma_max, embed_max_rms=cfg.embed_max_rms, pos_bias=cfg.pos_bias, residual_scale=cfg.residual_scale,
         mlp_act_scale=cfg.mlp_act_scale,
     )
     return (LipschitzGPT if cfg.model == "lipschitz" else BaselineGPT)(gcfg)
@@ -711,7 +716,7 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=FIELD_HELP.get(f.name))
             continue
-        conv = {"int": int, "float": float, "str": str, "str | None": str}.get(str(f.type), kind or str)
+        conv = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float}.get(str(f.type), kind or str)
         p.add_argument(flag, type=conv, default=None, help=FIELD_HELP.get(f.name, f"(default {f.default!r})"))
 
 

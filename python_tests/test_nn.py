@@ -288,6 +288,24 @@ def test_param_groups_spec_covers_every_parameter_once():
     assert sorted(id(p) for g in bspec for p in g["params"]) == sorted(id(p) for p in b.parameters())
 
 
+def test_param_groups_spec_splits_attention_and_mlp_caps():
+    # Different attention / MLP caps: two hidden groups, each with its own cap; equal caps
+    # (set explicitly or through sigma_max) keep the single "hidden" group.
+    m = lnn.LipschitzGPT(small_config(sigma_max=1.0, mlp_sigma_max=2.5))
+    spec = m.param_groups_spec()
+    assert [(g["name"], g["kind"], g["sigma_max"]) for g in spec] == [
+        ("embedding", "embedding", 1.0), ("attention", "hidden", 1.0), ("mlp", "hidden", 2.5), ("head", "head", 1.0)]
+    assert all(".attn." in n for n in spec[1]["names"]) and len(spec[1]["names"]) == 2 * 4
+    assert all(".mlp." in n for n in spec[2]["names"]) and len(spec[2]["names"]) == 2 * 2
+    assert sorted(id(p) for g in spec for p in g["params"]) == sorted(id(p) for p in m.parameters())
+    same = lnn.LipschitzGPT(small_config(sigma_max=2.0, attn_sigma_max=2.0, mlp_sigma_max=2.0))
+    assert [g["name"] for g in same.param_groups_spec()] == ["embedding", "hidden", "head"]
+    with pytest.raises(ValueError, match="attn_sigma_max"):
+        small_config(attn_sigma_max=-1.0)
+    with pytest.raises(ValueError, match="mlp_sigma_max"):
+        small_config(mlp_sigma_max=float("nan"))
+
+
 @pytest.mark.parametrize("rope", [True, False])
 def test_baseline_runs_and_is_causal(rope):
     cfg = small_config(rope=rope)

@@ -150,12 +150,15 @@ def test_build_optimizers_with_real_constraints_caps_everything():
     assert kinds == {"hidden": "SpectralSoftCap", "head": "SpectralSoftCap", "embedding": "EmbeddingRMSCap"}
 
 
-def test_build_optimizers_on_lipschitz_gpt_keeps_every_cap():
-    # The model's own param_groups_spec() decides roles and caps (hidden 1.5, head 4, embedding 1).
+@pytest.mark.parametrize("caps", [dict(sigma_max=1.5), dict(sigma_max=1.0, mlp_sigma_max=2.0),
+                                  dict(sigma_max=3.0, attn_sigma_max=0.5)])
+def test_build_optimizers_on_lipschitz_gpt_keeps_every_cap(caps):
+    # The model's own param_groups_spec() decides roles and caps (hidden 1.5 or per-group
+    # attention/MLP caps, head 4, embedding 1).
     from lipschitz_ext.nn import GPTConfig, LipschitzGPT
 
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=29, d_model=32, n_layers=2, n_heads=2, seq_len=12, sigma_max=1.5,
+    cfg = GPTConfig(vocab_size=29, d_model=32, n_layers=2, n_heads=2, seq_len=12, **caps,
                     head_sigma_max=4.0, embed_max_rms=1.0)
     model = LipschitzGPT(cfg)
     opt = build_optimizers(model, lr=0.1, head_lr=0.05)
@@ -174,3 +177,25 @@ def test_build_optimizers_on_lipschitz_gpt_keeps_every_cap():
                     assert p.double().pow(2).mean(-1).sqrt().max().item() <= d["sigma_max"] + 1e-6
                 else:
                     assert rms_norms(p).max().item() <= d["sigma_max"] * (1 + 1e-4), d["name"]
+
+
+def test_hard_cap_pins_each_hidden_group_at_its_own_cap():
+    # Attention capped at 1, MLP at 2: after a few large Muon steps the hard cap leaves
+    # every matrix exactly at its own group's cap (the MLP is not clipped to the attention cap).
+    from lipschitz_ext.nn import GPTConfig, LipschitzGPT
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=29, d_model=32, n_layers=2, n_heads=2, seq_len=12, sigma_max=1.0,
+                    mlp_sigma_max=2.0)
+    model = LipschitzGPT(cfg)
+    opt = build_optimizers(model, lr=0.5, head_lr=0.05, hidden_constraint="hard_cap")
+    for _ in range(5):
+        idx = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        if ".attn." in name and name.endswith(("q.weight", "k.weight", "v.weight", "o.weight")):
+            assert rms_norms(p).item() == pytest.approx(1.0, rel=2e-3), name
+        elif ".mlp." in name:
+            assert rms_norms(p).item() == pytest.approx(2.0, rel=2e-3), name

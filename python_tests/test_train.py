@@ -119,6 +119,8 @@ def test_presets_validate():
     (dict(steps=0), "--steps must be > 0"),
     (dict(logit_scale=0.0), "--logit-scale"),
     (dict(pos_bias="sinusoid"), "--pos-bias"),
+    (dict(mlp_sigma_max=0.0), "--mlp-sigma-max"),
+    (dict(attn_sigma_max=float("inf")), "--attn-sigma-max"),
     (dict(pos_bias="learned", attention="fp8"), "no positional bias"),
 ])
 def test_bad_configs(kw, match):

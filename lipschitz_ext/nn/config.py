@@ -22,6 +22,8 @@ class GPTConfig:
         mlp_ratio: MLP hidden width is ``mlp_ratio * d_model``.
         attention: attention backend name (see ``lipschitz_ext.nn.ATTENTION_BACKENDS``).
         sigma_max: intended RMS->RMS cap of every hidden matrix (Q, K, V, O, MLP in/out).
+        attn_sigma_max: cap of the attention matrices (Q, K, V, O); None = ``sigma_max``.
+        mlp_sigma_max: cap of the MLP matrices (in, out); None = ``sigma_max``.
         head_sigma_max: intended RMS->RMS cap of the output layer (an inverse temperature).
         embed_max_rms: intended per-token RMS cap of the embedding table.
         zero_init_out: zero-initialize the attention output and MLP output matrices.
@@ -48,6 +50,8 @@ class GPTConfig:
     mlp_ratio: int = 4
     attention: str = "sdpa"
     sigma_max: float = 1.0
+    attn_sigma_max: float | None = None
+    mlp_sigma_max: float | None = None
     head_sigma_max: float = 1.0
     embed_max_rms: float = 1.0
     zero_init_out: bool = True
@@ -77,6 +81,14 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig: '{name}' must be a number, got {value!r}")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"GPTConfig: '{name}' must be finite and > 0, got {value!r}")
+        for name in ("attn_sigma_max", "mlp_sigma_max"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"GPTConfig: '{name}' must be a number or None, got {value!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"GPTConfig: '{name}' must be finite and > 0, got {value!r}")
         if isinstance(self.residual_scale, bool) or not isinstance(self.residual_scale, (int, float)) or not (
             0 < self.residual_scale <= 2 * self.n_layers
         ):
@@ -94,6 +106,16 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: 'pos_bias' must be one of {POS_BIAS_KINDS}, got {self.pos_bias!r}")
         if not isinstance(self.attention, str) or not self.attention:
             raise ValueError(f"GPTConfig: 'attention' must be a backend name, got {self.attention!r}")
+
+    @property
+    def attn_cap(self) -> float:
+        """RMS->RMS cap of the attention matrices (``attn_sigma_max`` or ``sigma_max``)."""
+        return self.sigma_max if self.attn_sigma_max is None else float(self.attn_sigma_max)
+
+    @property
+    def mlp_cap(self) -> float:
+        """RMS->RMS cap of the MLP matrices (``mlp_sigma_max`` or ``sigma_max``)."""
+        return self.sigma_max if self.mlp_sigma_max is None else float(self.mlp_sigma_max)
 
     @property
     def d_head(self) -> int:

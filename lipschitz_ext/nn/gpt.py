@@ -37,7 +37,6 @@ class LipschitzBlock(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.alpha = config.residual_scale / (2 * config.n_layers)
-        scale = min(1.0, config.sigma_max)
         self.attn = LipschitzAttention(
             config.d_model,
             config.n_heads,
@@ -46,12 +45,13 @@ class LipschitzBlock(nn.Module):
             rope=config.rope,
             rope_base=config.rope_base,
             zero_init_out=config.zero_init_out,
-            init_scale=scale,
+            init_scale=min(1.0, config.attn_cap),
             pos_bias=config.pos_bias,
             max_len=config.seq_len,
         )
         self.mlp = LipschitzMLP(
-            config.d_model, config.mlp_ratio, zero_init_out=config.zero_init_out, init_scale=scale,
+            config.d_model, config.mlp_ratio, zero_init_out=config.zero_init_out,
+            init_scale=min(1.0, config.mlp_cap),
             act_scale=config.mlp_act_scale,
         )
 
@@ -67,7 +67,7 @@ class LipschitzGPT(nn.Module):
     ``forward(idx [B, T] long) -> logits [B, T, vocab_size]``;
     ``forward_embeddings(x [B, T, d_model]) -> logits`` (what ``lipschitz_ext.certify``
     bounds). No LayerNorm, QK-norm or logit softcap. Hidden matrices start at
-    RMS->RMS norm ``min(1, sigma_max)`` (output projections at zero when
+    RMS->RMS norm ``min(1, cap)`` (cap: ``attn_sigma_max`` / ``mlp_sigma_max``, default ``sigma_max``; output projections at zero when
     ``zero_init_out``), the head at ``min(1, head_sigma_max)``, embedding rows at
     RMS ``embed_max_rms``.
     """
@@ -104,11 +104,29 @@ class LipschitzGPT(nn.Module):
             (name, m) for name, m in self.named_modules() if isinstance(m, LipschitzLinear) and m is not self.head
         ]
 
+    def _hidden_groups(self, hidden: list[tuple[str, LipschitzLinear]]) -> list[dict]:
+        # One "hidden" group when attention and MLP share a cap (the optimizer batches all
+        # same-shape matrices of a group); "attention" and "mlp" groups when they differ.
+        cfg = self.config
+        if cfg.attn_cap == cfg.mlp_cap:
+            parts = [("hidden", hidden, cfg.attn_cap)]
+        else:
+            attn = [(n, m) for n, m in hidden if ".attn." in f".{n}."]
+            mlp = [(n, m) for n, m in hidden if ".attn." not in f".{n}."]
+            parts = [("attention", attn, cfg.attn_cap), ("mlp", mlp, cfg.mlp_cap)]
+        return [
+            {"name": name, "kind": "hidden", "params": [m.weight for _, m in mods],
+             "names": [f"{n}.weight" for n, _ in mods], "sigma_max": cap}
+            for name, mods, cap in parts
+        ]
+
     def param_groups_spec(self) -> list[dict]:
         """The model's weights grouped by role, for building optimizer param groups.
 
         Returns a list of dicts with keys ``name`` (group name), ``kind``
-        (``"embedding"``, ``"hidden"`` or ``"head"``), ``params`` (list of
+        (``"embedding"``, ``"hidden"`` or ``"head"``; the hidden matrices form one group
+        ``"hidden"``, or two, ``"attention"`` and ``"mlp"``, when ``attn_sigma_max`` and
+        ``mlp_sigma_max`` give them different caps), ``params`` (list of
         Parameters), ``names`` (their qualified names) and ``sigma_max`` (the intended cap:
         per-token RMS for the embedding, RMS->RMS operator norm for matrices). Every
         parameter appears in exactly one group; matrices are in PyTorch layout
@@ -134,13 +152,7 @@ class LipschitzGPT(nn.Module):
                 "names": ["embed.weight"],
                 "sigma_max": self.config.embed_max_rms,
             },
-            {
-                "name": "hidden",
-                "kind": "hidden",
-                "params": [m.weight for _, m in hidden],
-                "names": [f"{n}.weight" for n, _ in hidden],
-                "sigma_max": self.config.sigma_max,
-            },
+            *self._hidden_groups(hidden),
             {
                 "name": "head",
                 "kind": "head",
