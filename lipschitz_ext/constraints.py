@@ -262,23 +262,33 @@ class SpectralSoftCap(Constraint):
 class SpectralHardCap(Constraint):
     """Spectral hard cap: singular values of ``W'`` clipped to ``sigma_max``.
 
-    ``method="msign"`` (exact formula on Polar Express msign, ``steps`` per msign;
-    within ~5e-3 * sigma_max in float32) or ``"polynomial"`` (the paper's quintic,
-    peak 1.0109 * sigma_max; out-of-range inputs pre-scaled, see
-    ``ops.spectral_hard_cap``). No state.
+    ``method``: ``"auto"`` (default: ``"eigh"`` for CPU weights, ``"msign"`` on GPUs),
+    ``"eigh"`` (exact, through the eigendecomposition of the Gram matrix on the
+    small side; ~1e-7 relative in float32 and the cheapest on CPU), ``"msign"``
+    (exact formula on Polar Express msign, ``steps`` per msign; within ~5e-3 *
+    sigma_max in float32; all GEMMs, the fast path on GPUs, where batched ``eigh`` is
+    slow) or ``"polynomial"`` (the paper's quintic, peak 1.0109 * sigma_max;
+    out-of-range inputs pre-scaled, see ``ops.spectral_hard_cap``). No state.
     """
 
     name = "hard_cap"
 
-    def __init__(self, sigma_max: float = 1.0, method: str = "msign", steps: int = 10):
+    def __init__(self, sigma_max: float = 1.0, method: str = "auto", steps: int = 10):
         self.sigma_max = _check_nonneg("SpectralHardCap", "sigma_max", sigma_max)
-        if method not in ops.HARD_CAP_METHODS:
-            raise ValueError(f"SpectralHardCap: argument 'method' must be one of {ops.HARD_CAP_METHODS}, got {method!r}")
+        if method != "auto" and method not in ops.HARD_CAP_METHODS:
+            raise ValueError(f"SpectralHardCap: argument 'method' must be 'auto' or one of "
+                             f"{ops.HARD_CAP_METHODS}, got {method!r}")
         self.method = method
         self.steps = int(steps)
 
+    def method_for(self, W: torch.Tensor) -> str:
+        """The op method used for weights ``W`` (resolves ``"auto"`` by device)."""
+        if self.method != "auto":
+            return self.method
+        return "eigh" if W.device.type == "cpu" else "msign"
+
     def _apply(self, W3, *, lr, update_norm, decay, state):
-        return ops.spectral_hard_cap(W3, self.sigma_max * rms_scale(W3), self.method, self.steps)
+        return ops.spectral_hard_cap(W3, self.sigma_max * rms_scale(W3), self.method_for(W3), self.steps)
 
 
 class Orthogonal(Constraint):

@@ -29,7 +29,8 @@ def in_frame(sv_rms: torch.Tensor, m: int, n: int) -> torch.Tensor:
     "make, tol",
     [
         (lambda: C.SVDCap(sigma_max=0.8), 1e-5),
-        (lambda: C.SpectralHardCap(sigma_max=0.8), 5e-3),
+        (lambda: C.SpectralHardCap(sigma_max=0.8), 1e-5),  # "auto" = eigh on CPU: exact
+        (lambda: C.SpectralHardCap(sigma_max=0.8, method="msign"), 5e-3),
         (lambda: C.SpectralHardCap(sigma_max=0.8, method="polynomial"), 0.012),
         # 16 cold power iterations on close top singular values: converged to ~1%
         (lambda: C.SpectralNormalize(sigma_max=0.8), 1e-2),
@@ -47,6 +48,23 @@ def test_caps_hold_in_the_rms_frame(shape, make, tol):
     got = rms_norm(W)
     assert (got <= 0.8 * (1 + tol)).all(), got
     assert c.sigma_max == 0.8
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_hard_cap_auto_is_the_exact_cap_on_cpu(shape):
+    k, m, n = shape
+    W = in_frame(torch.rand(k, min(m, n), dtype=torch.float64) * 3, m, n)
+    s = math.sqrt(m / n)
+    want = svd_apply_f64(W / s, lambda S: S.clamp(max=1.3)) * s
+    c = C.SpectralHardCap(sigma_max=1.3)
+    assert c.method == "auto" and c.method_for(W) == "eigh"
+    assert C.SpectralHardCap(method="msign").method_for(W) == "msign"
+    Wf = W.float()
+    c.apply_(Wf)
+    scale = torch.linalg.matrix_norm(W, 2).max().item()
+    assert (Wf.double() - want).abs().max().item() <= 2e-6 * scale
+    c.apply_(W)
+    torch.testing.assert_close(W, want, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
