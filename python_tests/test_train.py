@@ -112,6 +112,20 @@ def test_presets_validate():
     assert (g.n_layers, g.d_model, g.n_heads, g.d_model // g.n_heads) == (12, 768, 6, 128)
 
 
+def test_explicit_sigma_max_replaces_preset_group_caps():
+    cpu = T.config_from_preset("shakespeare-cpu")
+    assert (cpu.attn_sigma_max, cpu.mlp_sigma_max) == (1.25, 2.0)
+    # --sigma-max alone: one cap for every hidden matrix (what a sweep varies)
+    one = T.config_from_preset("shakespeare-cpu", sigma_max=0.5)
+    assert (one.sigma_max, one.attn_sigma_max, one.mlp_sigma_max) == (0.5, None, None)
+    # a per-group cap given beside it is kept
+    both = T.config_from_preset("shakespeare-cpu", sigma_max=0.5, mlp_sigma_max=3.0)
+    assert (both.attn_sigma_max, both.mlp_sigma_max) == (None, 3.0)
+    model = T.build_model(both, vocab_size=11)
+    assert {g["name"]: g["sigma_max"] for g in model.param_groups_spec() if g["kind"] == "hidden"} == {
+        "attention": 0.5, "mlp": 3.0}
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(d_model=30, n_heads=4), "multiple of --n-heads"),
     (dict(sigma_max=-1.0), "must be > 0"),
@@ -200,6 +214,10 @@ def test_sweep_writes_frontier(corpus, tmp_path):
     lines = (out / "frontier.csv").read_text().splitlines()
     assert len(lines) == 5 and lines[0].startswith("constraint,sigma_max,certified_bound")
     assert (out / "frontier.png").exists()
+    # the swept cap is every hidden matrix's cap (the preset's per-group caps are dropped)
+    for cap in ("0.5", "2"):
+        cfg = json.loads((out / f"soft_cap-s{cap}" / "config.json").read_text())
+        assert (cfg["sigma_max"], cfg["attn_sigma_max"], cfg["mlp_sigma_max"]) == (float(cap), None, None)
 
 
 def test_torchrun_two_processes(corpus, tmp_path):
