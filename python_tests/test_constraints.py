@@ -50,12 +50,17 @@ def test_caps_hold_in_the_rms_frame(shape, make, tol):
     assert c.sigma_max == 0.8
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_hard_cap_auto_is_the_exact_cap_on_cpu(shape):
+def frame_case(shape):
+    """float64 weights [k, m, n] and their exact cap at RMS->RMS norm 1.3 (float64 SVD)."""
     k, m, n = shape
     W = in_frame(torch.rand(k, min(m, n), dtype=torch.float64) * 3, m, n)
     s = math.sqrt(m / n)
-    want = svd_apply_f64(W / s, lambda S: S.clamp(max=1.3)) * s
+    return W, svd_apply_f64(W / s, lambda S: S.clamp(max=1.3)) * s
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_hard_cap_auto_is_the_exact_cap_on_cpu(shape):
+    W, want = frame_case(shape)
     c = C.SpectralHardCap(sigma_max=1.3)
     assert c.method == "auto" and c.method_for(W) == "eigh"
     assert C.SpectralHardCap(method="msign").method_for(W) == "msign"
@@ -69,10 +74,7 @@ def test_hard_cap_auto_is_the_exact_cap_on_cpu(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_svd_cap_frame_matches_definition(shape):
-    k, m, n = shape
-    W = in_frame(torch.rand(k, min(m, n), dtype=torch.float64) * 3, m, n)
-    s = math.sqrt(m / n)
-    want = svd_apply_f64(W / s, lambda S: S.clamp(max=1.3)) * s
+    W, want = frame_case(shape)
     C.SVDCap(sigma_max=1.3).apply_(W)
     torch.testing.assert_close(W, want, atol=1e-10, rtol=1e-10)
 
