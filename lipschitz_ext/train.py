@@ -225,8 +225,8 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
         vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
         seq_len=cfg.seq_len, softmax_scale=cfg.softmax_scale, mlp_ratio=cfg.mlp_ratio,
         attention=cfg.attention, sigma_max=cfg.sigma_max, attn_sigma_max=cfg.attn_sigma_max,
-        mlp_sigma_max=cfg.mlp_sigma_max, head_sigma_max=cfg.head_sigma_max, embed_max_rms=cfg.embed_max_rms, pos_bias=cfg.pos_bias, residual_scale=cfg.residual_scale,
-        mlp_act_scale=cfg.mlp_act_scale,
+        mlp_sigma_max=cfg.mlp_sigma_max, head_sigma_max=cfg.head_sigma_max, embed_max_rms=cfg.embed_max_rms,
+        pos_bias=cfg.pos_bias, residual_scale=cfg.residual_scale, mlp_act_scale=cfg.mlp_act_scale,
     )
     return (LipschitzGPT if cfg.model == "lipschitz" else BaselineGPT)(gcfg)
 
@@ -727,7 +727,8 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=FIELD_HELP.get(f.name))
             continue
-        conv = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float}.get(str(f.type), kind or str)
+        conv = {"int": int, "float": float, "str": str, "str | None": str,
+                "float | None": float}.get(str(f.type), kind or str)
         p.add_argument(flag, type=conv, default=None, help=FIELD_HELP.get(f.name, f"(default {f.default!r})"))
 
 

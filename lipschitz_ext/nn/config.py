@@ -75,18 +75,14 @@ class GPTConfig:
                 f"GPTConfig: rope=True needs an even head dimension, got d_head = "
                 f"{self.d_model // self.n_heads}"
             )
-        for name in ("softmax_scale", "sigma_max", "head_sigma_max", "embed_max_rms", "rope_base", "mlp_act_scale"):
+        optional = ("attn_sigma_max", "mlp_sigma_max")  # None = sigma_max
+        for name in ("softmax_scale", "sigma_max", "head_sigma_max", "embed_max_rms", "rope_base", "mlp_act_scale",
+                     *optional):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"GPTConfig: '{name}' must be a number, got {value!r}")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"GPTConfig: '{name}' must be finite and > 0, got {value!r}")
-        for name in ("attn_sigma_max", "mlp_sigma_max"):
-            value = getattr(self, name)
-            if value is None:
+            if value is None and name in optional:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"GPTConfig: '{name}' must be a number or None, got {value!r}")
+                raise ValueError(f"GPTConfig: '{name}' must be a number, got {value!r}")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"GPTConfig: '{name}' must be finite and > 0, got {value!r}")
         if isinstance(self.residual_scale, bool) or not isinstance(self.residual_scale, (int, float)) or not (

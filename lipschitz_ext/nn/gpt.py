@@ -67,8 +67,8 @@ class LipschitzGPT(nn.Module):
     ``forward(idx [B, T] long) -> logits [B, T, vocab_size]``;
     ``forward_embeddings(x [B, T, d_model]) -> logits`` (what ``lipschitz_ext.certify``
     bounds). No LayerNorm, QK-norm or logit softcap. Hidden matrices start at
-    RMS->RMS norm ``min(1, cap)`` (cap: ``attn_sigma_max`` / ``mlp_sigma_max``, default ``sigma_max``; output projections at zero when
-    ``zero_init_out``), the head at ``min(1, head_sigma_max)``, embedding rows at
+    RMS->RMS norm ``min(1, cap)`` (cap: ``attn_sigma_max`` / ``mlp_sigma_max``, default
+    ``sigma_max``; output projections at zero when ``zero_init_out``), the head at ``min(1, head_sigma_max)``, embedding rows at
     RMS ``embed_max_rms``.
     """
 
@@ -111,8 +111,9 @@ class LipschitzGPT(nn.Module):
         if cfg.attn_cap == cfg.mlp_cap:
             parts = [("hidden", hidden, cfg.attn_cap)]
         else:
-            attn = [(n, m) for n, m in hidden if ".attn." in f".{n}."]
-            mlp = [(n, m) for n, m in hidden if ".attn." not in f".{n}."]
+            in_attn = {id(m) for b in self.blocks for m in b.attn.modules()}
+            attn = [(n, m) for n, m in hidden if id(m) in in_attn]
+            mlp = [(n, m) for n, m in hidden if id(m) not in in_attn]
             parts = [("attention", attn, cfg.attn_cap), ("mlp", mlp, cfg.mlp_cap)]
         return [
             {"name": name, "kind": "hidden", "params": [m.weight for _, m in mods],
