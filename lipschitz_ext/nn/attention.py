@@ -213,7 +213,7 @@ class LipschitzAttention(nn.Module):
         else:
             out = backend(q, k, v, self.softmax_scale, bias=relative_bias(self.bias_table, T))
         out = out.transpose(1, 2).reshape(B, T, self.d_model)
-        return self.o(out) * self.out_factor
+        return self.o(out, scale=self.out_factor)
 
     def extra_repr(self) -> str:
         return (

@@ -57,8 +57,9 @@ class LipschitzBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.alpha
-        x = (1 - a) * x + a * self.attn(x)
-        return (1 - a) * x + a * self.mlp(x)
+        # lerp(x, f, a) = (1 - a) x + a f in one fused pass
+        x = torch.lerp(x, self.attn(x).to(x.dtype), a)  # residual stream keeps x.dtype under autocast
+        return torch.lerp(x, self.mlp(x).to(x.dtype), a)
 
 
 class LipschitzGPT(nn.Module):

@@ -64,8 +64,11 @@ class LipschitzLinear(nn.Module):
         """Current RMS->RMS operator norm (exact, float64 SVD)."""
         return rms_norm_of(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``scale * x W^T``. The scalar multiplies the (small) weight rather than the
+        ``[..., out_features]`` output: one pass over W instead of one over the
+        activations, forward and backward."""
+        return nn.functional.linear(x, self.weight if scale == 1.0 else self.weight * scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, init={self.init}"

@@ -46,5 +46,6 @@ class LipschitzMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.act_scale
-        h = nn.functional.gelu(self.fc_in(x) * k) / (k * self.act_divisor)
-        return self.fc_out(h)
+        # the scalars ride on the weights (LipschitzLinear's scale), not on [..., hidden]
+        h = nn.functional.gelu(self.fc_in(x, scale=k))
+        return self.fc_out(h, scale=1.0 / (k * self.act_divisor))
