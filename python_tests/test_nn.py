@@ -55,6 +55,8 @@ def attention_ref(attn, x):
         out = torch.zeros(T, dh, dtype=F64)
         for t in range(T):
             logits = torch.stack([attn.softmax_scale * (q[t] @ k[s]) / dh for s in range(t + 1)])
+            if attn.bias_table is not None:  # b_h(t - s)
+                logits = logits + torch.stack([attn.bias_table[h, t - s].double() for s in range(t + 1)])
             p = torch.exp(logits - logits.max())
             p = p / p.sum()
             out[t] = sum(p[s] * v[s] for s in range(t + 1))
@@ -68,12 +70,13 @@ def gelu_ref(z):
 
 def mlp_ref(mlp, x):
     W_in, W_out = mlp.fc_in.weight.detach().double(), mlp.fc_out.weight.detach().double()
-    return gelu_ref(x @ W_in.T) / 1.1289041452 @ W_out.T  # GELU'(sqrt 2) to 11 digits
+    k = mlp.act_scale
+    return gelu_ref(k * (x @ W_in.T)) / (k * 1.1289041452) @ W_out.T  # GELU'(sqrt 2) to 11 digits
 
 
 def gpt_ref(model, x):
     L = model.config.n_layers
-    a = 1 / (2 * L)
+    a = model.config.residual_scale / (2 * L)
     out = []
     for b in range(x.shape[0]):
         z = x[b].double()
@@ -260,6 +263,33 @@ def test_mlp_block_and_gpt_match_reference():
     torch.testing.assert_close(m.forward_embeddings(x), gpt_ref(m, x), atol=1e-6, rtol=1e-6)
     idx = torch.randint(0, 11, (2, 6))
     torch.testing.assert_close(m(idx), m.forward_embeddings(m.embed.weight[idx]))
+
+
+def test_scaled_recipe_matches_reference():
+    """The CPU preset's knobs (activation scale, residual scale, learned positional bias,
+    small softmax scale) against the float64 per-position reference."""
+    cfg = small_config(mlp_act_scale=8.0, residual_scale=2.0, pos_bias="learned", softmax_scale=0.01)
+    m = lnn.LipschitzGPT(cfg).double()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.bias_table.add_(torch.randn_like(blk.attn.bias_table))
+    x = torch.randn(3, 7, 16, dtype=F64)
+    torch.testing.assert_close(m.forward_embeddings(x), gpt_ref(m, x), atol=1e-6, rtol=1e-6)
+
+
+def test_bf16_autocast_forward_keeps_a_float32_residual_stream():
+    """Under torch.autocast(bfloat16) the matmuls run in bf16, the residual stream stays
+    float32, and the logits stay within bf16 rounding of the float32 model's."""
+    m = lnn.LipschitzGPT(small_config(mlp_act_scale=8.0, residual_scale=2.0, pos_bias="learned"))
+    x = torch.randn(2, 9, 16)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    ref = m.forward_embeddings(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.blocks[0](x).dtype == torch.float32
+        out = m.forward_embeddings(x)
+    assert out.dtype == torch.bfloat16
+    err = (out.float() - ref).abs().max().item()
+    assert 0 < err <= 0.03 * ref.abs().max().item()
 
 
 def test_zero_init_and_default_sizes():
