@@ -14,6 +14,7 @@ logged step and per eval), ``summary.json``, checkpoints ``latest.pt`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -92,6 +93,10 @@ class TrainConfig:
     time_budget: float = 0.0  # seconds; > 0 stops the run early at this wall time
     stop_after: int = 0  # > 0: stop this invocation at this step (resumable; the schedule still spans --steps)
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    # Mixed precision of the training forward/backward: "bf16" runs matmuls and attention
+    # in bfloat16 (torch.autocast) while weights, optimizer, constraints and the residual
+    # stream stay float32; evaluation, certification and sampling always run in float32.
+    autocast: str = "none"  # none | bf16
 
 
 # Presets: only the fields that differ from the defaults.
@@ -145,6 +150,19 @@ def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
     return cfg
 
 
+#: ``--autocast`` value -> the dtype of the training forward's matmuls (None: float32).
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
+
+
+def training_autocast(cfg: TrainConfig, device: torch.device):
+    """The context the training forward runs in: ``torch.autocast`` at ``cfg.autocast``'s
+    dtype, or a no-op for ``"none"``. Gradients come back in the parameters' float32."""
+    dtype = AUTOCAST_DTYPES[cfg.autocast]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Clear errors for impossible settings (before any data or model is built)."""
     from .nn.attention import POS_BIAS_KINDS
@@ -171,6 +189,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.time_budget >= 0, "--time-budget must be >= 0"),
         (math.isfinite(cfg.logit_scale) and cfg.logit_scale > 0, f"--logit-scale must be finite and > 0, got {cfg.logit_scale}"),
         (cfg.pos_bias in POS_BIAS_KINDS, f"--pos-bias must be one of {', '.join(POS_BIAS_KINDS)}, got {cfg.pos_bias!r}"),
+        (cfg.autocast in AUTOCAST_DTYPES, f"--autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {cfg.autocast!r}"),
         (not (cfg.pos_bias != "none" and cfg.attention == "fp8"),
          "--attention fp8 has no positional bias: use --pos-bias none with it"),
     ]
@@ -585,7 +604,8 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
                 break
             set_lrs(opt, lr_multiplier(cfg, step))
             x, y = sampler.next(device)
-            logits = train_model(x)
+            with training_autocast(cfg, device):
+                logits = train_model(x)
             loss = F.cross_entropy(loss_logit_scale(cfg) * logits.flatten(0, 1).float(), y.flatten())
             if not torch.isfinite(loss):
                 status = "diverged"

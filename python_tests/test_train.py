@@ -78,6 +78,26 @@ def test_baseline_trains(corpus, tmp_path):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("model", ["lipschitz", "baseline"])
+def test_bf16_autocast_trains_and_evaluates_in_float32(corpus, tmp_path, model):
+    s = run(corpus, tmp_path / model, model=model, autocast="bf16", steps=30, eval_every=30)
+    assert s["status"] == "completed"
+    assert json.loads((tmp_path / model / "config.json").read_text())["autocast"] == "bf16"
+    rows = [json.loads(l) for l in (tmp_path / model / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert losses[-1] < losses[0]
+    # weights stay float32; the reported evaluation is the float32 model's
+    ck = torch.load(tmp_path / model / "latest.pt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in ck["model"].values() if v.is_floating_point())
+    cfg = T.TrainConfig(**json.loads((tmp_path / model / "config.json").read_text()))
+    net = T.build_model(cfg, ck["model"]["embed.weight"].shape[0])
+    net.load_state_dict(ck["model"])
+    from lipschitz_ext import data as D
+
+    val = D.load_data(corpus, "char", cfg.seq_len, cfg.vocab_size).val
+    assert T.evaluate(net, val, cfg, torch.device("cpu"))["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6)
+
+
 def test_logit_scale_is_a_loss_temperature_only(corpus, tmp_path):
     """logit_scale changes the loss the model is trained and reported with, never the
     model's logits: the saved weights certify to the reported bound, and evaluating them
@@ -136,6 +156,7 @@ def test_explicit_sigma_max_replaces_preset_group_caps():
     (dict(mlp_sigma_max=0.0), "--mlp-sigma-max"),
     (dict(attn_sigma_max=float("inf")), "--attn-sigma-max"),
     (dict(pos_bias="learned", attention="fp8"), "no positional bias"),
+    (dict(autocast="fp16"), "--autocast must be one of none, bf16"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
