@@ -46,6 +46,7 @@ class LipschitzMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.act_scale
-        # the scalars ride on the weights (LipschitzLinear's scale), not on [..., hidden]
-        h = nn.functional.gelu(self.fc_in(x, scale=k))
+        # fc_in's output stays the pre-activation z (what activation stats report); the
+        # 1 / (k * divisor) rides on fc_out's weight instead of on [..., hidden]
+        h = nn.functional.gelu(self.fc_in(x) * k)
         return self.fc_out(h, scale=1.0 / (k * self.act_divisor))
