@@ -74,6 +74,9 @@ class TrainConfig:
     momentum: float = 0.95
     warmup_steps: int = 0
     final_lr_frac: float = 0.0  # linear decay to this fraction of the lr
+    # fraction of the post-warm-up steps the decay spans: 1 = decay from the start,
+    # 0.4 = hold the lr, then decay over the last 40% (warmup-stable-decay)
+    cooldown_frac: float = 1.0
     grad_clip: float = 0.0  # baseline only (0 = off)
     # Loss temperature of the Lipschitz model: its cross-entropy (and sampling) use
     # logit_scale * logits. The model, its certified bound, its accuracy and its certified
@@ -184,6 +187,7 @@ def validate(cfg: TrainConfig) -> None:
          f"{cfg.attn_sigma_max} and {cfg.mlp_sigma_max}"),
         (min(cfg.lr, cfg.head_lr, cfg.embed_lr, cfg.baseline_lr) > 0, "learning rates must be > 0"),
         (0 <= cfg.final_lr_frac <= 1, "--final-lr-frac must be in [0, 1]"),
+        (0 < cfg.cooldown_frac <= 1, f"--cooldown-frac must be in (0, 1], got {cfg.cooldown_frac}"),
         (cfg.eval_every > 0 and cfg.eval_batches > 0 and cfg.log_every > 0,
          "--eval-every, --eval-batches and --log-every must be > 0"),
         (cfg.time_budget >= 0, "--time-budget must be >= 0"),
@@ -299,12 +303,15 @@ def all_param_groups(opt) -> list[dict]:
 
 
 def lr_multiplier(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then linear decay to final_lr_frac at the last step."""
+    """Linear warm-up, a constant lr, then linear decay to final_lr_frac at the last step
+    over the last ``cooldown_frac`` of the post-warm-up steps (all of them by default)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return 1.0 - (1.0 - cfg.final_lr_frac) * progress
+    start = 1.0 - cfg.cooldown_frac
+    decay = max(0.0, progress - start) / cfg.cooldown_frac
+    return 1.0 - (1.0 - cfg.final_lr_frac) * decay
 
 
 def set_lrs(opt, mult: float) -> None:

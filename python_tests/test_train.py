@@ -123,6 +123,19 @@ def test_logit_scale_is_a_loss_temperature_only(corpus, tmp_path):
     assert at4["val_accuracy"] == at1["val_accuracy"] and at4["val_loss"] != at1["val_loss"]
 
 
+def test_lr_schedule_warmup_hold_and_cooldown():
+    lin = T.TrainConfig(steps=100, warmup_steps=10, final_lr_frac=0.1)
+    assert T.lr_multiplier(lin, 0) == pytest.approx(0.1) and T.lr_multiplier(lin, 9) == pytest.approx(1.0)
+    assert T.lr_multiplier(lin, 10) == pytest.approx(1.0)
+    assert T.lr_multiplier(lin, 55) == pytest.approx(1 - 0.9 * 45 / 90)
+    assert T.lr_multiplier(lin, 100) == pytest.approx(0.1)
+    wsd = T.TrainConfig(steps=100, cooldown_frac=0.4)
+    assert [T.lr_multiplier(wsd, s) for s in (0, 30, 60)] == [1.0, 1.0, 1.0]
+    assert T.lr_multiplier(wsd, 80) == pytest.approx(0.5) and T.lr_multiplier(wsd, 100) == pytest.approx(0.0)
+    mults = [T.lr_multiplier(wsd, s) for s in range(101)]
+    assert all(a >= b for a, b in zip(mults, mults[1:]))
+
+
 def test_presets_validate():
     for name in T.PRESETS:
         cfg = T.config_from_preset(name)
@@ -157,6 +170,7 @@ def test_explicit_sigma_max_replaces_preset_group_caps():
     (dict(attn_sigma_max=float("inf")), "--attn-sigma-max"),
     (dict(pos_bias="learned", attention="fp8"), "no positional bias"),
     (dict(autocast="fp16"), "--autocast must be one of none, bf16"),
+    (dict(cooldown_frac=0.0), "--cooldown-frac"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
