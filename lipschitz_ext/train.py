@@ -94,6 +94,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     out: str | None = None
     time_budget: float = 0.0  # seconds; > 0 stops the run early at this wall time
+    # what the lr decay tracks: "steps" (step / steps; resumes exactly) or "time"
+    # (elapsed / time_budget: the decay ends at the budget whatever the machine's speed)
+    schedule: str = "steps"
     stop_after: int = 0  # > 0: stop this invocation at this step (resumable; the schedule still spans --steps)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     # Mixed precision of the training forward/backward: "bf16" runs matmuls and attention
@@ -133,6 +136,8 @@ FIELD_HELP = {
     "constraint": "soft_cap | hard_cap | normalize | hammer | orthogonal | svd_cap | weight_decay | "
                   "spectral_weight_decay | none",
     "time_budget": "stop after this many seconds of wall time (0 = run all steps)",
+    "schedule": "steps | time: the lr decay follows step / steps, or elapsed / --time-budget "
+                "(then --steps is only an upper limit)",
     "stop_after": "stop this invocation at this step, leaving a resumable checkpoint (for time-limited jobs)",
 }
 
@@ -191,9 +196,12 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.eval_every > 0 and cfg.eval_batches > 0 and cfg.log_every > 0,
          "--eval-every, --eval-batches and --log-every must be > 0"),
         (cfg.time_budget >= 0, "--time-budget must be >= 0"),
+        (cfg.schedule in ("steps", "time"), f"--schedule must be steps or time, got {cfg.schedule!r}"),
+        (cfg.schedule != "time" or cfg.time_budget > 0, "--schedule time needs a --time-budget > 0"),
         (math.isfinite(cfg.logit_scale) and cfg.logit_scale > 0, f"--logit-scale must be finite and > 0, got {cfg.logit_scale}"),
         (cfg.pos_bias in POS_BIAS_KINDS, f"--pos-bias must be one of {', '.join(POS_BIAS_KINDS)}, got {cfg.pos_bias!r}"),
-        (cfg.autocast in AUTOCAST_DTYPES, f"--autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {cfg.autocast!r}"),
+        (cfg.autocast in AUTOCAST_DTYPES,
+         f"--autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {cfg.autocast!r}"),
         (not (cfg.pos_bias != "none" and cfg.attention == "fp8"),
          "--attention fp8 has no positional bias: use --pos-bias none with it"),
     ]
@@ -213,6 +221,16 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def clock(self, elapsed: float, shared: bool, device: torch.device) -> float:
+        """``elapsed`` seconds, replaced by rank 0's when ``shared`` and there are several
+        ranks: every rank then stops at the time budget at the same step and follows the
+        same time-based lr."""
+        if not shared or self.world_size == 1:
+            return elapsed
+        t = torch.tensor([elapsed], dtype=torch.float64, device=device)
+        torch.distributed.broadcast(t, src=0)
+        return float(t.item())
 
 
 def init_distributed(device: torch.device) -> Dist:
@@ -302,13 +320,17 @@ def all_param_groups(opt) -> list[dict]:
     return [g for o in opt.optimizers for g in o.param_groups]
 
 
-def lr_multiplier(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, a constant lr, then linear decay to final_lr_frac at the last step
-    over the last ``cooldown_frac`` of the post-warm-up steps (all of them by default)."""
+def lr_multiplier(cfg: TrainConfig, step: int, elapsed: float = 0.0) -> float:
+    """Linear warm-up, a constant lr, then linear decay to final_lr_frac at the end
+    over the last ``cooldown_frac`` of the run (all of it by default). The end is the last
+    step, or with ``schedule="time"`` the time budget (``elapsed`` seconds so far)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "time":
+        progress = min(1.0, elapsed / cfg.time_budget)
+    else:
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
     start = 1.0 - cfg.cooldown_frac
     decay = max(0.0, progress - start) / cfg.cooldown_frac
     return 1.0 - (1.0 - cfg.final_lr_frac) * decay
@@ -589,8 +611,9 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=quiet or not dist.main, dynamic_ncols=True,
-               desc=os.path.basename(out))
+    # under a time schedule --steps is only an upper limit: no step total to show
+    bar = tqdm(total=None if cfg.schedule == "time" else cfg.steps, initial=step,
+               disable=quiet or not dist.main, dynamic_ncols=True, desc=os.path.basename(out))
     t_start = time.time()
     status, message = "completed", ""
     last_eval: dict = {}
@@ -606,10 +629,11 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
                 status, message = "paused", (f"stopped at step {step} (--stop-after); resume with "
                                              f"lipschitz-train --resume {out}")
                 break
-            if cfg.time_budget > 0 and elapsed0 + time.time() - t_start >= cfg.time_budget:
+            now = dist.clock(elapsed0 + time.time() - t_start, cfg.time_budget > 0, device)
+            if cfg.time_budget > 0 and now >= cfg.time_budget:
                 status, message = "time_budget", f"stopped at the time budget of {cfg.time_budget:.0f} s"
                 break
-            set_lrs(opt, lr_multiplier(cfg, step))
+            set_lrs(opt, lr_multiplier(cfg, step, now))
             x, y = sampler.next(device)
             with training_autocast(cfg, device):
                 logits = train_model(x)

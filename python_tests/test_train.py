@@ -136,6 +136,19 @@ def test_lr_schedule_warmup_hold_and_cooldown():
     assert all(a >= b for a, b in zip(mults, mults[1:]))
 
 
+def test_time_schedule_follows_the_clock(corpus, tmp_path):
+    cfg = T.TrainConfig(steps=10, schedule="time", time_budget=100.0, cooldown_frac=0.5)
+    assert T.lr_multiplier(cfg, 9, elapsed=20.0) == 1.0  # steps do not matter, time does
+    assert T.lr_multiplier(cfg, 0, elapsed=75.0) == pytest.approx(0.5)
+    assert T.lr_multiplier(cfg, 0, elapsed=150.0) == 0.0
+    s = run(corpus, tmp_path / "t", schedule="time", time_budget=3.0, steps=10**6, eval_every=10**6)
+    assert s["status"] == "time_budget" and 0 < s["steps"] < 10**6 and s["val_accuracy"] is not None
+    rows = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[-1] < 0.25 * lrs[0]  # decayed by the clock, not by --steps
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
 def test_presets_validate():
     for name in T.PRESETS:
         cfg = T.config_from_preset(name)
@@ -171,6 +184,8 @@ def test_explicit_sigma_max_replaces_preset_group_caps():
     (dict(pos_bias="learned", attention="fp8"), "no positional bias"),
     (dict(autocast="fp16"), "--autocast must be one of none, bf16"),
     (dict(cooldown_frac=0.0), "--cooldown-frac"),
+    (dict(schedule="cosine"), "--schedule must be steps or time"),
+    (dict(schedule="time"), "--schedule time needs a --time-budget"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -265,3 +280,18 @@ def test_torchrun_two_processes(corpus, tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 12
     # twice the tokens per step of a single process
     assert summary["tokens"] == 12 * 2 * TINY["batch_size"] * TINY["seq_len"]
+
+
+def test_torchrun_time_budget_stops_every_rank_at_the_same_step(corpus, tmp_path):
+    # rank 0's clock decides: a rank stopping one step early would leave the other
+    # waiting in DDP's all-reduce (this test would time out)
+    out = tmp_path / "ddp-time"
+    args = [a for a in T_args()]
+    args[args.index("--steps") + 1] = "1000000"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
+           "-m", "lipschitz_ext.train", "--data", corpus, "--out", str(out), "--quiet", *args,
+           "--schedule", "time", "--time-budget", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "time_budget" and 0 < summary["steps"] < 10**6
