@@ -102,21 +102,24 @@ class TrainConfig:
     # Mixed precision of the training forward/backward: "bf16" runs matmuls and attention
     # in bfloat16 (torch.autocast) while weights, optimizer, constraints and the residual
     # stream stay float32; evaluation, certification and sampling always run in float32.
-    autocast: str = "none"  # none | bf16
+    # "auto": bf16 where the hardware has native bf16 matmuls (CUDA with bf16 support; CPUs
+    # with AVX512-BF16 or AMX), else none
+    autocast: str = "none"  # none | bf16 | auto
 
 
 # Presets: only the fields that differ from the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~10 minutes on 2 CPU cores (~0.15 s/step on the 2-core dev VM). The recipe of
+    # ~10 minutes on 2 CPU cores (5000 steps of ~0.11 s in bf16 autocast on the 2-core
+    # dev VM, whose AVX512-BF16 matmuls run ~2.3x float32's). The recipe of
     # docs/results.md: learned positional bias and MLP activation scale (both free in the
     # certificate), residual scale 2, hard cap, loss temperature 16, and the bound spent
     # where the accuracy is: softmax scale 0.01 (attention positional through the learned
     # bias; its Q.K terms, most of the old bound, vanish), attention caps 1.25, MLP caps 2.
-    "shakespeare-cpu": dict(d_model=128, n_layers=2, n_heads=4, seq_len=128, batch_size=32, steps=3800,
-                            eval_every=500, eval_batches=10, constraint="hard_cap", head_sigma_max=1.0,
-                            lr=0.05, head_lr=0.1, embed_lr=0.05, pos_bias="learned", residual_scale=2.0,
-                            mlp_act_scale=8.0, logit_scale=16.0, softmax_scale=0.01, attn_sigma_max=1.25,
-                            mlp_sigma_max=2.0),
+    "shakespeare-cpu": dict(d_model=128, n_layers=2, n_heads=4, seq_len=128, batch_size=32, steps=5000,
+                            autocast="auto", eval_every=500, eval_batches=10, constraint="hard_cap",
+                            head_sigma_max=1.0, lr=0.05, head_lr=0.1, embed_lr=0.05, pos_bias="learned",
+                            residual_scale=2.0, mlp_act_scale=8.0, logit_scale=16.0, softmax_scale=0.01,
+                            attn_sigma_max=1.25, mlp_sigma_max=2.0),
     # The paper's model (REFERENCE.md section 6), for a GPU, with the recipe of the best
     # bound <= 2 run of docs/results.md (46.2% at bound 1.63 in 2000 steps on an H200):
     # the head cap is 2 / (the bound with every weight at its cap), so bound <= 2 always.
@@ -160,12 +163,33 @@ def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
 
 #: ``--autocast`` value -> the dtype of the training forward's matmuls (None: float32).
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
+AUTOCAST_CHOICES = (*AUTOCAST_DTYPES, "auto")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively (faster than float32): CUDA
+    with bf16 support, or a CPU with AVX512-BF16 or AMX. Without it, CPU bf16 matmuls
+    are emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def resolve_autocast(cfg: TrainConfig, device: torch.device) -> str:
+    """``cfg.autocast`` with ``"auto"`` resolved for ``device``: ``"bf16"`` or ``"none"``."""
+    if cfg.autocast == "auto":
+        return "bf16" if native_bf16(device) else "none"
+    return cfg.autocast
 
 
 def training_autocast(cfg: TrainConfig, device: torch.device):
     """The context the training forward runs in: ``torch.autocast`` at ``cfg.autocast``'s
-    dtype, or a no-op for ``"none"``. Gradients come back in the parameters' float32."""
-    dtype = AUTOCAST_DTYPES[cfg.autocast]
+    dtype (``"auto"`` resolved for ``device``), or a no-op for ``"none"``. Gradients come
+    back in the parameters' float32."""
+    dtype = AUTOCAST_DTYPES[resolve_autocast(cfg, device)]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -200,8 +224,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.schedule != "time" or cfg.time_budget > 0, "--schedule time needs a --time-budget > 0"),
         (math.isfinite(cfg.logit_scale) and cfg.logit_scale > 0, f"--logit-scale must be finite and > 0, got {cfg.logit_scale}"),
         (cfg.pos_bias in POS_BIAS_KINDS, f"--pos-bias must be one of {', '.join(POS_BIAS_KINDS)}, got {cfg.pos_bias!r}"),
-        (cfg.autocast in AUTOCAST_DTYPES,
-         f"--autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {cfg.autocast!r}"),
+        (cfg.autocast in AUTOCAST_CHOICES,
+         f"--autocast must be one of {', '.join(AUTOCAST_CHOICES)}, got {cfg.autocast!r}"),
         (not (cfg.pos_bias != "none" and cfg.attention == "fp8"),
          "--attention fp8 has no positional bias: use --pos-bias none with it"),
     ]
@@ -690,6 +714,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": cfg.model, "preset": cfg.preset, "params": sum(p.numel() for p in model.parameters()),
         "data": data.source, "vocab_size": data.vocab_size,
+        "autocast": resolve_autocast(cfg, device),  # the precision the training forward ran in
     }
     if dist.main:
         if status != "diverged" and cfg.sample_chars > 0 and data.tokenizer.kind != "shards":

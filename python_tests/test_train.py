@@ -83,6 +83,7 @@ def test_bf16_autocast_trains_and_evaluates_in_float32(corpus, tmp_path, model):
     s = run(corpus, tmp_path / model, model=model, autocast="bf16", steps=30, eval_every=30)
     assert s["status"] == "completed"
     assert json.loads((tmp_path / model / "config.json").read_text())["autocast"] == "bf16"
+    assert s["autocast"] == "bf16"
     rows = [json.loads(l) for l in (tmp_path / model / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     assert losses[-1] < losses[0]
@@ -96,6 +97,20 @@ def test_bf16_autocast_trains_and_evaluates_in_float32(corpus, tmp_path, model):
 
     val = D.load_data(corpus, "char", cfg.seq_len, cfg.vocab_size).val
     assert T.evaluate(net, val, cfg, torch.device("cpu"))["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6)
+
+
+def test_auto_autocast_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    cfg = T.TrainConfig(autocast="auto")
+    for avx512_bf16, amx, want in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "none")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert T.resolve_autocast(cfg, cpu) == want
+        ctx = T.training_autocast(cfg, cpu)
+        assert isinstance(ctx, torch.autocast) == (want == "bf16")
+    for fixed in ("none", "bf16"):  # explicit values are kept whatever the hardware
+        assert T.resolve_autocast(T.TrainConfig(autocast=fixed), cpu) == fixed
+    assert T.config_from_preset("shakespeare-cpu").autocast == "auto"
 
 
 def test_logit_scale_is_a_loss_temperature_only(corpus, tmp_path):
@@ -182,7 +197,7 @@ def test_explicit_sigma_max_replaces_preset_group_caps():
     (dict(mlp_sigma_max=0.0), "--mlp-sigma-max"),
     (dict(attn_sigma_max=float("inf")), "--attn-sigma-max"),
     (dict(pos_bias="learned", attention="fp8"), "no positional bias"),
-    (dict(autocast="fp16"), "--autocast must be one of none, bf16"),
+    (dict(autocast="fp16"), "--autocast must be one of none, bf16, auto"),
     (dict(cooldown_frac=0.0), "--cooldown-frac"),
     (dict(schedule="cosine"), "--schedule must be steps or time"),
     (dict(schedule="time"), "--schedule time needs a --time-budget"),
