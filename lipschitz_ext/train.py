@@ -241,6 +241,7 @@ def validate(cfg: TrainConfig) -> None:
 class Dist:
     rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # this run created the process group (and tears it down)
 
     @property
     def main(self) -> bool:
@@ -256,6 +257,15 @@ class Dist:
         torch.distributed.broadcast(t, src=0)
         return float(t.item())
 
+    def close(self) -> None:
+        """Destroy the process group this run created, once every rank is done (rank 0
+        writes the summary, sample and plot last): a process that exits with gloo/NCCL
+        threads still running can abort ("terminate called without an active exception")."""
+        if self.owns_group:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+            self.owns_group = False
+
 
 def init_distributed(device: torch.device) -> Dist:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -263,11 +273,12 @@ def init_distributed(device: torch.device) -> Dist:
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return Dist(dist.get_rank(), dist.get_world_size())
+    return Dist(dist.get_rank(), dist.get_world_size(), owns)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -728,6 +739,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
         print(message, file=sys.stderr)
     if dist.main and not quiet:
         print(format_summary(out, summary))
+    dist.close()
     return summary
 
 
