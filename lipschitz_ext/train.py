@@ -185,11 +185,11 @@ def resolve_autocast(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.autocast
 
 
-def training_autocast(cfg: TrainConfig, device: torch.device):
-    """The context the training forward runs in: ``torch.autocast`` at ``cfg.autocast``'s
-    dtype (``"auto"`` resolved for ``device``), or a no-op for ``"none"``. Gradients come
-    back in the parameters' float32."""
-    dtype = AUTOCAST_DTYPES[resolve_autocast(cfg, device)]
+def training_autocast(mode: str, device: torch.device):
+    """The context the training forward runs in: ``torch.autocast`` at the dtype of
+    ``mode`` (a resolved ``--autocast`` value, see :func:`resolve_autocast`), or a no-op
+    for ``"none"``. Gradients come back in the parameters' float32."""
+    dtype = AUTOCAST_DTYPES[mode]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -649,6 +649,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
     # under a time schedule --steps is only an upper limit: no step total to show
     bar = tqdm(total=None if cfg.schedule == "time" else cfg.steps, initial=step,
                disable=quiet or not dist.main, dynamic_ncols=True, desc=os.path.basename(out))
+    amp = resolve_autocast(cfg, device)  # once, not per step
     t_start = time.time()
     status, message = "completed", ""
     last_eval: dict = {}
@@ -670,7 +671,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
                 break
             set_lrs(opt, lr_multiplier(cfg, step, now))
             x, y = sampler.next(device)
-            with training_autocast(cfg, device):
+            with training_autocast(amp, device):
                 logits = train_model(x)
             loss = F.cross_entropy(loss_logit_scale(cfg) * logits.flatten(0, 1).float(), y.flatten())
             if not torch.isfinite(loss):
@@ -725,7 +726,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": cfg.model, "preset": cfg.preset, "params": sum(p.numel() for p in model.parameters()),
         "data": data.source, "vocab_size": data.vocab_size,
-        "autocast": resolve_autocast(cfg, device),  # the precision the training forward ran in
+        "autocast": amp,  # the precision the training forward ran in
     }
     if dist.main:
         if status != "diverged" and cfg.sample_chars > 0 and data.tokenizer.kind != "shards":

@@ -106,7 +106,7 @@ def test_auto_autocast_follows_the_hardware(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
         assert T.resolve_autocast(cfg, cpu) == want
-        ctx = T.training_autocast(cfg, cpu)
+        ctx = T.training_autocast(T.resolve_autocast(cfg, cpu), cpu)
         assert isinstance(ctx, torch.autocast) == (want == "bf16")
     for fixed in ("none", "bf16"):  # explicit values are kept whatever the hardware
         assert T.resolve_autocast(T.TrainConfig(autocast=fixed), cpu) == fixed
