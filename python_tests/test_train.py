@@ -88,15 +88,11 @@ def test_bf16_autocast_trains_and_evaluates_in_float32(corpus, tmp_path, model):
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     assert losses[-1] < losses[0]
     # weights stay float32; the reported evaluation is the float32 model's
-    ck = torch.load(tmp_path / model / "latest.pt", weights_only=False)
-    assert all(v.dtype == torch.float32 for v in ck["model"].values() if v.is_floating_point())
-    cfg = T.TrainConfig(**json.loads((tmp_path / model / "config.json").read_text()))
-    net = T.build_model(cfg, ck["model"]["embed.weight"].shape[0])
-    net.load_state_dict(ck["model"])
-    from lipschitz_ext import data as D
+    from lipschitz_ext.eval import load_run
 
-    val = D.load_data(corpus, "char", cfg.seq_len, cfg.vocab_size).val
-    assert T.evaluate(net, val, cfg, torch.device("cpu"))["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6)
+    net, cfg, data = load_run(str(tmp_path / model), which="latest")
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert T.evaluate(net, data.val, cfg, torch.device("cpu"))["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6)
 
 
 def test_auto_autocast_follows_the_hardware(monkeypatch):
@@ -285,13 +281,17 @@ def test_sweep_writes_frontier(corpus, tmp_path):
         assert (cfg["sigma_max"], cfg["attn_sigma_max"], cfg["mlp_sigma_max"]) == (float(cap), None, None)
 
 
-def test_torchrun_two_processes(corpus, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "lipschitz_ext.train", "--data", corpus, "--out", str(out), "--quiet", *T_args()]
+def torchrun2(corpus, out, port, *extra):
+    """``lipschitz-train`` on the TINY config under a 2-process CPU (gloo) torchrun; the summary."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "lipschitz_ext.train", "--data", corpus, "--out", str(out), "--quiet", *T_args(), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_torchrun_two_processes(corpus, tmp_path):
+    summary = torchrun2(corpus, tmp_path / "ddp", 29517)
     assert summary["status"] == "completed" and summary["steps"] == 12
     # twice the tokens per step of a single process
     assert summary["tokens"] == 12 * 2 * TINY["batch_size"] * TINY["seq_len"]
@@ -300,13 +300,7 @@ def test_torchrun_two_processes(corpus, tmp_path):
 def test_torchrun_time_budget_stops_every_rank_at_the_same_step(corpus, tmp_path):
     # rank 0's clock decides: a rank stopping one step early would leave the other
     # waiting in DDP's all-reduce (this test would time out)
-    out = tmp_path / "ddp-time"
-    args = [a for a in T_args()]
-    args[args.index("--steps") + 1] = "1000000"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
-           "-m", "lipschitz_ext.train", "--data", corpus, "--out", str(out), "--quiet", *args,
-           "--schedule", "time", "--time-budget", "4"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    # the later --steps overrides TINY's (argparse keeps the last value)
+    summary = torchrun2(corpus, tmp_path / "ddp-time", 29518, "--steps", "1000000", "--schedule", "time",
+                        "--time-budget", "4")
     assert summary["status"] == "time_budget" and 0 < summary["steps"] < 10**6
