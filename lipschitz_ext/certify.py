@@ -40,6 +40,7 @@ __all__ = [
     "attention_bounds",
     "certify",
     "empirical_lipschitz",
+    "mlp_block_bound",
     "mlp_bounds",
     "sequence_norm",
 ]
@@ -131,6 +132,27 @@ def mlp_bounds(mlp: LipschitzMLP) -> tuple[float, float, dict[str, float]]:
     lip = abs(center) * n_prod + radius * n_out * n_in
     gain = (n_prod + n_out * n_in) / (2 * mlp.act_divisor)
     return lip, gain, {"in": n_in, "out": n_out, "out@in": n_prod}
+
+
+def mlp_block_bound(mlp: LipschitzMLP, alpha: float) -> float:
+    """Lipschitz bound of the MLP sub-layer ``x -> (1 - alpha) x + alpha Mlp(x)`` (per token,
+    any input; Theorem 2' of docs/certificate.md).
+
+    Its Jacobian is ``(1 - alpha) I + alpha W_out D W_in`` with ``D = c I + E``, ``|E| <= r``, so
+    ``||(1 - alpha) I + alpha c W_out W_in|| + alpha r ||W_out|| ||W_in||`` bounds it. That is
+    never above ``(1 - alpha) + alpha L_mlp`` (triangle inequality) and is below it whenever
+    the top singular directions of ``W_out W_in`` are not a positive eigen-direction.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"mlp_block_bound: alpha must be in (0, 1], got {alpha}")
+    lip, _, norms = mlp_bounds(mlp)
+    W_in, W_out = mlp.fc_in.weight.detach().double(), mlp.fc_out.weight.detach().double()
+    lo, hi = GELU_MIN_SLOPE / mlp.act_divisor, GELU_MAX_SLOPE / mlp.act_divisor
+    center, radius = (hi + lo) / 2, (hi - lo) / 2
+    J0 = alpha * center * (W_out @ W_in)
+    J0.diagonal().add_(1.0 - alpha)
+    tight = _sigma(J0) + alpha * radius * norms["out"] * norms["in"]
+    return min(tight, (1.0 - alpha) + alpha * lip)
 
 
 @dataclass
@@ -256,9 +278,10 @@ def _certify(model: LipschitzGPT, input_rms: float) -> Certificate:
         for kind, branch in (("attention", block.attn), ("mlp", block.mlp)):
             if kind == "attention":
                 b_lip, gain, norms = attention_bounds(branch, a)
+                block_lip = (1 - alpha) + alpha * b_lip
             else:
                 b_lip, gain, norms = mlp_bounds(branch)
-            block_lip = (1 - alpha) + alpha * b_lip
+                block_lip = mlp_block_bound(branch, alpha)
             lip *= block_lip
             a = ((1 - alpha) + alpha * gain) * a
             a_max = max(a_max, a)

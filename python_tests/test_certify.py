@@ -15,6 +15,7 @@ from lipschitz_ext.certify import (
     attention_bounds,
     certify,
     empirical_lipschitz,
+    mlp_block_bound,
     mlp_bounds,
     sequence_norm,
 )
@@ -89,7 +90,9 @@ def reference_bound(model, input_rms=1.0):
         n_in = sv(W_in) * math.sqrt(W_in.shape[1] / W_in.shape[0])
         n_out = sv(W_out) * math.sqrt(W_out.shape[1] / W_out.shape[0])
         n_prod = sv(W_out @ W_in)
-        lip *= (1 - alpha) + alpha * (abs(hi + lo) / 2 * n_prod + (hi - lo) / 2 * n_out * n_in).item()
+        old = (1 - alpha) + alpha * (abs(hi + lo) / 2 * n_prod + (hi - lo) / 2 * n_out * n_in).item()
+        J0 = (1 - alpha) * torch.eye(d, dtype=F64) + alpha * (hi + lo) / 2 * (W_out @ W_in)
+        lip *= min(old, (sv(J0) + alpha * (hi - lo) / 2 * n_out * n_in).item())  # Theorem 2'
         a *= (1 - alpha) + alpha * ((n_prod + n_out * n_in) / (2 * 1.1289041452)).item()
     Wh = model.head.weight.detach().double()
     return lip * sv(Wh).item() * math.sqrt(Wh.shape[1] / Wh.shape[0]), a
@@ -236,6 +239,43 @@ def test_mlp_bound_sound_and_published_formula_is_not():
     assert slope.item() > norms["out"] * norms["in"] / 1.1289 + 0.1
     z = torch.linspace(-8, 8, 4001, dtype=F64)[:, None]
     assert (mlp(z).abs() / z.abs().clamp_min(1e-12)).max() <= gain * SLACK
+
+
+def _block_jacobian_norm(mlp, alpha, x):
+    """Largest spectral norm over tokens of the Jacobian of (1 - alpha) x + alpha Mlp(x)."""
+    block = lambda t: (1 - alpha) * t + alpha * mlp(t)  # noqa: E731
+    J = torch.autograd.functional.jacobian(block, x)  # [n, d, n, d]; tokens are independent
+    n = x.shape[0]
+    return max(torch.linalg.matrix_norm(J[i, :, i, :], 2).item() for i in range(n))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_mlp_block_bound_is_sound_and_tighter_when_the_product_turns(sign):
+    """Theorem 2': W_out W_in = sign * s * Q (orthogonal Q). For sign = -1 the identity and the
+    branch pull apart, so the sub-layer is far below (1 - a) + a L_mlp; for +1 the bounds agree."""
+    torch.manual_seed(3)
+    d, alpha = 6, 0.5
+    mlp = lnn.LipschitzMLP(d, mlp_ratio=2, act_scale=3.0).double()
+    with torch.no_grad():
+        U = torch.linalg.qr(torch.randn(2 * d, d, dtype=F64)).Q  # [2d, d], orthonormal columns
+        mlp.fc_in.weight.copy_(2.0 * U)
+        mlp.fc_out.weight.copy_(sign * 1.5 * U.mT)  # W_out W_in = sign * 3 I
+    lip, _, _ = mlp_bounds(mlp)
+    old = (1 - alpha) + alpha * lip
+    tight = mlp_block_bound(mlp, alpha)
+    assert tight <= old * (1 + 1e-12)
+    if sign > 0:
+        assert tight == pytest.approx(old, rel=1e-9)
+    else:
+        assert tight < 0.75 * old
+    worst = 0.0
+    for scale in (0.3, 1.0, 3.0):  # the GELU slope extremes sit at different radii
+        x = scale * torch.randn(64, d, dtype=F64)
+        worst = max(worst, _block_jacobian_norm(mlp, alpha, x))
+    assert worst <= tight * SLACK
+    assert worst >= 0.5 * tight  # not vacuous
+    with pytest.raises(ValueError, match="alpha"):
+        mlp_block_bound(mlp, 0.0)
 
 
 def test_zero_branches_make_the_bound_exact():
