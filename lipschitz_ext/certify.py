@@ -95,17 +95,22 @@ def attention_bounds(attn: LipschitzAttention, a: float) -> tuple[float, float, 
     RMS <= gain * a), ``weight_norms`` are the RMS->RMS norms of W_q, W_k, W_v, W_o.
     """
     H, dh = attn.n_heads, attn.d_head
-    Wq, Wk, Wv, Wo = (m.weight.detach().double() for m in (attn.q, attn.k, attn.v, attn.o))
+    Wv, Wo = attn.v.weight.detach().double(), attn.o.weight.detach().double()
     rows = lambda W: W.view(H, dh, -1)  # noqa: E731  head h = rows h*dh:(h+1)*dh
-    sq, sk, sv = _sigmas(rows(Wq)), _sigmas(rows(Wk)), _sigmas(rows(Wv))
+    sv = _sigmas(rows(Wv))
     # M_h = W_o[:, head h] W_v[head h, :]: the head's value-to-output map
     Wo_cols = Wo.view(Wo.shape[0], H, dh).permute(1, 0, 2)
     m = _product_sigmas(Wo_cols, rows(Wv)) if dh < Wo.shape[0] else _sigmas(Wo_cols @ rows(Wv))
-    s_q, s_o = _sigma(Wq), _sigma(Wo)
+    s_o = _sigma(Wo)
     f = abs(attn.out_factor)
+    v_path = min(s_o * sv.norm().item(), m.sum().item())
+    if attn.q is None:  # positional attention: fixed mixing weights, no query/key terms
+        return f * v_path, f * v_path, {"v": _sigma(Wv), "o": s_o}
+    Wq, Wk = attn.q.weight.detach().double(), attn.k.weight.detach().double()
+    sq, sk = _sigmas(rows(Wq)), _sigmas(rows(Wk))
+    s_q = _sigma(Wq)
     c = abs(attn.softmax_scale) * H * a * a  # = |s| a^2 d / d_head: the logit scale
     qkv = sq * sk * sv
-    v_path = min(s_o * sv.norm().item(), m.sum().item())
     dq_path = c * min(
         s_o * min(s_q * (sk * sv).max().item(), qkv.norm().item()),
         min((sq * sk * m).sum().item(), s_q * (sk * m).norm().item()),

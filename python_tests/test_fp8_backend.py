@@ -79,7 +79,7 @@ def test_scales_from_certificate_walks_the_rows():
     # RMS <= 1: bound 8 * 1.02 / 448 -> 2^-5.
     assert got == (2.0**-5, 2.0**-5, 2.0**-5)
     cert.rows = [r for r in cert.rows if r.kind != "attention"]
-    with pytest.raises(ValueError, match="no attention rows"):
+    with pytest.raises(ValueError, match="no content-attention rows"):
         fp8_scales_from_certificate(cert, 64, 64)
 
 

@@ -206,6 +206,56 @@ def test_positional_bias_matches_reference_math(kind):
         attn(torch.randn(1, 10, 16, dtype=F64))
 
 
+@pytest.mark.parametrize("kind", ["none", "learned"])
+def test_positional_attention_matches_reference_math(kind):
+    """softmax_scale = 0: out_t = W_o concat_h(sum_s softmax_s(b_h(t - s)) v_h,s) / 3, no W_q, W_k."""
+    torch.manual_seed(4)
+    attn = lnn.LipschitzAttention(12, 3, softmax_scale=0.0, zero_init_out=False, pos_bias=kind, max_len=9).double()
+    assert attn.positional and attn.q is None and attn.k is None
+    assert sorted(n for n, _ in attn.named_parameters()) == sorted(
+        ["v.weight", "o.weight"] + (["bias_table"] if kind == "learned" else []))
+    if kind == "learned":
+        with torch.no_grad():
+            attn.bias_table.copy_(2 * torch.randn(3, 9, dtype=F64))
+    Wv, Wo = attn.v.weight.detach(), attn.o.weight.detach()
+    x = torch.randn(2, 7, 12, dtype=F64)[:, :, :]
+    want = torch.zeros(2, 7, 12, dtype=F64)
+    for b in range(2):
+        heads = []
+        for h in range(3):
+            v = x[b] @ Wv[h * 4:(h + 1) * 4].T
+            out = torch.zeros(7, 4, dtype=F64)
+            for t in range(7):
+                w = torch.tensor([attn.bias_table[h, t - s].item() if kind == "learned" else 0.0
+                                  for s in range(t + 1)], dtype=F64)
+                p = torch.exp(w - w.max())
+                out[t] = sum((p[s] / p.sum()) * v[s] for s in range(t + 1))
+            heads.append(out)
+        want[b] = torch.cat(heads, 1) @ Wo.T / 3.0
+    torch.testing.assert_close(attn(x), want, atol=1e-12, rtol=1e-12)
+    # non-contiguous input, and the logits it reports are the (masked) bias for every batch element
+    xt = torch.randn(7, 2, 12, dtype=F64).transpose(0, 1)
+    torch.testing.assert_close(attn(xt), attn(xt.contiguous()))
+    logits = attn.attention_logits(x)
+    assert logits.shape == (2, 3, 7, 7) and torch.isinf(logits[0, 0, 0, 1])
+    if kind == "learned":
+        assert logits[1, 2, 5, 3].item() == pytest.approx(attn.bias_table[2, 2].item())
+    # bf16 runs and stays close to float64
+    y = attn.to(torch.bfloat16)(x.to(torch.bfloat16)).double()
+    assert (y - want).abs().max() < 0.05 * want.abs().max()
+    with pytest.raises(ValueError, match="softmax_scale"):
+        lnn.LipschitzAttention(12, 3, softmax_scale=-1.0)
+
+
+def test_positional_gpt_trains_every_parameter():
+    m = lnn.LipschitzGPT(small_config(softmax_scale=0.0, pos_bias="learned"))
+    spec = m.param_groups_spec()
+    assert sorted(id(p) for g in spec for p in g["params"]) == sorted(id(p) for p in m.parameters())
+    assert not any(".q." in n or ".k." in n for n, _ in m.named_parameters())
+    m(torch.randint(0, 11, (2, 12))).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 def test_residual_scale_sets_alpha():
     m = lnn.LipschitzGPT(small_config(n_layers=3, residual_scale=2.0))
     assert all(b.alpha == pytest.approx(1 / 3) for b in m.blocks)

@@ -197,6 +197,8 @@ def test_explicit_sigma_max_replaces_preset_group_caps():
     (dict(cooldown_frac=0.0), "--cooldown-frac"),
     (dict(schedule="cosine"), "--schedule must be steps or time"),
     (dict(schedule="time"), "--schedule time needs a --time-budget"),
+    (dict(softmax_scale=-0.5), "--softmax-scale must be finite and >= 0"),
+    (dict(softmax_scale=0.0, pos_bias="none", attention="fp8"), "no use for --attention fp8"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):

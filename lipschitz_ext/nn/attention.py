@@ -11,6 +11,8 @@ module has a positional bias; they live in
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 import torch
@@ -136,6 +138,12 @@ class LipschitzAttention(nn.Module):
     the same way. Because it does not depend on the input it costs nothing in the
     Lipschitz certificate (docs/certificate.md, Theorem 1 holds for any such bias),
     while it lets a head focus on nearby tokens without large, expensive Q.K logits.
+
+    ``softmax_scale = 0`` makes the attention *positional*: every head mixes the values
+    with the input-independent weights ``softmax(b_h)`` (uniform over the past without a
+    bias). There are then no W_q, W_k (``self.q = self.k = None``): they could not change
+    the output, and their certificate terms vanish, so the branch is the linear map
+    ``x -> out_factor W_o concat_h(P_h v_h)``.
     """
 
     out_factor: float = 1.0 / 3.0
@@ -164,11 +172,14 @@ class LipschitzAttention(nn.Module):
             raise ValueError("LipschitzAttention: rope needs an even head dimension")
         get_attention_backend(backend)  # fail at construction, not at the first forward
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
+        if not (math.isfinite(softmax_scale) and softmax_scale >= 0):
+            raise ValueError(f"LipschitzAttention: softmax_scale must be finite and >= 0, got {softmax_scale}")
         self.softmax_scale = float(softmax_scale)
+        self.positional = self.softmax_scale == 0.0
         self.backend = backend
         self.rope, self.rope_base = rope, float(rope_base)
-        self.q = LipschitzLinear(d_model, d_model, init_scale=init_scale)
-        self.k = LipschitzLinear(d_model, d_model, init_scale=init_scale)
+        self.q = None if self.positional else LipschitzLinear(d_model, d_model, init_scale=init_scale)
+        self.k = None if self.positional else LipschitzLinear(d_model, d_model, init_scale=init_scale)
         self.v = LipschitzLinear(d_model, d_model, init_scale=init_scale)
         self.o = LipschitzLinear(
             d_model, d_model, init="zero" if zero_init_out else "orthogonal", init_scale=init_scale
@@ -193,7 +204,10 @@ class LipschitzAttention(nn.Module):
         ``(s / d_head) q_h k_h^T`` (RoPE applied) plus the positional bias, ``-inf``
         above the diagonal. For inspection (e.g. the attention-logit growth in
         ``lipschitz-eval lr-sensitivity``); ``forward`` never materializes them."""
-        T = x.shape[1]
+        B, T = x.shape[:2]
+        if self.positional:
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            return self._positional_logits(T, x.device).to(dtype).expand(B, -1, -1, -1).clone()
         q, k = self._heads(self.q(x)), self._heads(self.k(x))
         if self.rope:
             q, k = apply_rope(q, self.rope_base), apply_rope(k, self.rope_base)
@@ -202,8 +216,24 @@ class LipschitzAttention(nn.Module):
             logits = logits + relative_bias(self.bias_table, T).to(logits.dtype)
         return logits.masked_fill(_future_mask(T, x.device), float("-inf"))
 
+    def _positional_logits(self, T: int, device: torch.device) -> torch.Tensor:
+        """``[H, T, T]``: the bias (zeros without one), ``-inf`` above the diagonal."""
+        if self.bias_table is None:
+            bias = torch.zeros(self.n_heads, T, T, device=device)
+        else:
+            bias = relative_bias(self.bias_table, T)
+        return bias.masked_fill(_future_mask(T, device), float("-inf"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
+        if self.positional:
+            v = self._heads(self.v(x))
+            # one [H, T, T] mixing matrix for the whole batch, softmaxed in >= float32
+            logits = self._positional_logits(T, x.device).to(torch.promote_types(v.dtype, torch.float32))
+            weights = torch.softmax(logits, dim=-1)
+            out = torch.matmul(weights.to(v.dtype), v)
+            out = out.transpose(1, 2).reshape(B, T, self.d_model)
+            return self.o(out, scale=self.out_factor)
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         if self.rope:
             q, k = apply_rope(q, self.rope_base), apply_rope(k, self.rope_base)

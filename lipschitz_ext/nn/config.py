@@ -18,7 +18,8 @@ class GPTConfig:
         n_layers: number of blocks L (each: attention then MLP).
         n_heads: attention heads H; ``d_head = d_model // n_heads``.
         seq_len: longest sequence ``forward`` accepts.
-        softmax_scale: ``s`` in ``softmax(s * Q K^T / d_head)`` (Lipschitz model).
+        softmax_scale: ``s`` in ``softmax(s * Q K^T / d_head)`` (Lipschitz model); 0 makes
+            the attention positional (mixing weights from ``pos_bias`` only, no W_q, W_k).
         mlp_ratio: MLP hidden width is ``mlp_ratio * d_model``.
         attention: attention backend name (see ``lipschitz_ext.nn.ATTENTION_BACKENDS``).
         sigma_max: intended RMS->RMS cap of every hidden matrix (Q, K, V, O, MLP in/out).
@@ -83,6 +84,8 @@ class GPTConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"GPTConfig: '{name}' must be a number, got {value!r}")
+            if name == "softmax_scale" and math.isfinite(value) and value == 0:
+                continue  # positional attention (no Q.K logits)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"GPTConfig: '{name}' must be finite and > 0, got {value!r}")
         if isinstance(self.residual_scale, bool) or not isinstance(self.residual_scale, (int, float)) or not (
