@@ -171,7 +171,7 @@ def test_presets_validate():
 
 def test_explicit_sigma_max_replaces_preset_group_caps():
     cpu = T.config_from_preset("shakespeare-cpu")
-    assert (cpu.attn_sigma_max, cpu.mlp_sigma_max) == (1.25, 2.0)
+    assert (cpu.attn_sigma_max, cpu.mlp_sigma_max) == (1.5, 2.0)
     # --sigma-max alone: one cap for every hidden matrix (what a sweep varies)
     one = T.config_from_preset("shakespeare-cpu", sigma_max=0.5)
     assert (one.sigma_max, one.attn_sigma_max, one.mlp_sigma_max) == (0.5, None, None)
@@ -192,7 +192,7 @@ def test_explicit_sigma_max_replaces_preset_group_caps():
     (dict(pos_bias="sinusoid"), "--pos-bias"),
     (dict(mlp_sigma_max=0.0), "--mlp-sigma-max"),
     (dict(attn_sigma_max=float("inf")), "--attn-sigma-max"),
-    (dict(pos_bias="learned", attention="fp8"), "no positional bias"),
+    (dict(pos_bias="learned", attention="fp8", softmax_scale=1.0), "no positional bias"),
     (dict(autocast="fp16"), "--autocast must be one of none, bf16, auto"),
     (dict(cooldown_frac=0.0), "--cooldown-frac"),
     (dict(schedule="cosine"), "--schedule must be steps or time"),

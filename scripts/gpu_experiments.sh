@@ -64,10 +64,12 @@ train() {  # train NAME [flags...]: one run in $R/NAME, stopped by the deadline
 # MLP / attention caps instead. Bounds at the caps (random orthogonal weights, head 1):
 # s=2: 20.2; s=0.01: 0.68, MLP cap 1.5: 1.92, MLP cap 2: 5.69, + attention cap 1.25: 11.1;
 # trained MLPs align (out@in -> in*out), so the pos-* head caps leave ~30% margin.
+# Since the night of 2026-11-30 the pos-* runs use softmax scale 0 (positional attention:
+# no W_q, W_k, the bias alone mixes the values), whose bound is at or below s = 0.01's.
 PAPER=(--preset shakespeare --batch-size $BATCH --eval-every $EVAL --eval-batches 20 --lr 0.1 --embed-lr 0.05
        "${SIZE[@]}")
 HL=(--pos-bias learned --steps $HEAD_STEPS)
-POS=("${PAPER[@]}" "${HL[@]}" --softmax-scale 0.01 --residual-scale 2)
+POS=("${PAPER[@]}" "${HL[@]}" --softmax-scale 0 --residual-scale 2)
 train head-s1-r2 "${PAPER[@]}" "${HL[@]}" --softmax-scale 1 --residual-scale 2 --head-sigma-max 0.34 --logit-scale 53 --head-lr 0.034 &
 train head-s2-r2 "${PAPER[@]}" "${HL[@]}" --softmax-scale 2 --residual-scale 2 --head-sigma-max 0.098 --logit-scale 184 --head-lr 0.0098 &
 train head-pos-m1 "${POS[@]}" --head-sigma-max 2.2 --logit-scale 7.3 --head-lr 0.22 &
