@@ -109,7 +109,7 @@ class TrainConfig:
 
 # Presets: only the fields that differ from the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~10 minutes on 2 CPU cores (5500 steps of ~0.1 s in bf16 autocast on the 2-core
+    # ~11 minutes on 2 CPU cores (5500 steps of ~0.115 s in bf16 autocast on the 2-core
     # dev VM, whose AVX512-BF16 matmuls run ~2.3x float32's). The recipe of
     # docs/results.md: learned positional bias and MLP activation scale (both free in the
     # certificate), residual scale 2, hard cap, loss temperature 16, and the bound spent
