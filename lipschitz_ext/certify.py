@@ -92,7 +92,8 @@ def attention_bounds(attn: LipschitzAttention, a: float) -> tuple[float, float, 
     Returns ``(lipschitz, gain, weight_norms)``: ``lipschitz`` bounds the branch's
     Lipschitz constant in the max-per-token-RMS norm on that domain (Theorem 1 of
     docs/certificate.md), ``gain`` bounds ``||attn(x)|| / a`` (so outputs have per-token
-    RMS <= gain * a), ``weight_norms`` are the RMS->RMS norms of W_q, W_k, W_v, W_o.
+    RMS <= gain * a), ``weight_norms`` are the RMS->RMS norms of W_q, W_k, W_v, W_o (only W_v,
+    W_o for positional attention, ``softmax_scale = 0``, whose bound is ``phi V`` on every domain).
     """
     H, dh = attn.n_heads, attn.d_head
     Wv, Wo = attn.v.weight.detach().double(), attn.o.weight.detach().double()
