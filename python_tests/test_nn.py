@@ -45,16 +45,20 @@ def attention_ref(attn, x):
     """x [T, d] float64 -> [T, d]; explicit per-head, per-position softmax."""
     T, d = x.shape
     H, dh = attn.n_heads, attn.d_head
-    Wq, Wk, Wv, Wo = (m.weight.detach().double() for m in (attn.q, attn.k, attn.v, attn.o))
+    Wv, Wo = attn.v.weight.detach().double(), attn.o.weight.detach().double()
+    positional = attn.q is None  # softmax_scale = 0: no W_q, W_k; the bias alone sets the weights
     heads = []
     for h in range(H):
         sl = slice(h * dh, (h + 1) * dh)
-        q, k, v = x @ Wq[sl].T, x @ Wk[sl].T, x @ Wv[sl].T
-        if attn.rope:
-            q, k = rope_ref(q, attn.rope_base), rope_ref(k, attn.rope_base)
+        v = x @ Wv[sl].T
+        if not positional:
+            q, k = x @ attn.q.weight.detach().double()[sl].T, x @ attn.k.weight.detach().double()[sl].T
+            if attn.rope:
+                q, k = rope_ref(q, attn.rope_base), rope_ref(k, attn.rope_base)
         out = torch.zeros(T, dh, dtype=F64)
         for t in range(T):
-            logits = torch.stack([attn.softmax_scale * (q[t] @ k[s]) / dh for s in range(t + 1)])
+            logits = torch.stack([torch.zeros((), dtype=F64) if positional
+                                  else attn.softmax_scale * (q[t] @ k[s]) / dh for s in range(t + 1)])
             if attn.bias_table is not None:  # b_h(t - s)
                 logits = logits + torch.stack([attn.bias_table[h, t - s].double() for s in range(t + 1)])
             p = torch.exp(logits - logits.max())
@@ -217,21 +221,8 @@ def test_positional_attention_matches_reference_math(kind):
     if kind == "learned":
         with torch.no_grad():
             attn.bias_table.copy_(2 * torch.randn(3, 9, dtype=F64))
-    Wv, Wo = attn.v.weight.detach(), attn.o.weight.detach()
-    x = torch.randn(2, 7, 12, dtype=F64)[:, :, :]
-    want = torch.zeros(2, 7, 12, dtype=F64)
-    for b in range(2):
-        heads = []
-        for h in range(3):
-            v = x[b] @ Wv[h * 4:(h + 1) * 4].T
-            out = torch.zeros(7, 4, dtype=F64)
-            for t in range(7):
-                w = torch.tensor([attn.bias_table[h, t - s].item() if kind == "learned" else 0.0
-                                  for s in range(t + 1)], dtype=F64)
-                p = torch.exp(w - w.max())
-                out[t] = sum((p[s] / p.sum()) * v[s] for s in range(t + 1))
-            heads.append(out)
-        want[b] = torch.cat(heads, 1) @ Wo.T / 3.0
+    x = torch.randn(2, 7, 12, dtype=F64)
+    want = torch.stack([attention_ref(attn, x[b]) for b in range(2)])
     torch.testing.assert_close(attn(x), want, atol=1e-12, rtol=1e-12)
     # non-contiguous input, and the logits it reports are the (masked) bias for every batch element
     xt = torch.randn(7, 2, 12, dtype=F64).transpose(0, 1)
@@ -315,10 +306,12 @@ def test_mlp_block_and_gpt_match_reference():
     torch.testing.assert_close(m(idx), m.forward_embeddings(m.embed.weight[idx]))
 
 
-def test_scaled_recipe_matches_reference():
+@pytest.mark.parametrize("softmax_scale", [0.01, 0.0])
+def test_scaled_recipe_matches_reference(softmax_scale):
     """The CPU preset's knobs (activation scale, residual scale, learned positional bias,
-    small softmax scale) against the float64 per-position reference."""
-    cfg = small_config(mlp_act_scale=8.0, residual_scale=2.0, pos_bias="learned", softmax_scale=0.01)
+    small or zero softmax scale, MLP width 8d) against the float64 per-position reference."""
+    cfg = small_config(mlp_act_scale=8.0, residual_scale=2.0, pos_bias="learned", softmax_scale=softmax_scale,
+                       mlp_ratio=8)
     m = lnn.LipschitzGPT(cfg).double()
     with torch.no_grad():
         for blk in m.blocks:
