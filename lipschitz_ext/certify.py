@@ -43,6 +43,7 @@ __all__ = [
     "mlp_block_bound",
     "mlp_bounds",
     "sequence_norm",
+    "worst_case_certificate",
 ]
 
 INPUT_NORM = "max over positions t of ||x_t||_2 / sqrt(d_model)  (largest per-token RMS)"
@@ -103,22 +104,35 @@ def attention_bounds(attn: LipschitzAttention, a: float) -> tuple[float, float, 
     Wo_cols = Wo.view(Wo.shape[0], H, dh).permute(1, 0, 2)
     m = _product_sigmas(Wo_cols, rows(Wv)) if dh < Wo.shape[0] else _sigmas(Wo_cols @ rows(Wv))
     s_o = _sigma(Wo)
-    f = abs(attn.out_factor)
-    v_path = min(s_o * sv.norm().item(), m.sum().item())
     if attn.q is None:  # positional attention: fixed mixing weights, no query/key terms
-        return f * v_path, f * v_path, {"v": _sigma(Wv), "o": s_o}
+        lip, gain = _attention_terms(attn, a, sv, m, s_o)
+        return lip, gain, {"v": _sigma(Wv), "o": s_o}
     Wq, Wk = attn.q.weight.detach().double(), attn.k.weight.detach().double()
     sq, sk = _sigmas(rows(Wq)), _sigmas(rows(Wk))
     s_q = _sigma(Wq)
-    c = abs(attn.softmax_scale) * H * a * a  # = |s| a^2 d / d_head: the logit scale
+    lip, gain = _attention_terms(attn, a, sv, m, s_o, sq, sk, s_q)
+    norms = {"q": s_q, "k": _sigma(Wk), "v": _sigma(Wv), "o": s_o}  # square: RMS->RMS = sigma
+    return lip, gain, norms
+
+
+def _attention_terms(attn: LipschitzAttention, a: float, sv: torch.Tensor, m: torch.Tensor, s_o: float,
+                     sq: torch.Tensor | None = None, sk: torch.Tensor | None = None,
+                     s_q: float | None = None) -> tuple[float, float]:
+    """Theorem 1 from the norms: per-head ``sv, sq, sk`` (``||W_v^h||`` ...), ``m`` (``||M_h||``),
+    whole-matrix ``s_o``, ``s_q``. Non-decreasing in every norm and in ``a``, so upper bounds
+    of the norms give an upper bound (what :func:`worst_case_certificate` relies on)."""
+    f = abs(attn.out_factor)
+    v_path = min(s_o * sv.norm().item(), m.sum().item())
+    if attn.q is None:
+        return f * v_path, f * v_path
+    c = abs(attn.softmax_scale) * attn.n_heads * a * a  # = |s| a^2 d / d_head: the logit scale
     qkv = sq * sk * sv
     dq_path = c * min(
         s_o * min(s_q * (sk * sv).max().item(), qkv.norm().item()),
         min((sq * sk * m).sum().item(), s_q * (sk * m).norm().item()),
     )
     dk_path = c * min(s_o * qkv.norm().item(), (sq * sk * m).sum().item())
-    norms = {"q": s_q, "k": _sigma(Wk), "v": _sigma(Wv), "o": s_o}  # square: RMS->RMS = sigma
-    return f * (v_path + dq_path + dk_path), f * v_path, norms
+    return f * (v_path + dq_path + dk_path), f * v_path
 
 
 def mlp_bounds(mlp: LipschitzMLP) -> tuple[float, float, dict[str, float]]:
@@ -133,11 +147,17 @@ def mlp_bounds(mlp: LipschitzMLP) -> tuple[float, float, dict[str, float]]:
     n_in = math.sqrt(W_in.shape[1] / W_in.shape[0]) * _sigma(W_in)
     n_out = math.sqrt(W_out.shape[1] / W_out.shape[0]) * _sigma(W_out)
     n_prod = _sigma(W_out @ W_in)  # d -> d: RMS->RMS norm = sigma
+    lip, gain = _mlp_terms(mlp, n_in, n_out, n_prod)
+    return lip, gain, {"in": n_in, "out": n_out, "out@in": n_prod}
+
+
+def _mlp_terms(mlp: LipschitzMLP, n_in: float, n_out: float, n_prod: float) -> tuple[float, float]:
+    """``(lipschitz, gain)`` of :func:`mlp_bounds` from the norms (non-decreasing in each)."""
     lo, hi = GELU_MIN_SLOPE / mlp.act_divisor, GELU_MAX_SLOPE / mlp.act_divisor
     center, radius = (hi + lo) / 2, (hi - lo) / 2
     lip = abs(center) * n_prod + radius * n_out * n_in
     gain = (n_prod + n_out * n_in) / (2 * mlp.act_divisor)
-    return lip, gain, {"in": n_in, "out": n_out, "out@in": n_prod}
+    return lip, gain
 
 
 def mlp_block_bound(mlp: LipschitzMLP, alpha: float) -> float:
@@ -275,29 +295,55 @@ def certify(model: LipschitzGPT, input_rms: float = 1.0) -> Certificate:
         torch.set_num_threads(threads)
 
 
-def _certify(model: LipschitzGPT, input_rms: float) -> Certificate:
+def _certify(model: LipschitzGPT, input_rms: float, worst_case: bool = False) -> Certificate:
+    # worst_case: every norm replaced by its cap (per-head and product norms by the bounds
+    # the caps imply); the terms are non-decreasing in the norms, so this bounds the
+    # certificate of every weight setting within the caps.
     start = time.perf_counter()
+    cfg = model.config
     rows: list[CertificateRow] = []
     lip, a, a_max = 1.0, float(input_rms), float(input_rms)
     for i, block in enumerate(model.blocks):
         alpha = block.alpha
         for kind, branch in (("attention", block.attn), ("mlp", block.mlp)):
             if kind == "attention":
-                b_lip, gain, norms = attention_bounds(branch, a)
+                if worst_case:
+                    c = float(cfg.attn_cap)
+                    per_head = torch.full((branch.n_heads,), c, dtype=torch.float64)
+                    # ||W^h|| <= ||W|| <= c, ||M_h|| <= ||W_o|| ||W_v^h|| <= c^2
+                    qk = (per_head, per_head, c) if branch.q is not None else ()
+                    b_lip, gain = _attention_terms(branch, a, per_head, per_head * c, c, *qk)
+                    norms = {k: c for k in (("q", "k", "v", "o") if qk else ("v", "o"))}
+                else:
+                    b_lip, gain, norms = attention_bounds(branch, a)
                 block_lip = (1 - alpha) + alpha * b_lip
             else:
-                b_lip, gain, norms = mlp_bounds(branch)
-                block_lip = mlp_block_bound(branch, alpha)
+                if worst_case:
+                    c = float(cfg.mlp_cap)
+                    b_lip, gain = _mlp_terms(branch, c, c, c * c)
+                    norms = {"in": c, "out": c, "out@in": c * c}
+                    block_lip = (1 - alpha) + alpha * b_lip  # Theorem 2' is never above this
+                else:
+                    b_lip, gain, norms = mlp_bounds(branch)
+                    block_lip = mlp_block_bound(branch, alpha)
             lip *= block_lip
             a = ((1 - alpha) + alpha * gain) * a
             a_max = max(a_max, a)
             rows.append(CertificateRow(f"blocks.{i}.{'attn' if kind == 'attention' else 'mlp'}",
                                        kind, norms, b_lip, block_lip, lip, a))
-    Wh = model.head.weight
-    head_norm = math.sqrt(Wh.shape[1] / Wh.shape[0]) * _sigma(Wh)
+    if worst_case:
+        head_norm = float(cfg.head_sigma_max)
+    else:
+        Wh = model.head.weight
+        head_norm = math.sqrt(Wh.shape[1] / Wh.shape[0]) * _sigma(Wh)
     lip *= head_norm
     rows.append(CertificateRow("head", "head", {"head": head_norm}, head_norm, head_norm, lip, head_norm * a))
-    emb_rms = model.embed.max_row_rms()
+    emb_rms = float(input_rms) if worst_case else model.embed.max_row_rms()
+    domain = (f"inputs x [B, T, d_model] of forward_embeddings with max_t ||x_t||_2 / sqrt(d_model) "
+              f"<= {input_rms:g}, any T <= seq_len; exact arithmetic (float rounding not included)")
+    if worst_case:
+        domain += (f"; any weights with RMS->RMS norms <= attention cap {cfg.attn_cap:g}, MLP cap "
+                   f"{cfg.mlp_cap:g}, head cap {cfg.head_sigma_max:g}")
     return Certificate(
         bound=lip,
         activation_bound=a_max,
@@ -306,11 +352,33 @@ def _certify(model: LipschitzGPT, input_rms: float) -> Certificate:
         embedding_max_rms=emb_rms,
         embedding_in_domain=emb_rms <= input_rms,
         rows=rows,
-        domain=f"inputs x [B, T, d_model] of forward_embeddings with max_t ||x_t||_2 / sqrt(d_model) "
-        f"<= {input_rms:g}, any T <= seq_len; exact arithmetic (float rounding not included)",
+        domain=domain,
         config=model.config.to_dict(),
         seconds=time.perf_counter() - start,
     )
+
+
+def worst_case_certificate(model: LipschitzGPT, input_rms: float | None = None) -> Certificate:
+    """The certificate every weight setting within ``model``'s caps stays under.
+
+    For any weights whose RMS->RMS norms are at most the config's caps (``attn_cap`` for
+    W_q, W_k, W_v, W_o, ``mlp_cap`` for W_in, W_out, ``head_sigma_max`` for the head, which
+    is what the hard cap and the other capping constraints keep after every step), the
+    value :func:`certify` returns is at most the ``bound`` of this certificate, on the
+    domain of per-token RMS <= ``input_rms`` (default ``embed_max_rms``, where the capped
+    embedding puts every token). The weights themselves are not read.
+
+    It is the product of the worst sub-layer bounds (Theorems 1 and 2 with every norm at its
+    cap; Theorem 2' needs the weights and is dropped). ``lipschitz-train --target-bound``
+    scales the head cap by ``target / bound`` of this certificate, so the run's bound
+    stays under the target whatever the weights become.
+    """
+    if not isinstance(model, LipschitzGPT):
+        raise TypeError(f"worst_case_certificate: expected a LipschitzGPT, got {type(model).__name__}")
+    r = float(model.config.embed_max_rms if input_rms is None else input_rms)
+    if not (math.isfinite(r) and r > 0):
+        raise ValueError(f"worst_case_certificate: input_rms must be finite and > 0, got {input_rms}")
+    return _certify(model, r, worst_case=True)
 
 
 def _project(z: torch.Tensor, radius: float) -> torch.Tensor:

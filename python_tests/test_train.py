@@ -183,6 +183,48 @@ def test_explicit_sigma_max_replaces_preset_group_caps():
         "attention": 0.5, "mlp": 3.0}
 
 
+def test_target_bound_scales_the_head_by_the_worst_case():
+    """--target-bound multiplies the head cap and head lr by k = target / worst case (less
+    a relative margin of 1e-3) and divides the loss temperature by k."""
+    from lipschitz_ext.certify import worst_case_certificate
+
+    base = T.config_from_preset("shakespeare-cpu")
+    cfg = T.apply_target_bound(T.config_from_preset("shakespeare-cpu", target_bound=2.0))
+    worst = worst_case_certificate(T.build_model(base, 65)).bound
+    k = 2.0 / (worst * (1 + T.TARGET_BOUND_MARGIN))
+    assert 0 < k < 1 and T.TARGET_BOUND_MARGIN == 1e-3
+    assert cfg.head_sigma_max == pytest.approx(base.head_sigma_max * k, rel=1e-12)
+    assert cfg.head_lr == pytest.approx(base.head_lr * k, rel=1e-12)
+    assert cfg.logit_scale == pytest.approx(base.logit_scale / k, rel=1e-12)
+    assert worst_case_certificate(T.build_model(cfg, 65)).bound == pytest.approx(2.0 / 1.001, rel=1e-12)
+    assert T.apply_target_bound(base) is base  # 0 = off
+
+
+def test_target_bound_run_stays_under_it_and_trains_like_the_unscaled_run(corpus, tmp_path):
+    """The rescaled run is the unscaled run with its logits times k: same losses (the
+    loss sees logit_scale * logits), same accuracy, certified bound <= the target; the
+    saved config holds the scaled head, so a resumed run does not scale it again."""
+    kw = dict(autocast="none", head_sigma_max=1.0, steps=6, eval_every=3, sample_chars=0)
+    plain = run(corpus, tmp_path / "plain", **kw)
+    scaled = run(corpus, tmp_path / "scaled", target_bound=0.5, **kw)
+    rows = lambda d: [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    a, b = rows("plain"), rows("scaled")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5), (ra["step"], key)
+    assert scaled["val_accuracy"] == pytest.approx(plain["val_accuracy"], abs=0.01)
+    assert scaled["certified_bound"] <= 0.5
+    cfg = json.loads((tmp_path / "scaled" / "config.json").read_text())
+    assert cfg["target_bound"] == 0.5 and cfg["head_sigma_max"] < 1.0
+    assert scaled["target_bound"] == 0.5 and scaled["head_sigma_max"] == cfg["head_sigma_max"]
+    k = cfg["head_sigma_max"]
+    assert scaled["certified_bound"] == pytest.approx(k * plain["certified_bound"], rel=1e-4)
+    T.train(resume=str(tmp_path / "scaled"), quiet=True, overrides={"steps": 9})
+    assert json.loads((tmp_path / "scaled" / "config.json").read_text())["head_sigma_max"] == k
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(d_model=30, n_heads=4), "multiple of --n-heads"),
     (dict(sigma_max=-1.0), "must be > 0"),
@@ -199,6 +241,10 @@ def test_explicit_sigma_max_replaces_preset_group_caps():
     (dict(schedule="time"), "--schedule time needs a --time-budget"),
     (dict(softmax_scale=-0.5), "--softmax-scale must be finite and >= 0"),
     (dict(softmax_scale=0.0, pos_bias="none", attention="fp8"), "no use for --attention fp8"),
+    (dict(target_bound=-1.0), "--target-bound must be finite and >= 0"),
+    (dict(target_bound=2.0, model="baseline"), "--target-bound needs --model lipschitz"),
+    (dict(target_bound=2.0, constraint="hammer"), "--target-bound needs a constraint that keeps"),
+    (dict(target_bound=2.0, constraint="none"), "--target-bound needs a constraint that keeps"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
