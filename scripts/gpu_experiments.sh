@@ -61,21 +61,24 @@ train() {  # train NAME [flags...]: one run in $R/NAME, stopped by the deadline
 # head lr x k). head-s2-r2 is the previous best (s = 2, caps 1); the pos-* runs are the
 # CPU finding of 2026-11-30: softmax scale 0.01 (attention positional through the learned
 # bias: content logits <= 0.03, the Q.K terms of the bound vanish) and the bound spent on
-# MLP / attention caps instead. Bounds at the caps (random orthogonal weights, head 1):
-# s=2: 20.2; s=0.01: 0.68, MLP cap 1.5: 1.92, MLP cap 2: 5.69, + attention cap 1.25: 11.1;
-# trained MLPs align (out@in -> in*out), so the pos-* head caps leave ~30% margin.
-# Since the night of 2026-11-30 the pos-* runs use softmax scale 0 (positional attention:
-# no W_q, W_k, the bias alone mixes the values), whose bound is at or below s = 0.01's.
+# MLP / attention caps instead; since the night of 2026-11-30 they use softmax scale 0
+# (positional attention: no W_q, W_k, the bias alone mixes the values), and since
+# 2026-12-01 --target-bound (below) instead of hand-picked head caps.
 PAPER=(--preset shakespeare --batch-size $BATCH --eval-every $EVAL --eval-batches 20 --lr 0.1 --embed-lr 0.05
        "${SIZE[@]}")
 HL=(--pos-bias learned --steps $HEAD_STEPS)
 POS=("${PAPER[@]}" "${HL[@]}" --softmax-scale 0 --residual-scale 2)
 train head-s1-r2 "${PAPER[@]}" "${HL[@]}" --softmax-scale 1 --residual-scale 2 --head-sigma-max 0.34 --logit-scale 53 --head-lr 0.034 &
 train head-s2-r2 "${PAPER[@]}" "${HL[@]}" --softmax-scale 2 --residual-scale 2 --head-sigma-max 0.098 --logit-scale 184 --head-lr 0.0098 &
-train head-pos-m1 "${POS[@]}" --head-sigma-max 2.2 --logit-scale 7.3 --head-lr 0.22 &
-train head-pos-m15 "${POS[@]}" --mlp-sigma-max 1.5 --head-sigma-max 0.7 --logit-scale 23 --head-lr 0.07 &
-train head-pos-m2 "${POS[@]}" --mlp-sigma-max 2 --head-sigma-max 0.22 --logit-scale 73 --head-lr 0.022 &
-train head-pos-m2-a125 "${POS[@]}" --mlp-sigma-max 2 --attn-sigma-max 1.25 --head-sigma-max 0.11 --logit-scale 145 --head-lr 0.011 &
+# --target-bound 2 scales head cap, head lr and temperature from (1, 0.1, 16) by
+# k = 2 / worst case of the caps (certify.worst_case_certificate): bound <= 2 whatever the
+# weights. Worst cases at head 1: MLP cap 1: 0.70, 1.5: 2.00, 2: 5.62. head-pos-cpu is the
+# shakespeare-cpu recipe's caps and width (attention 1.5, MLP 2, MLP 8d) on the paper's model.
+TB=(--head-sigma-max 1 --logit-scale 16 --head-lr 0.1 --target-bound 2)
+train head-pos-m1 "${POS[@]}" "${TB[@]}" &
+train head-pos-m15 "${POS[@]}" --mlp-sigma-max 1.5 "${TB[@]}" &
+train head-pos-m2 "${POS[@]}" --mlp-sigma-max 2 "${TB[@]}" &
+train head-pos-cpu "${POS[@]}" --mlp-sigma-max 2 --attn-sigma-max 1.5 --mlp-ratio 8 "${TB[@]}" &
 train baseline "${PAPER[@]}" --model baseline --steps $BASE_STEPS &
 # fp8 vs sdpa attention, same seed and recipe (no positional bias: the fp8 kernel has none)
 FP=("${PAPER[@]}" --steps $FP8_STEPS --batch-size $(( BATCH / 2 )) --softmax-scale 4 --residual-scale 2
