@@ -506,7 +506,7 @@ def test_worst_case_certificate_is_linear_in_the_head_cap_and_reads_no_weights()
     b = worst_case_certificate(model)
     assert b.bound == pytest.approx(0.25 * a.bound, rel=1e-12)
     assert b.embedding_in_domain and "MLP cap 2" in b.domain
-    # positional attention: branch (1/3) sqrt(H) c^2; MLP branch GELU'max c^2 / scale... at the caps
+    # positional attention at the caps: branch = out_factor (1/3) * sqrt(H) * c^2
     assert a.rows[0].branch_bound == pytest.approx(1.5 * 1.5 * 2 / 3, rel=1e-12)
     # twice the embedding radius: content-free layers scale nothing, so the bound is the same
     assert worst_case_certificate(lnn.LipschitzGPT(cfg), input_rms=2.0).bound == pytest.approx(a.bound)
