@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .nn.attention import LipschitzAttention
+from .nn.config import GPTConfig
 from .nn.gpt import LipschitzGPT
 from .nn.mlp import GELU_MAX_SLOPE, GELU_MIN_SLOPE, LipschitzMLP
 
@@ -42,6 +43,7 @@ __all__ = [
     "empirical_lipschitz",
     "mlp_block_bound",
     "mlp_bounds",
+    "paper_bound",
     "sequence_norm",
     "worst_case_certificate",
 ]
@@ -87,6 +89,11 @@ def sequence_norm(z: torch.Tensor) -> torch.Tensor:
     return z.pow(2).mean(dim=-1).sqrt().amax(dim=-1)
 
 
+def _shape_of(attn: LipschitzAttention) -> tuple[float, float, int, bool]:
+    """``(out_factor, |softmax_scale|, n_heads, positional)`` of a module."""
+    return abs(attn.out_factor), abs(attn.softmax_scale), attn.n_heads, attn.q is None
+
+
 def attention_bounds(attn: LipschitzAttention, a: float) -> tuple[float, float, dict[str, float]]:
     """Bounds for the attention branch on inputs with per-token RMS <= ``a``.
 
@@ -105,27 +112,28 @@ def attention_bounds(attn: LipschitzAttention, a: float) -> tuple[float, float, 
     m = _product_sigmas(Wo_cols, rows(Wv)) if dh < Wo.shape[0] else _sigmas(Wo_cols @ rows(Wv))
     s_o = _sigma(Wo)
     if attn.q is None:  # positional attention: fixed mixing weights, no query/key terms
-        lip, gain = _attention_terms(attn, a, sv, m, s_o)
+        lip, gain = _attention_terms(_shape_of(attn), a, sv, m, s_o)
         return lip, gain, {"v": _sigma(Wv), "o": s_o}
     Wq, Wk = attn.q.weight.detach().double(), attn.k.weight.detach().double()
     sq, sk = _sigmas(rows(Wq)), _sigmas(rows(Wk))
     s_q = _sigma(Wq)
-    lip, gain = _attention_terms(attn, a, sv, m, s_o, sq, sk, s_q)
+    lip, gain = _attention_terms(_shape_of(attn), a, sv, m, s_o, sq, sk, s_q)
     norms = {"q": s_q, "k": _sigma(Wk), "v": _sigma(Wv), "o": s_o}  # square: RMS->RMS = sigma
     return lip, gain, norms
 
 
-def _attention_terms(attn: LipschitzAttention, a: float, sv: torch.Tensor, m: torch.Tensor, s_o: float,
-                     sq: torch.Tensor | None = None, sk: torch.Tensor | None = None,
+def _attention_terms(shape: tuple[float, float, int, bool], a: float, sv: torch.Tensor, m: torch.Tensor,
+                     s_o: float, sq: torch.Tensor | None = None, sk: torch.Tensor | None = None,
                      s_q: float | None = None) -> tuple[float, float]:
     """Theorem 1 from the norms: per-head ``sv, sq, sk`` (``||W_v^h||`` ...), ``m`` (``||M_h||``),
-    whole-matrix ``s_o``, ``s_q``. Non-decreasing in every norm and in ``a``, so upper bounds
-    of the norms give an upper bound (what :func:`worst_case_certificate` relies on)."""
-    f = abs(attn.out_factor)
+    whole-matrix ``s_o``, ``s_q``; ``shape`` from :func:`_shape_of` (or the config). Non-decreasing
+    in every norm and in ``a``, so upper bounds of the norms give an upper bound (what
+    :func:`worst_case_certificate` relies on)."""
+    f, scale, H, positional = shape
     v_path = min(s_o * sv.norm().item(), m.sum().item())
-    if attn.q is None:
+    if positional:
         return f * v_path, f * v_path
-    c = abs(attn.softmax_scale) * attn.n_heads * a * a  # = |s| a^2 d / d_head: the logit scale
+    c = scale * H * a * a  # = |s| a^2 d / d_head: the logit scale
     qkv = sq * sk * sv
     dq_path = c * min(
         s_o * min(s_q * (sk * sv).max().item(), qkv.norm().item()),
@@ -147,16 +155,17 @@ def mlp_bounds(mlp: LipschitzMLP) -> tuple[float, float, dict[str, float]]:
     n_in = math.sqrt(W_in.shape[1] / W_in.shape[0]) * _sigma(W_in)
     n_out = math.sqrt(W_out.shape[1] / W_out.shape[0]) * _sigma(W_out)
     n_prod = _sigma(W_out @ W_in)  # d -> d: RMS->RMS norm = sigma
-    lip, gain = _mlp_terms(mlp, n_in, n_out, n_prod)
+    lip, gain = _mlp_terms(mlp.act_divisor, n_in, n_out, n_prod)
     return lip, gain, {"in": n_in, "out": n_out, "out@in": n_prod}
 
 
-def _mlp_terms(mlp: LipschitzMLP, n_in: float, n_out: float, n_prod: float) -> tuple[float, float]:
-    """``(lipschitz, gain)`` of :func:`mlp_bounds` from the norms (non-decreasing in each)."""
-    lo, hi = GELU_MIN_SLOPE / mlp.act_divisor, GELU_MAX_SLOPE / mlp.act_divisor
+def _mlp_terms(divisor: float, n_in: float, n_out: float, n_prod: float) -> tuple[float, float]:
+    """``(lipschitz, gain)`` of :func:`mlp_bounds` from the norms (non-decreasing in each);
+    ``divisor`` is the activation's ``act_divisor`` (``GELU_MAX_SLOPE``)."""
+    lo, hi = GELU_MIN_SLOPE / divisor, GELU_MAX_SLOPE / divisor
     center, radius = (hi + lo) / 2, (hi - lo) / 2
     lip = abs(center) * n_prod + radius * n_out * n_in
-    gain = (n_prod + n_out * n_in) / (2 * mlp.act_divisor)
+    gain = (n_prod + n_out * n_in) / (2 * divisor)
     return lip, gain
 
 
@@ -266,6 +275,23 @@ class Certificate:
         return "\n".join(lines)
 
 
+def _check_finite(model: torch.nn.Module, who: str) -> None:
+    """Refuse a model with a NaN/inf parameter or buffer, naming the first one."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+            bad = int((~torch.isfinite(t.detach())).sum())
+            raise ValueError(f"{who}: {name} has {bad} NaN/inf entr{'y' if bad == 1 else 'ies'} (of {t.numel()}); "
+                             "a model with non-finite weights has no Lipschitz bound")
+
+
+def _check_radius(input_rms: object, who: str) -> float:
+    if isinstance(input_rms, bool) or not isinstance(input_rms, (int, float)):
+        raise TypeError(f"{who}: input_rms must be a number, got {type(input_rms).__name__}")
+    if not (math.isfinite(input_rms) and input_rms > 0):
+        raise ValueError(f"{who}: input_rms must be finite and > 0, got {input_rms}")
+    return float(input_rms)
+
+
 def certify(model: LipschitzGPT, input_rms: float = 1.0) -> Certificate:
     """Certify a Lipschitz bound of ``model.forward_embeddings`` (see :class:`Certificate`).
 
@@ -277,73 +303,64 @@ def certify(model: LipschitzGPT, input_rms: float = 1.0) -> Certificate:
         A :class:`Certificate`. Spectral norms are exact (float64 Gram eigensolve,
         rounded up by ``SIGMA_MARGIN``); the bound is
         the composition of the per-sub-layer bounds of docs/certificate.md (Theorem 3).
+
+    Raises:
+        TypeError: ``model`` is not a ``LipschitzGPT``.
+        ValueError: ``input_rms`` is not finite and > 0; a parameter or buffer (named in the
+            message) has NaN/inf entries; or a number of the certificate overflows float64
+            (e.g. ``input_rms=1e300``: the radius enters squared). Every number of a returned
+            certificate is finite: an overflow is refused, never returned as inf or NaN.
     """
     if not isinstance(model, LipschitzGPT):
         raise TypeError(
             f"certify: expected a LipschitzGPT, got {type(model).__name__} (models with "
             "LayerNorm and plain residuals have no certificate here)"
         )
-    if not (math.isfinite(input_rms) and input_rms > 0):
-        raise ValueError(f"certify: input_rms must be finite and > 0, got {input_rms}")
+    r = _check_radius(input_rms, "certify")
+    _check_finite(model, "certify")
     # The eigensolves are small (<= d x d): one thread is as fast, and multi-threaded
     # LAPACK on a busy CPU stalled for minutes in OpenMP barriers (seen on a shared 2-core VM).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _certify(model, float(input_rms))
+        return _checked(_certify(model, r), "certify")
     finally:
         torch.set_num_threads(threads)
 
 
-def _certify(model: LipschitzGPT, input_rms: float, worst_case: bool = False) -> Certificate:
-    # worst_case: every norm replaced by its cap (per-head and product norms by the bounds
-    # the caps imply); the terms are non-decreasing in the norms, so this bounds the
-    # certificate of every weight setting within the caps.
+def _checked(cert: Certificate, who: str) -> Certificate:
+    """``cert`` if every number in it is finite, else a ValueError naming the first row that overflowed."""
+    for r in cert.rows:
+        values = (r.branch_bound, r.block_bound, r.running_bound, r.activation_bound, *r.weight_norms.values())
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(
+                f"{who}: the certificate overflows float64 at {r.name} (input_rms={cert.input_rms:g}): the domain "
+                "radius or the weight norms are too large for a finite bound; use a smaller input_rms")
+    if not all(math.isfinite(v) for v in (cert.bound, cert.activation_bound, cert.logit_bound)):
+        raise ValueError(f"{who}: the certificate overflows float64 (input_rms={cert.input_rms:g})")
+    return cert
+
+
+def _compose(cfg: GPTConfig, input_rms: float, sublayer, head_norm: float, emb_rms: float,
+             domain_extra: str = "") -> Certificate:
+    """Theorem 3: compose ``sublayer(i, kind, a) -> (norms, branch_lip, gain, block_lip)`` over
+    the ``2 n_layers`` sub-layers, then the head of RMS->RMS norm ``head_norm``."""
     start = time.perf_counter()
-    cfg = model.config
+    alpha = cfg.residual_scale / (2 * cfg.n_layers)
     rows: list[CertificateRow] = []
     lip, a, a_max = 1.0, float(input_rms), float(input_rms)
-    for i, block in enumerate(model.blocks):
-        alpha = block.alpha
-        for kind, branch in (("attention", block.attn), ("mlp", block.mlp)):
-            if kind == "attention":
-                if worst_case:
-                    c = float(cfg.attn_cap)
-                    per_head = torch.full((branch.n_heads,), c, dtype=torch.float64)
-                    # ||W^h|| <= ||W|| <= c, ||M_h|| <= ||W_o|| ||W_v^h|| <= c^2
-                    qk = (per_head, per_head, c) if branch.q is not None else ()
-                    b_lip, gain = _attention_terms(branch, a, per_head, per_head * c, c, *qk)
-                    norms = {k: c for k in (("q", "k", "v", "o") if qk else ("v", "o"))}
-                else:
-                    b_lip, gain, norms = attention_bounds(branch, a)
-                block_lip = (1 - alpha) + alpha * b_lip
-            else:
-                if worst_case:
-                    c = float(cfg.mlp_cap)
-                    b_lip, gain = _mlp_terms(branch, c, c, c * c)
-                    norms = {"in": c, "out": c, "out@in": c * c}
-                    block_lip = (1 - alpha) + alpha * b_lip  # Theorem 2' is never above this
-                else:
-                    b_lip, gain, norms = mlp_bounds(branch)
-                    block_lip = mlp_block_bound(branch, alpha)
+    for i in range(cfg.n_layers):
+        for kind in ("attention", "mlp"):
+            norms, b_lip, gain, block_lip = sublayer(i, kind, a, alpha)
             lip *= block_lip
             a = ((1 - alpha) + alpha * gain) * a
             a_max = max(a_max, a)
             rows.append(CertificateRow(f"blocks.{i}.{'attn' if kind == 'attention' else 'mlp'}",
                                        kind, norms, b_lip, block_lip, lip, a))
-    if worst_case:
-        head_norm = float(cfg.head_sigma_max)
-    else:
-        Wh = model.head.weight
-        head_norm = math.sqrt(Wh.shape[1] / Wh.shape[0]) * _sigma(Wh)
     lip *= head_norm
     rows.append(CertificateRow("head", "head", {"head": head_norm}, head_norm, head_norm, lip, head_norm * a))
-    emb_rms = float(input_rms) if worst_case else model.embed.max_row_rms()
     domain = (f"inputs x [B, T, d_model] of forward_embeddings with max_t ||x_t||_2 / sqrt(d_model) "
-              f"<= {input_rms:g}, any T <= seq_len; exact arithmetic (float rounding not included)")
-    if worst_case:
-        domain += (f"; any weights with RMS->RMS norms <= attention cap {cfg.attn_cap:g}, MLP cap "
-                   f"{cfg.mlp_cap:g}, head cap {cfg.head_sigma_max:g}")
+              f"<= {input_rms:g}, any T <= seq_len; exact arithmetic (float rounding not included)") + domain_extra
     return Certificate(
         bound=lip,
         activation_bound=a_max,
@@ -353,32 +370,133 @@ def _certify(model: LipschitzGPT, input_rms: float, worst_case: bool = False) ->
         embedding_in_domain=emb_rms <= input_rms,
         rows=rows,
         domain=domain,
-        config=model.config.to_dict(),
+        config=cfg.to_dict(),
         seconds=time.perf_counter() - start,
     )
 
 
-def worst_case_certificate(model: LipschitzGPT, input_rms: float | None = None) -> Certificate:
-    """The certificate every weight setting within ``model``'s caps stays under.
+def _certify(model: LipschitzGPT, input_rms: float) -> Certificate:
+    def sublayer(i: int, kind: str, a: float, alpha: float):
+        block = model.blocks[i]
+        if kind == "attention":
+            b_lip, gain, norms = attention_bounds(block.attn, a)
+            return norms, b_lip, gain, (1 - block.alpha) + block.alpha * b_lip
+        b_lip, gain, norms = mlp_bounds(block.mlp)
+        return norms, b_lip, gain, mlp_block_bound(block.mlp, block.alpha)
 
-    For any weights whose RMS->RMS norms are at most the config's caps (``attn_cap`` for
-    W_q, W_k, W_v, W_o, ``mlp_cap`` for W_in, W_out, ``head_sigma_max`` for the head, which
+    Wh = model.head.weight
+    head_norm = math.sqrt(Wh.shape[1] / Wh.shape[0]) * _sigma(Wh)
+    return _compose(model.config, input_rms, sublayer, head_norm, model.embed.max_row_rms())
+
+
+def _worst_case(cfg: GPTConfig, input_rms: float) -> Certificate:
+    # every norm replaced by its cap (per-head and product norms by the bounds the caps
+    # imply); the terms are non-decreasing in the norms, so this bounds the certificate
+    # of every weight setting within the caps.
+    positional = cfg.softmax_scale == 0
+    shape = (abs(LipschitzAttention.out_factor), abs(float(cfg.softmax_scale)), cfg.n_heads, positional)
+
+    def sublayer(i: int, kind: str, a: float, alpha: float):
+        if kind == "attention":
+            c = float(cfg.attn_cap)
+            per_head = torch.full((cfg.n_heads,), c, dtype=torch.float64)
+            # ||W^h|| <= ||W|| <= c, ||M_h|| <= ||W_o|| ||W_v^h|| <= c^2
+            qk = () if positional else (per_head, per_head, c)
+            b_lip, gain = _attention_terms(shape, a, per_head, per_head * c, c, *qk)
+            norms = {k: c for k in (("v", "o") if positional else ("q", "k", "v", "o"))}
+        else:
+            c = float(cfg.mlp_cap)
+            b_lip, gain = _mlp_terms(GELU_MAX_SLOPE, c, c, c * c)
+            norms = {"in": c, "out": c, "out@in": c * c}
+        return norms, b_lip, gain, (1 - alpha) + alpha * b_lip  # Theorem 2' is never above this
+
+    extra = (f"; any weights with RMS->RMS norms <= attention cap {cfg.attn_cap:g}, MLP cap "
+             f"{cfg.mlp_cap:g}, head cap {cfg.head_sigma_max:g}")
+    return _compose(cfg, input_rms, sublayer, float(cfg.head_sigma_max), float(input_rms), extra)
+
+
+def worst_case_certificate(cfg_or_model: GPTConfig | LipschitzGPT, input_rms: float | None = None) -> Certificate:
+    """The certificate every weight setting within the caps of a config stays under.
+
+    ``cfg_or_model`` is a ``GPTConfig`` or a ``LipschitzGPT`` (then its ``config`` is used;
+    its weights are not read, so both give the same certificate). For any weights whose
+    RMS->RMS norms are at most the config's caps (``attn_cap`` for W_q, W_k, W_v, W_o,
+    ``mlp_cap`` for W_in, W_out, ``head_sigma_max`` for the head, which
     is what the hard cap and the other capping constraints keep after every step), the
     value :func:`certify` returns is at most the ``bound`` of this certificate, on the
     domain of per-token RMS <= ``input_rms`` (default ``embed_max_rms``, where the capped
-    embedding puts every token). The weights themselves are not read.
+    embedding puts every token).
 
     It is the product of the worst sub-layer bounds (Theorems 1 and 2 with every norm at its
     cap; Theorem 2' needs the weights and is dropped). ``lipschitz-train --target-bound``
     scales the head cap by ``target / bound`` of this certificate, so the run's bound
     stays under the target whatever the weights become.
+
+    Raises:
+        TypeError: ``cfg_or_model`` is neither a ``GPTConfig`` nor a ``LipschitzGPT``.
+        ValueError: ``input_rms`` not finite and > 0, or the certificate overflows float64.
+    """
+    if isinstance(cfg_or_model, LipschitzGPT):
+        cfg = cfg_or_model.config
+    elif isinstance(cfg_or_model, GPTConfig):
+        cfg = cfg_or_model
+    else:
+        raise TypeError("worst_case_certificate: expected a GPTConfig or a LipschitzGPT, got "
+                        f"{type(cfg_or_model).__name__}")
+    r = _check_radius(cfg.embed_max_rms if input_rms is None else input_rms, "worst_case_certificate")
+    return _checked(_worst_case(cfg, r), "worst_case_certificate")
+
+
+#: The divisor of the published MLP term (REFERENCE.md section 5): max GELU' rounded.
+PAPER_MLP_DIVISOR = 1.1289
+
+
+def paper_bound(model: LipschitzGPT) -> float:
+    """The published certifier's bound (REFERENCE.md section 5), **UNSOUND**: for comparison only.
+
+    With RMS->RMS norms ``||W||`` of the current weights, ``alpha`` = each block's residual weight
+    (``1/(2L)`` in the paper's model), ``a = 1`` and ``Lip = 1`` at the start, per block::
+
+        L_att = (1/3) ||W_o|| (||W_v|| + 2 ||W_v|| a^2 ||W_q|| ||W_k||) * s     (a: the input's radius)
+        Lip  <- (1 - alpha) Lip + alpha Lip L_att;   a <- (1 - alpha) a + alpha (||W_o|| ||W_v|| / 3) a
+        L_mlp = ||W_out|| ||W_in|| / 1.1289
+        Lip  <- (1 - alpha) Lip + alpha Lip L_mlp;   a <- (1 - alpha) a + alpha L_mlp a
+
+    and finally ``Lip * ||W_head||``. ``s`` is the softmax scale, which as published also
+    multiplies the V path (so positional attention, ``s = 0``, gets ``L_att = 0``).
+
+    Why it is not a bound (docs/certificate.md, "Where this departs from the published
+    certifier"): the MLP term divides the 1-Lipschitz normalized GELU by 1.1289 a second time
+    (the MLP ``x -> W_out GELU(W_in x)/1.1289`` with unit 1-D weights has slope 1 at
+    ``x = sqrt 2``, above the 0.886 claimed); with several heads the V path can reach
+    ``sqrt(H) ||W_o|| ||W_v||``; the logit scale lacks the factor ``H = d / d_head``; and
+    ``s < 1`` shrinks the V path, ``s = 0`` removes it. It can sit below the true
+    Lipschitz constant: use :func:`certify` for a sound bound.
     """
     if not isinstance(model, LipschitzGPT):
-        raise TypeError(f"worst_case_certificate: expected a LipschitzGPT, got {type(model).__name__}")
-    r = float(model.config.embed_max_rms if input_rms is None else input_rms)
-    if not (math.isfinite(r) and r > 0):
-        raise ValueError(f"worst_case_certificate: input_rms must be finite and > 0, got {input_rms}")
-    return _certify(model, r, worst_case=True)
+        raise TypeError(f"paper_bound: expected a LipschitzGPT, got {type(model).__name__}")
+    _check_finite(model, "paper_bound")
+
+    def n(lin: torch.nn.Module) -> float:
+        W = lin.weight.detach().double()
+        return math.sqrt(W.shape[1] / W.shape[0]) * _sigma(W)
+
+    lip, a = 1.0, 1.0
+    for block in model.blocks:
+        alpha, attn, mlp = block.alpha, block.attn, block.mlp
+        n_v, n_o = n(attn.v), n(attn.o)
+        qk = 0.0 if attn.q is None else n(attn.q) * n(attn.k)
+        s = float(attn.softmax_scale)
+        l_att = (1 / 3) * n_o * (n_v + 2 * n_v * a * a * qk) * s
+        lip = (1 - alpha) * lip + alpha * lip * l_att
+        a = (1 - alpha) * a + alpha * (n_o * n_v / 3) * a
+        l_mlp = n(mlp.fc_out) * n(mlp.fc_in) / PAPER_MLP_DIVISOR
+        lip = (1 - alpha) * lip + alpha * lip * l_mlp
+        a = (1 - alpha) * a + alpha * l_mlp * a
+    lip *= n(model.head)
+    if not math.isfinite(lip):
+        raise ValueError("paper_bound: the published formula overflows float64 for these weights")
+    return lip
 
 
 def _project(z: torch.Tensor, radius: float) -> torch.Tensor:
@@ -404,9 +522,23 @@ def empirical_lipschitz(
     (per-token RMS <= input_rms) and the norms are the certificate's. Runs in float64 on a
     copy of the model. Every evaluated pair lies in the domain, so the returned maximum
     over all steps and restarts is a true lower bound (up to float64 rounding).
+
+    Raises ValueError for a non-finite ``x``, a model with NaN/inf weights (named), a
+    non-finite output during the search (never returns 0 for a NaN model), ``steps < 1``
+    or a non-positive ``lr``, ``radius`` or ``input_rms``.
     """
-    if x.dim() != 3:
-        raise ValueError(f"empirical_lipschitz: x must be [B, T, d], got {tuple(x.shape)}")
+    who = "empirical_lipschitz"
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"{who}: x must be a tensor [B, T, d], got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{who}: x must be a finite floating-point tensor")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{who}: steps must be an int >= 1, got {steps!r}")
+    for name, value in (("lr", lr), ("radius", radius)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{who}: {name} must be finite and > 0, got {value!r}")
+    input_rms = _check_radius(input_rms, who)
+    _check_finite(model, who)
     f = copy.deepcopy(model).double().eval()
     for p in f.parameters():
         p.requires_grad_(False)
@@ -415,11 +547,15 @@ def empirical_lipschitz(
     u = torch.randn_like(xv).requires_grad_(True)
     opt = torch.optim.Adam([{"params": [xv], "lr": lr * input_rms}, {"params": [u], "lr": lr}])
     best = 0.0
-    for _ in range(max(1, steps)):
+    for _ in range(steps):
         p = _project(xv, input_rms)
         q = _project(xv + r * u / sequence_norm(u)[:, None, None], input_rms)
         den = sequence_norm(p - q).clamp_min(1e-300)
         ratio = sequence_norm(f.forward_embeddings(p) - f.forward_embeddings(q)) / den
+        if not bool(torch.isfinite(ratio).all()):
+            # a NaN would vanish in max() and report a lower bound of 0: refuse instead
+            raise ValueError(f"{who}: the model's output became non-finite on the domain "
+                             f"(input_rms={input_rms:g}); no lower bound")
         best = max(best, ratio.max().item())
         opt.zero_grad()
         (-ratio.sum()).backward()

@@ -514,3 +514,133 @@ def test_worst_case_certificate_is_linear_in_the_head_cap_and_reads_no_weights()
         worst_case_certificate(lnn.LipschitzGPT(cfg), input_rms=0.0)
     with pytest.raises(TypeError, match="LipschitzGPT"):
         worst_case_certificate(torch.nn.Linear(2, 2))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(cfg=capped_configs)
+def test_worst_case_certificate_reads_a_config_like_a_model(cfg):
+    """A GPTConfig gives exactly the certificate of a model built from it (weights unread)."""
+    from_cfg = worst_case_certificate(cfg)
+    from_model = worst_case_certificate(lnn.LipschitzGPT(cfg))
+    assert from_cfg.bound == from_model.bound and from_cfg.to_dict()["rows"] == from_model.to_dict()["rows"]
+    assert from_cfg.config == cfg.to_dict() and from_cfg.input_rms == cfg.embed_max_rms
+    assert worst_case_certificate(cfg, input_rms=0.7).bound == worst_case_certificate(
+        lnn.LipschitzGPT(cfg), input_rms=0.7).bound
+    with pytest.raises(TypeError, match="GPTConfig"):
+        worst_case_certificate(cfg.to_dict())
+
+
+# ---------------------------------------------------------------- bad input is refused clearly
+
+
+def _tiny(s=1.0):
+    cfg = lnn.GPTConfig(vocab_size=5, d_model=8, n_layers=2, n_heads=2, seq_len=6, softmax_scale=s,
+                        zero_init_out=False, attention="reference")
+    return random_model(cfg, 0.5, 1.5, gen=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["blocks.1.attn.k.weight", "blocks.0.mlp.fc_out.weight", "head.weight",
+                                   "embed.weight"])
+def test_non_finite_weights_are_refused_by_name(bad, where):
+    model = _tiny()
+    with torch.no_grad():
+        model.get_parameter(where).view(-1)[3] = bad
+    for fn in (certify, lambda m: empirical_lipschitz(m, project(torch.randn(2, 3, 8, dtype=F64)), steps=2),
+               lipschitz_ext.certify.paper_bound):
+        with pytest.raises(ValueError, match=where.replace(".", r"\.")):
+            fn(model)
+
+
+def test_non_finite_bias_table_is_refused():
+    cfg = lnn.GPTConfig(vocab_size=5, d_model=8, n_layers=1, n_heads=2, seq_len=6, pos_bias="alibi")
+    model = lnn.LipschitzGPT(cfg)
+    model.blocks[0].attn.bias_table[0, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.bias_table"):
+        certify(model)
+
+
+@pytest.mark.parametrize("rho", [1e300, 1e160])
+def test_overflowing_radius_is_refused_not_nan(rho):
+    """The radius enters squared (the logit scale): past float64's range the bound is refused."""
+    model = _tiny()
+    with pytest.raises(ValueError, match="overflows float64.*input_rms"):
+        certify(model, input_rms=rho)
+    with pytest.raises(ValueError, match="overflows float64"):
+        worst_case_certificate(model, input_rms=rho)
+    big = certify(model, input_rms=1e20)  # large but representable: finite numbers only
+    assert all(math.isfinite(v) for v in (big.bound, big.activation_bound, big.logit_bound))
+    with pytest.raises(TypeError, match="input_rms"):
+        certify(model, input_rms="1")
+
+
+def test_empirical_lipschitz_refuses_a_nan_model_and_bad_arguments():
+    model = _tiny()
+    x = project(torch.randn(2, 3, 8, dtype=F64))
+    with torch.no_grad():  # finite weights whose output overflows to inf/NaN on the domain
+        model.blocks[0].mlp.fc_in.weight.mul_(1e300)
+        model.blocks[0].mlp.fc_out.weight.mul_(1e300)
+    with pytest.raises(ValueError, match="non-finite"):
+        empirical_lipschitz(model, x, steps=2)
+    model = _tiny()
+    for kwargs, match in (({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"radius": float("nan")}, "radius"),
+                          ({"input_rms": 0.0}, "input_rms")):
+        with pytest.raises(ValueError, match=match):
+            empirical_lipschitz(model, x, **kwargs)
+    with pytest.raises(ValueError, match="finite"):
+        empirical_lipschitz(model, x * float("nan"))
+
+
+# ---------------------------------------------------------------- the published (unsound) formula
+
+
+def test_paper_bound_matches_the_published_formula_by_hand():
+    """REFERENCE.md section 5 written out with torch.linalg.matrix_norm(ord=2) in float64."""
+    from lipschitz_ext.certify import paper_bound
+    cfg = lnn.GPTConfig(vocab_size=7, d_model=8, n_layers=2, n_heads=2, seq_len=6, softmax_scale=2.0,
+                        zero_init_out=False, mlp_ratio=3)
+    model = random_model(cfg, 0.4, 1.6, gen=torch.Generator().manual_seed(4))
+
+    def rms(W):  # RMS->RMS norm of W [out, in]
+        W = W.detach().double()
+        return math.sqrt(W.shape[1] / W.shape[0]) * torch.linalg.matrix_norm(W, ord=2).item()
+
+    alpha, lip, a = 1 / (2 * 2), 1.0, 1.0
+    for blk in model.blocks:
+        q, k, v, o = (rms(m.weight) for m in (blk.attn.q, blk.attn.k, blk.attn.v, blk.attn.o))
+        l_att = (1 / 3) * o * (v + 2 * v * a ** 2 * q * k) * 2.0
+        lip, a = (1 - alpha) * lip + alpha * lip * l_att, (1 - alpha) * a + alpha * (o * v / 3) * a
+        l_mlp = rms(blk.mlp.fc_out.weight) * rms(blk.mlp.fc_in.weight) / 1.1289
+        lip, a = (1 - alpha) * lip + alpha * lip * l_mlp, (1 - alpha) * a + alpha * l_mlp * a
+    expected = lip * rms(model.head.weight)
+    assert paper_bound(model) == pytest.approx(expected, rel=1e-8)
+    # positional attention: s = 0 removes the attention term entirely in the published formula
+    pos = lnn.LipschitzGPT(lnn.GPTConfig(**{**cfg.to_dict(), "softmax_scale": 0.0})).double()
+    with torch.no_grad():
+        for blk in pos.blocks:
+            blk.attn.o.weight.zero_()
+            blk.mlp.fc_out.weight.zero_()
+    assert paper_bound(pos) == pytest.approx((1 - alpha) ** 4 * rms(pos.head.weight), rel=1e-8)
+    with pytest.raises(TypeError, match="LipschitzGPT"):
+        paper_bound(lnn.BaselineGPT(cfg))
+
+
+def test_paper_bound_is_below_a_measured_ratio():
+    """Why it is documented as unsound: a 1-layer model whose measured ratio exceeds it.
+    No attention branch (W_o = 0), identity MLP weights, alpha = 1/2: the stream is x/2 after
+    attention, and at x/2 = sqrt 2 (per coordinate) the MLP's slope is exactly 1."""
+    from lipschitz_ext.certify import paper_bound
+    cfg = lnn.GPTConfig(vocab_size=3, d_model=2, n_layers=1, n_heads=1, seq_len=2, softmax_scale=0.0,
+                        zero_init_out=False, mlp_ratio=1, rope=False)
+    model = lnn.LipschitzGPT(cfg).double()
+    with torch.no_grad():
+        model.blocks[0].attn.o.weight.zero_()
+        model.blocks[0].mlp.fc_in.weight.copy_(torch.eye(2, dtype=F64))
+        model.blocks[0].mlp.fc_out.weight.copy_(torch.eye(2, dtype=F64))
+        model.head.weight.copy_(torch.eye(3, 2, dtype=F64) * math.sqrt(3 / 2))  # RMS->RMS norm 1
+    x = torch.full((1, 1, 2), 2 * math.sqrt(2), dtype=F64)
+    measured = pair_ratio(model.forward_embeddings, x, x + 1e-6)
+    assert measured == pytest.approx(0.5 * (0.5 + 0.5 * 1.0), abs=1e-6)
+    published = 0.5 * (0.5 + 0.5 / 1.1289)  # attention: L_att = 0 (s = 0); MLP: 1 / 1.1289
+    assert paper_bound(model) == pytest.approx(published, rel=1e-8) and published < measured - 0.02
+    assert certify(model, input_rms=3.0).bound >= measured * (1 - 1e-9)
