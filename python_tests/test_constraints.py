@@ -268,3 +268,29 @@ def test_embedding_cap_holds_exactly_after_rounding(dtype):
         C.EmbeddingRMSCap(cap).apply_(W)
         assert W.double().pow(2).mean(-1).sqrt().max().item() <= cap
         assert torch.equal(W[:10], keep)
+
+
+def test_constraint_specs_match_the_constraints():
+    """Each registry fact is checked against what the constraint really does (float64 SVD)."""
+    import inspect
+
+    assert set(C.CONSTRAINT_SPECS) == set(C.CONSTRAINTS) - {"embedding_rms"} | {"none"}
+    assert C.capping_constraints() == ("soft_cap", "hard_cap", "normalize", "orthogonal", "svd_cap")
+    torch.manual_seed(0)
+    # RMS->RMS singular values 0.2..0.6, 0.84, 0.85 (inside the soft cap's one-step range at
+    # cap 0.8, mu 0.05): a cap of 0.8 must clip the top two, the hammer only the first
+    sv = torch.cat([torch.linspace(0.2, 0.6, 22), torch.tensor([0.84, 0.85])]).double().unsqueeze(0)
+    for name, spec in C.CONSTRAINT_SPECS.items():
+        assert spec.name == name and spec.help and "\n" not in spec.help
+        if name == "none":
+            assert C.make_constraint("none") is None and not spec.takes_cap and not spec.caps_spectrum
+            continue
+        cls = C.CONSTRAINTS[name]
+        assert ("sigma_max" in inspect.signature(cls.__init__).parameters) == spec.takes_cap, name
+        c = C.make_constraint(name, **({"sigma_max": 0.8} if spec.takes_cap else {}))
+        assert (c.sigma_max is not None) == spec.caps_spectrum, name
+        W = in_frame(sv, 48, 24).float()
+        c.apply_(W, lr=0.5, update_norm=0.05, state={})
+        rms_sv = math.sqrt(24 / 48) * torch.linalg.svdvals(W.double())
+        capped = bool((rms_sv <= 0.8 * (1 + 2e-2)).all())  # normalize: 16 cold iterations
+        assert capped == spec.caps_spectrum, (name, rms_sv.max())
