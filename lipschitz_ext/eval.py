@@ -1,78 +1,35 @@
-"""``lipschitz-eval``: robustness, activation magnitudes, the accuracy-bound
-frontier and learning-rate sensitivity, from ``lipschitz-train`` run folders.
+"""Analyses of trained models (``lipschitz-eval``): robustness to embedding-space
+attacks against the certified radius, per-layer activation magnitudes, and attention /
+output logit growth.
 
     lipschitz-eval robustness --checkpoint runs/a --checkpoint runs/b --eps 0.01,0.02,0.05
     lipschitz-eval activations --checkpoint runs/a [--baseline runs/base]
-    lipschitz-eval frontier runs/sweep/*/
-    lipschitz-eval lr-sensitivity --lrs 0.003,0.01,0.03,0.1,0.3,1,3 --out runs/lrs
 
 Norms are the certificate's (lipschitz_ext.certify): a sequence is measured by
 the largest per-token RMS norm, ``max_t ||x_t||_2 / sqrt(d)``; an attack of
 size eps moves every token's embedding by at most eps in RMS. Each command
 writes a table (printed and saved as CSV/JSON) and a PNG into ``--out``.
+The commands themselves are :mod:`lipschitz_ext.cli`'s.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import dataclasses
-import glob
-import json
 import math
 import os
-import pickle
 import sys
-from typing import Any
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
-from . import train as train_mod
+from .certify import Certificate, certify
+from .plots import pyplot, save_figure
+from .run import load_run_data
+from .tables import print_table, write_table
 
-__all__ = ["load_run", "pgd_attack", "certified_radius", "robustness", "activations", "frontier",
-           "attention_logits", "attention_logit_max", "output_logit_stats", "lr_sensitivity", "main"]
-
-
-class CheckpointError(ValueError):
-    """A run folder that is missing, incomplete or incompatible."""
-
-
-def load_run(run_dir: str, which: str = "best", device: str | torch.device = "cpu", arg: str | None = None):
-    """Rebuild the model of a ``lipschitz-train`` run folder from its checkpoint.
-
-    Returns ``(model, cfg, data)``: the model in eval mode on ``device``, the
-    run's :class:`~lipschitz_ext.train.TrainConfig` and its data (same split).
-    ``arg`` (e.g. ``"--baseline"``) prefixes error messages, to say which input was bad.
-    Raises :class:`CheckpointError` (a ``ValueError``) for a missing folder, a folder
-    without ``best.pt``/``latest.pt``, or a file that is not a lipschitz-train checkpoint.
-    """
-    who = f"{arg} {run_dir}" if arg else str(run_dir)
-    if not os.path.isdir(run_dir):
-        raise CheckpointError(f"{who}: run folder not found")
-    path = os.path.join(run_dir, f"{which}.pt")
-    if not os.path.exists(path):
-        path = os.path.join(run_dir, "latest.pt")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{who}: holds no checkpoint (best.pt / latest.pt); is it a lipschitz-train run?")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = train_mod.TrainConfig(**ckpt["config"])
-        state = ckpt["model"]
-    except (KeyError, TypeError, RuntimeError, EOFError, OSError, ValueError, AttributeError,
-            pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{who}: {path} is not a lipschitz-train checkpoint ({exc})") from None
-    data = data_mod.load_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.vocab_size)
-    if data.tokenizer.to_dict() != ckpt.get("tokenizer"):
-        raise CheckpointError(f"{who}: its data ({cfg.data or 'built-in corpus'}) no longer matches the "
-                              "checkpoint's vocabulary")
-    model = train_mod.build_model(cfg, data.vocab_size)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{who}: {path}: weights do not fit the model its config describes ({exc})") from None
-    return model.to(device).eval(), cfg, data
+__all__ = ["pgd_attack", "certified_radius", "robustness", "activations", "attention_logits",
+           "attention_logit_max", "output_logit_stats", "main"]
 
 
 def _upcast(z: torch.Tensor) -> torch.Tensor:
@@ -139,7 +96,8 @@ def certified_radius(logits: torch.Tensor, bound: float) -> torch.Tensor:
     each position the logit vector moves by at most ``bound * eps * sqrt(V)`` in L2,
     and the margin ``z_top - z_j`` by at most ``sqrt(2)`` times that. The prediction
     is certified for every ``eps < margin / (sqrt(2) * sqrt(V) * bound)`` (proof in
-    docs/certificate.md). ``logits [..., V]`` -> radius ``[...]``.
+    docs/certificate.md): :meth:`lipschitz_ext.certify.Certificate.certified_radius`,
+    per position. ``logits [..., V]`` -> radius ``[...]``.
     """
     try:
         b = float(bound)
@@ -150,44 +108,21 @@ def certified_radius(logits: torch.Tensor, bound: float) -> torch.Tensor:
                          f"(certify(model).bound of a LipschitzGPT), got {bound!r}; baseline models have none")
     top2 = _upcast(logits).topk(2, dim=-1).values
     margin = top2[..., 0] - top2[..., 1]
-    V = logits.shape[-1]
-    radius = margin / (math.sqrt(2.0) * math.sqrt(V) * b)  # bound 0: a constant map, radius inf
-    return torch.where(margin > 0, radius, torch.zeros_like(radius))
+    # certify's radius is linear in the margin: its value at margin 1 scales every position's
+    per_margin = Certificate.certified_radius(_RadiusOnly(b, {"vocab_size": logits.shape[-1]}), 1.0)
+    return torch.where(margin > 0, margin * per_margin, torch.zeros_like(margin))
 
 
 def _val_batches(cfg, data, n_batches: int, batch_size: int):
+    """The fixed validation windows of a run's data (``data.eval_batches``)."""
     return data_mod.eval_batches(data.val, batch_size, cfg.seq_len, n_batches)
 
 
-def _write_table(rows: list[dict], path: str) -> None:
-    """``rows`` as CSV at ``path`` and as JSON (a list of objects, ``None`` kept as null)
-    beside it with the extension ``.json``."""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as fh:
-        json.dump(rows, fh, indent=1)
+class _RadiusOnly(NamedTuple):
+    """The two fields :meth:`Certificate.certified_radius` reads (a bound, not a full certificate)."""
 
-
-def _print_table(rows: list[dict], cols: list[str]) -> None:
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    bound: float
+    config: dict
 
 
 # ---------------------------------------------------------------------------
@@ -208,7 +143,6 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
     (so the clean inputs are inside it); the attacks stay in that domain.
     Baselines get ``certified_bound = certified_fraction = None``.
     """
-    from .certify import certify
     from .nn import LipschitzGPT
 
     if not run_dirs:
@@ -219,7 +153,7 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
     os.makedirs(out, exist_ok=True)
     rows: list[dict] = []
     for run in run_dirs:
-        model, cfg, data = load_run(run, device=device, arg="--checkpoint")
+        model, cfg, data = load_run_data(run, device=device, arg="--checkpoint")
         for p in model.parameters():
             p.requires_grad_(False)
         certified = isinstance(model, LipschitzGPT)
@@ -250,8 +184,8 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
                    "certified_fraction": None if radius is None else
                    ((radius > eps_abs) & correct).float().mean().item()}
             rows.append(row)
-    _write_table(rows, os.path.join(out, "robustness.csv"))
-    plt = _plt()
+    write_table(rows, os.path.join(out, "robustness.csv"))
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, run in enumerate(run_dirs):
         rr = [r for r in rows if r["run"] == run]
@@ -266,9 +200,7 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
            ylabel="validation accuracy (%)", title="accuracy under embedding-space attack (dashed: single step)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "robustness.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "robustness.png"))
     return rows
 
 
@@ -289,7 +221,7 @@ def activations(run_dir: str, out: str, baseline: str | None = None, n_batches: 
     for role, run in (("model", run_dir), ("baseline", baseline)):
         if run is None:
             continue
-        model, cfg, data = load_run(run, device=device, arg="--checkpoint" if role == "model" else "--baseline")
+        model, cfg, data = load_run_data(run, device=device, arg="--checkpoint" if role == "model" else "--baseline")
         agg: dict[str, dict] = {}
         sat: dict[str, list[int]] = {}
         handles = []
@@ -319,9 +251,9 @@ def activations(run_dir: str, out: str, baseline: str | None = None, n_batches: 
             s = sat.get(name, [0, 1])
             rows.append({"run": run, "role": role, "model": cfg.model, "layer": name, "max_abs": a["max_abs"],
                          "rms": math.sqrt(a["sq"] / a["n"]), "e4m3_saturated_fraction": s[0] / max(s[1], 1)})
-    _write_table(rows, os.path.join(out, "activations.csv"))
-    _print_table(rows, ["role", "layer", "max_abs", "rms", "e4m3_saturated_fraction"])
-    plt = _plt()
+    write_table(rows, os.path.join(out, "activations.csv"))
+    print_table(rows, ["role", "layer", "max_abs", "rms", "e4m3_saturated_fraction"])
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(rows)), 4.5))
     for i, role in enumerate(("model", "baseline")):
         rr = [r for r in rows if r["role"] == role]
@@ -334,48 +266,10 @@ def activations(run_dir: str, out: str, baseline: str | None = None, n_batches: 
     ax.set(ylabel="magnitude", title="activation magnitudes per layer (validation)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "activations.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "activations.png"))
     return rows
 
 
-# ---------------------------------------------------------------------------
-# frontier
-# ---------------------------------------------------------------------------
-def frontier(run_dirs: list[str], out: str) -> list[dict]:
-    """Validation accuracy vs certified bound of finished runs, one curve per constraint."""
-    if not run_dirs:
-        raise ValueError("frontier: give at least one RUN_DIR")
-    rows, skipped = [], []
-    for run in run_dirs:
-        if not os.path.isdir(run):
-            raise CheckpointError(f"RUN_DIR {run}: run folder not found")
-        sp, cp = os.path.join(run, "summary.json"), os.path.join(run, "config.json")
-        if not (os.path.exists(sp) and os.path.exists(cp)):
-            raise CheckpointError(f"RUN_DIR {run}: no summary.json/config.json (an unfinished or foreign run?)")
-        with open(sp, encoding="utf-8") as fh:
-            s = json.load(fh)
-        with open(cp, encoding="utf-8") as fh:
-            c = json.load(fh)
-        if s.get("certified_bound") is None:
-            skipped.append(run)
-            continue  # unconstrained baselines have no bound to plot against
-        rows.append({"constraint": c["constraint"], "sigma_max": c["sigma_max"], "run": run,
-                     **{k: s.get(k) for k in ("certified_bound", "val_accuracy", "val_loss", "max_activation",
-                                              "steps", "wall_seconds")}})
-    if not rows:
-        raise CheckpointError(f"no certified (LipschitzGPT) runs among the given folders; baselines have no "
-                              f"certified bound: {', '.join(skipped)}")
-    os.makedirs(out, exist_ok=True)
-    train_mod.write_frontier(rows, out)
-    return rows
-
-
-# ---------------------------------------------------------------------------
-# learning-rate sensitivity (Wortsman et al. 2023, "Small-scale proxies for
-# large-scale Transformer training instabilities")
-# ---------------------------------------------------------------------------
 @torch.no_grad()
 def attention_logits(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Causal attention logits ``[B, H, T, T]`` of an attention module on its input
@@ -390,6 +284,7 @@ def attention_logits(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return mod.attention_logits(x)
     if not isinstance(mod, BaselineAttention):
         raise TypeError(f"attention_logits: unsupported attention module {type(mod).__name__}")
+    # TODO(issue 17): BaselineAttention.attention_logits (being added in nn) replaces the rest
     B, T, d = x.shape
     q, k, _ = mod.qkv(x).view(B, T, 3, mod.n_heads, mod.d_head).permute(2, 0, 3, 1, 4)
     if mod.rope:
@@ -431,116 +326,13 @@ def output_logit_stats(model, idx: torch.Tensor) -> dict[str, float]:
     return {"mean_logit": float(z.mean()), "max_abs_logit": float(z.abs().max())}
 
 
-def lr_sensitivity(base: "train_mod.TrainConfig", multipliers: list[float], out: str,
-                   sizes: list[tuple[int, int]] = ((32, 2), (64, 2)), models=("lipschitz", "baseline"),
-                   quiet: bool = True) -> list[dict]:
-    """Final validation loss vs learning rate for each (model, size); all of a
-    model's learning rates are multiplied by each multiplier. ``sizes`` are
-    ``(d_model, n_layers)``. Logs the attention-logit maximum and output-logit drift."""
-    os.makedirs(out, exist_ok=True)
-    rows: list[dict] = []
-    for model in models:
-        for d, L in sizes:
-            for m in multipliers:
-                cfg = dataclasses.replace(
-                    base, model=model, d_model=d, n_layers=L, lr=base.lr * m, head_lr=base.head_lr * m,
-                    embed_lr=base.embed_lr * m, baseline_lr=base.baseline_lr * m,
-                    out=os.path.join(out, f"{model}-d{d}-L{L}-x{m:g}"))
-                summ = train_mod.train(cfg, quiet=quiet)
-                row = {"model": model, "d_model": d, "n_layers": L, "lr_multiplier": m,
-                       "lr": cfg.baseline_lr if model == "baseline" else cfg.lr, "status": summ["status"],
-                       "val_loss": summ["val_loss"], "val_accuracy": summ["val_accuracy"],
-                       "certified_bound": summ["certified_bound"]}
-                if summ["status"] != "diverged":
-                    net, rcfg, data = load_run(cfg.out, which="latest")
-                    x, _ = next(iter(_val_batches(rcfg, data, 1, 8)))
-                    row["attention_logit_max"] = attention_logit_max(net, x)
-                    row.update(output_logit_stats(net, x))
-                with open(os.path.join(cfg.out, "lr_sensitivity.json"), "w", encoding="utf-8") as fh:
-                    json.dump(row, fh, indent=1)  # this run's own record, beside its metrics.jsonl
-                rows.append(row)
-                _write_table(rows, os.path.join(out, "lr_sensitivity.csv"))
-    plt = _plt()
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (model, (d, L)) in enumerate((mm, s) for mm in models for s in sizes):
-        rr = [r for r in rows if r["model"] == model and r["d_model"] == d and r["n_layers"] == L]
-        style = dict(color=f"C{0 if model == 'lipschitz' else 1}", ls="-" if (d, L) == sizes[0] else "--", marker="o")
-        label = f"{model} d={d} L={L}"
-        ok = [r for r in rr if r["val_loss"] is not None and math.isfinite(r["val_loss"])]
-        ax[0].plot([r["lr_multiplier"] for r in ok], [r["val_loss"] for r in ok], label=label, **style)
-        ok = [r for r in rr if r.get("attention_logit_max") is not None]
-        ax[1].plot([r["lr_multiplier"] for r in ok], [r["attention_logit_max"] for r in ok], label=label, **style)
-    ax[0].set(xscale="log", xlabel="learning-rate multiplier (x each model's default lrs)",
-              ylabel="final validation loss", title="LR sensitivity")
-    ax[1].set(xscale="log", yscale="symlog", xlabel="learning-rate multiplier", ylabel="max attention logit",
-              title="attention-logit growth")
-    for a in ax:
-        a.grid(alpha=0.3, which="both")
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "lr_sensitivity.png"), dpi=110)
-    plt.close(fig)
-    return rows
-
-
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lipschitz-eval", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("robustness", help="attacks in embedding space and certified radii")
-    r.add_argument("--checkpoint", action="append", required=True, metavar="RUN_DIR",
-                   help="a lipschitz-train run folder (repeat for several on one plot)")
-    r.add_argument("--eps", type=_floats, default=[0.01, 0.02, 0.05, 0.1, 0.2])
-    r.add_argument("--pgd-steps", type=int, default=10)
-    r.add_argument("--absolute", action="store_true", help="eps in absolute RMS units, not relative")
-    a = sub.add_parser("activations", help="per-layer activation magnitudes")
-    a.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
-    a.add_argument("--baseline", metavar="RUN_DIR", help="a BaselineGPT run to compare with")
-    f = sub.add_parser("frontier", help="validation accuracy vs certified bound")
-    f.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    s = sub.add_parser("lr-sensitivity", help="final validation loss vs learning rate")
-    s.add_argument("--preset", default="shakespeare-cpu", choices=sorted(train_mod.PRESETS))
-    s.add_argument("--lrs", type=_floats, default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
-                   help="learning-rate multipliers (>= 3 orders of magnitude)")
-    s.add_argument("--sizes", default="32x2,64x2", help="model sizes d_modelxn_layers, comma-separated")
-    s.add_argument("--steps", type=int, default=300)
-    s.add_argument("--data")
-    for sp in (r, a, s):
-        sp.add_argument("--batches", type=int, default=4, help="validation batches" if sp is not s else argparse.SUPPRESS)
-    for sp in (r, a, f, s):
-        sp.add_argument("--out", default=None, help="output folder (default runs/eval-<cmd>)")
-        sp.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    out = args.out or os.path.join("runs", f"eval-{args.cmd}")
-    try:
-        if args.cmd == "robustness":
-            rows = robustness(args.checkpoint, args.eps, out, n_batches=args.batches, pgd_steps=args.pgd_steps,
-                              relative=not args.absolute, device=args.device)
-            _print_table(rows, ["run", "eps", "clean_accuracy", "fgsm_accuracy", "pgd_accuracy", "certified_fraction"])
-        elif args.cmd == "activations":
-            activations(args.checkpoint, out, args.baseline, n_batches=args.batches, device=args.device)
-        elif args.cmd == "frontier":
-            rows = frontier([d for pat in args.runs for d in (glob.glob(pat) or [pat])], out)
-            _print_table(rows, ["constraint", "sigma_max", "certified_bound", "val_accuracy", "run"])
-        else:
-            sizes = [tuple(int(v) for v in sz.split("x")) for sz in args.sizes.split(",")]
-            base = train_mod.config_from_preset(args.preset, steps=args.steps, eval_every=args.steps,
-                                                device=args.device, **({"data": args.data} if args.data else {}))
-            rows = lr_sensitivity(base, args.lrs, out, sizes=sizes)
-            _print_table(rows, ["model", "d_model", "n_layers", "lr_multiplier", "val_loss", "attention_logit_max",
-                                "max_abs_logit"])
-    except (CheckpointError, data_mod.DataError, ValueError, FileNotFoundError) as exc:
-        print(f"lipschitz-eval: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"results in {out}")
-    return 0
+    """``lipschitz-eval`` (:func:`lipschitz_ext.cli.eval_main`), kept here for entry
+    points installed before the command moved to :mod:`lipschitz_ext.cli`."""
+    from .cli import eval_main
+
+    return eval_main(argv)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m lipschitz_ext.eval
     sys.exit(main())

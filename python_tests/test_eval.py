@@ -16,7 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lipschitz_ext import config as C
 from lipschitz_ext import eval as E
+from lipschitz_ext import run as R
 from lipschitz_ext import train as T
 from lipschitz_ext.certify import certify
 
@@ -37,7 +39,7 @@ def runs(tmp_path_factory):
 
     def train(name, **kw):
         out = str(root / name)
-        cfg = T.config_from_preset("shakespeare-cpu", data=str(corpus), out=out, **{**TINY, **kw})
+        cfg = C.config_from_preset("shakespeare-cpu", data=str(corpus), out=out, **{**TINY, **kw})
         T.train(cfg, quiet=True)
         return out
 
@@ -99,7 +101,7 @@ def test_robustness_cli_tables_and_consistency(runs, tmp_path):
         # the attacks do something: at eps = 1 (relative) most correct predictions fall
         assert rr[-1]["pgd_accuracy"] <= 0.5 * clean and rr[-1]["fgsm_accuracy"] < clean
 
-        model, cfg, data = E.load_run(run)
+        model, cfg, data = R.load_run_data(run)
         batches = list(E._val_batches(cfg, data, 2, 16))
         embeds = [model.embed(x).detach() for x, _ in batches]
         scale = torch.cat([e.pow(2).mean(-1).sqrt().flatten() for e in embeds]).mean().item()
@@ -137,7 +139,7 @@ def test_robustness_cli_tables_and_consistency(runs, tmp_path):
 
 
 def test_certified_radius_formula(runs):
-    model, cfg, data = E.load_run(runs.lip)
+    model, cfg, data = R.load_run_data(runs.lip)
     cert = certify(model, input_rms=domain_rms(model))
     x, _ = next(iter(E._val_batches(cfg, data, 1, 4)))
     with torch.no_grad():
@@ -194,7 +196,7 @@ def test_certified_radius_survives_strong_attack(runs):
     depends on the recipe) the same attack flips most of them, so the check has teeth.
     Float64, so rounding cannot fake or hide a flip."""
     for run in (runs.lip, runs.lip_wide):
-        model, cfg, data = E.load_run(run)
+        model, cfg, data = R.load_run_data(run)
         rho = domain_rms(model)
         bound = certify(model, input_rms=rho).bound
         m64 = copy.deepcopy(model).double()
@@ -220,7 +222,7 @@ def test_certified_radius_survives_strong_attack(runs):
 
 
 def test_pgd_attack_respects_ball_and_domain(runs):
-    model, cfg, data = E.load_run(runs.lip_wide)
+    model, cfg, data = R.load_run_data(runs.lip_wide)
     for p in model.parameters():
         p.requires_grad_(False)
     x, y = next(iter(E._val_batches(cfg, data, 1, 4)))
@@ -254,7 +256,7 @@ def test_activations_cli(runs, tmp_path):
     for role, run in (("model", runs.lip), ("baseline", runs.base)):
         rr = {r["layer"]: r for r in rows if r["role"] == role}
         assert {r["run"] for r in rows if r["role"] == role} == {run}
-        model, cfg, data = E.load_run(run)
+        model, cfg, data = R.load_run_data(run)
         layers = [n for n, m in model.named_modules()
                   if n and not isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential))]
         assert sorted(rr) == sorted(layers)
@@ -298,7 +300,7 @@ def test_lr_sensitivity_cli(runs, tmp_path):
     assert_png(out / "lr_sensitivity.png")
     rows = json.loads((out / "lr_sensitivity.json").read_text())
     assert len(read_csv(out / "lr_sensitivity.csv")) == len(rows) == 4
-    base = T.config_from_preset("shakespeare-cpu")
+    base = C.config_from_preset("shakespeare-cpu")
     assert sorted((r["model"], r["lr_multiplier"]) for r in rows) == [
         ("baseline", 0.5), ("baseline", 2.0), ("lipschitz", 0.5), ("lipschitz", 2.0)]
     for r in rows:
@@ -318,7 +320,7 @@ def test_attention_logits_reproduce_attention(runs):
     """The logits attention_logit_max reports are the ones the modules softmax: rebuilding
     each attention output from them matches the module's own output."""
     for run in (runs.lip, runs.base):
-        model, cfg, data = E.load_run(run)
+        model, cfg, data = R.load_run_data(run)
         x, _ = next(iter(E._val_batches(cfg, data, 1, 2)))
         seen = []
         att = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
@@ -370,7 +372,7 @@ def test_clear_errors(runs, tmp_path, capsys):
     fails(["frontier", str(empty)], "no summary.json")
     fails(["frontier", runs.base], "no certified", runs.base)  # a baseline where a certificate is needed
     with pytest.raises(ValueError, match="--baseline"):
-        E.load_run(str(empty), arg="--baseline")
+        R.load_run_data(str(empty), arg="--baseline")
     assert not (tmp_path / "o" / "robustness.csv").exists()
 
 

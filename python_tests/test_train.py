@@ -11,6 +11,10 @@ import textwrap
 import pytest
 import torch
 
+from lipschitz_ext import config as C
+from lipschitz_ext import evaluate as EV
+from lipschitz_ext import optimizers as O
+from lipschitz_ext import runtime as RT
 from lipschitz_ext import train as T
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8, steps=12, eval_every=6,
@@ -26,7 +30,7 @@ def corpus(tmp_path):
 
 
 def run(corpus, out, **kw):
-    cfg = T.config_from_preset("shakespeare-cpu", data=corpus, out=str(out), **{**TINY, **kw})
+    cfg = C.config_from_preset("shakespeare-cpu", data=corpus, out=str(out), **{**TINY, **kw})
     return T.train(cfg, quiet=True)
 
 
@@ -65,9 +69,9 @@ def test_resume_is_exact(corpus, tmp_path):
 
 
 def test_loss_temperature_is_for_the_lipschitz_model_only():
-    lip = T.config_from_preset("shakespeare-cpu")
-    assert lip.logit_scale > 1 and T.loss_logit_scale(lip) == lip.logit_scale
-    assert T.loss_logit_scale(T.config_from_preset("shakespeare-cpu", model="baseline")) == 1.0
+    lip = C.config_from_preset("shakespeare-cpu")
+    assert lip.logit_scale > 1 and EV.loss_logit_scale(lip) == lip.logit_scale
+    assert EV.loss_logit_scale(C.config_from_preset("shakespeare-cpu", model="baseline")) == 1.0
 
 
 def test_baseline_trains(corpus, tmp_path):
@@ -88,25 +92,25 @@ def test_bf16_autocast_trains_and_evaluates_in_float32(corpus, tmp_path, model):
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     assert losses[-1] < losses[0]
     # weights stay float32; the reported evaluation is the float32 model's
-    from lipschitz_ext.eval import load_run
+    from lipschitz_ext.run import load_run_data
 
-    net, cfg, data = load_run(str(tmp_path / model), which="latest")
+    net, cfg, data = load_run_data(str(tmp_path / model), which="latest")
     assert all(p.dtype == torch.float32 for p in net.parameters())
-    assert T.evaluate(net, data.val, cfg, torch.device("cpu"))["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6)
+    assert EV.evaluate(net, data.val, cfg, torch.device("cpu"))["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6)
 
 
 def test_auto_autocast_follows_the_hardware(monkeypatch):
     cpu = torch.device("cpu")
-    cfg = T.TrainConfig(autocast="auto")
+    cfg = C.TrainConfig(autocast="auto")
     for avx512_bf16, amx, want in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "none")]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
-        assert T.resolve_autocast(cfg, cpu) == want
-        ctx = T.training_autocast(T.resolve_autocast(cfg, cpu), cpu)
+        assert RT.resolve_autocast(cfg, cpu) == want
+        ctx = RT.training_autocast(RT.resolve_autocast(cfg, cpu), cpu)
         assert isinstance(ctx, torch.autocast) == (want == "bf16")
     for fixed in ("none", "bf16"):  # explicit values are kept whatever the hardware
-        assert T.resolve_autocast(T.TrainConfig(autocast=fixed), cpu) == fixed
-    assert T.config_from_preset("shakespeare-cpu").autocast == "auto"
+        assert RT.resolve_autocast(C.TrainConfig(autocast=fixed), cpu) == fixed
+    assert C.config_from_preset("shakespeare-cpu").autocast == "auto"
 
 
 def test_logit_scale_is_a_loss_temperature_only(corpus, tmp_path):
@@ -121,37 +125,37 @@ def test_logit_scale_is_a_loss_temperature_only(corpus, tmp_path):
     s = run(corpus, tmp_path / "t", pos_bias="learned", logit_scale=4.0, head_sigma_max=1.0, steps=6,
             eval_every=6)
     ck = torch.load(tmp_path / "t" / "latest.pt", weights_only=False)
-    cfg = T.TrainConfig(**json.loads((tmp_path / "t" / "config.json").read_text()))
+    cfg = C.TrainConfig(**json.loads((tmp_path / "t" / "config.json").read_text()))
     assert cfg.logit_scale == 4.0 and cfg.pos_bias == "learned"
-    model = T.build_model(cfg, ck["model"]["embed.weight"].shape[0])
+    model = C.build_model(cfg, ck["model"]["embed.weight"].shape[0])
     model.load_state_dict(ck["model"])
     assert any("bias_table" in k for k in ck["model"])
     assert certify(model).bound == pytest.approx(s["certified_bound"], rel=1e-9)
     val = D.load_data(corpus, "char", cfg.seq_len, cfg.vocab_size).val
-    at4 = T.evaluate(model, val, cfg, torch.device("cpu"))
-    at1 = T.evaluate(model, val, dataclasses.replace(cfg, logit_scale=1.0), torch.device("cpu"))
+    at4 = EV.evaluate(model, val, cfg, torch.device("cpu"))
+    at1 = EV.evaluate(model, val, dataclasses.replace(cfg, logit_scale=1.0), torch.device("cpu"))
     assert at4["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6)
     assert at4["val_accuracy"] == at1["val_accuracy"] and at4["val_loss"] != at1["val_loss"]
 
 
 def test_lr_schedule_warmup_hold_and_cooldown():
-    lin = T.TrainConfig(steps=100, warmup_steps=10, final_lr_frac=0.1)
-    assert T.lr_multiplier(lin, 0) == pytest.approx(0.1) and T.lr_multiplier(lin, 9) == pytest.approx(1.0)
-    assert T.lr_multiplier(lin, 10) == pytest.approx(1.0)
-    assert T.lr_multiplier(lin, 55) == pytest.approx(1 - 0.9 * 45 / 90)
-    assert T.lr_multiplier(lin, 100) == pytest.approx(0.1)
-    wsd = T.TrainConfig(steps=100, cooldown_frac=0.4)
-    assert [T.lr_multiplier(wsd, s) for s in (0, 30, 60)] == [1.0, 1.0, 1.0]
-    assert T.lr_multiplier(wsd, 80) == pytest.approx(0.5) and T.lr_multiplier(wsd, 100) == pytest.approx(0.0)
-    mults = [T.lr_multiplier(wsd, s) for s in range(101)]
+    lin = C.TrainConfig(steps=100, warmup_steps=10, final_lr_frac=0.1)
+    assert O.lr_multiplier(lin, 0) == pytest.approx(0.1) and O.lr_multiplier(lin, 9) == pytest.approx(1.0)
+    assert O.lr_multiplier(lin, 10) == pytest.approx(1.0)
+    assert O.lr_multiplier(lin, 55) == pytest.approx(1 - 0.9 * 45 / 90)
+    assert O.lr_multiplier(lin, 100) == pytest.approx(0.1)
+    wsd = C.TrainConfig(steps=100, cooldown_frac=0.4)
+    assert [O.lr_multiplier(wsd, s) for s in (0, 30, 60)] == [1.0, 1.0, 1.0]
+    assert O.lr_multiplier(wsd, 80) == pytest.approx(0.5) and O.lr_multiplier(wsd, 100) == pytest.approx(0.0)
+    mults = [O.lr_multiplier(wsd, s) for s in range(101)]
     assert all(a >= b for a, b in zip(mults, mults[1:]))
 
 
 def test_time_schedule_follows_the_clock(corpus, tmp_path):
-    cfg = T.TrainConfig(steps=10, schedule="time", time_budget=100.0, cooldown_frac=0.5)
-    assert T.lr_multiplier(cfg, 9, elapsed=20.0) == 1.0  # steps do not matter, time does
-    assert T.lr_multiplier(cfg, 0, elapsed=75.0) == pytest.approx(0.5)
-    assert T.lr_multiplier(cfg, 0, elapsed=150.0) == 0.0
+    cfg = C.TrainConfig(steps=10, schedule="time", time_budget=100.0, cooldown_frac=0.5)
+    assert O.lr_multiplier(cfg, 9, elapsed=20.0) == 1.0  # steps do not matter, time does
+    assert O.lr_multiplier(cfg, 0, elapsed=75.0) == pytest.approx(0.5)
+    assert O.lr_multiplier(cfg, 0, elapsed=150.0) == 0.0
     s = run(corpus, tmp_path / "t", schedule="time", time_budget=3.0, steps=10**6, eval_every=10**6)
     assert s["status"] == "time_budget" and 0 < s["steps"] < 10**6 and s["val_accuracy"] is not None
     rows = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
@@ -161,24 +165,24 @@ def test_time_schedule_follows_the_clock(corpus, tmp_path):
 
 
 def test_presets_validate():
-    for name in T.PRESETS:
-        cfg = T.config_from_preset(name)
+    for name in C.PRESETS:
+        cfg = C.config_from_preset(name)
         assert cfg.preset == name
-    assert T.config_from_preset("shakespeare").d_model == 256
-    g = T.config_from_preset("gpt2-small")
+    assert C.config_from_preset("shakespeare").d_model == 256
+    g = C.config_from_preset("gpt2-small")
     assert (g.n_layers, g.d_model, g.n_heads, g.d_model // g.n_heads) == (12, 768, 6, 128)
 
 
 def test_explicit_sigma_max_replaces_preset_group_caps():
-    cpu = T.config_from_preset("shakespeare-cpu")
+    cpu = C.config_from_preset("shakespeare-cpu")
     assert (cpu.attn_sigma_max, cpu.mlp_sigma_max) == (1.5, 2.0)
     # --sigma-max alone: one cap for every hidden matrix (what a sweep varies)
-    one = T.config_from_preset("shakespeare-cpu", sigma_max=0.5)
+    one = C.config_from_preset("shakespeare-cpu", sigma_max=0.5)
     assert (one.sigma_max, one.attn_sigma_max, one.mlp_sigma_max) == (0.5, None, None)
     # a per-group cap given beside it is kept
-    both = T.config_from_preset("shakespeare-cpu", sigma_max=0.5, mlp_sigma_max=3.0)
+    both = C.config_from_preset("shakespeare-cpu", sigma_max=0.5, mlp_sigma_max=3.0)
     assert (both.attn_sigma_max, both.mlp_sigma_max) == (None, 3.0)
-    model = T.build_model(both, vocab_size=11)
+    model = C.build_model(both, vocab_size=11)
     assert {g["name"]: g["sigma_max"] for g in model.param_groups_spec() if g["kind"] == "hidden"} == {
         "attention": 0.5, "mlp": 3.0}
 
@@ -188,16 +192,16 @@ def test_target_bound_scales_the_head_by_the_worst_case():
     a relative margin of 1e-3) and divides the loss temperature by k."""
     from lipschitz_ext.certify import worst_case_certificate
 
-    base = T.config_from_preset("shakespeare-cpu")
-    cfg = T.apply_target_bound(T.config_from_preset("shakespeare-cpu", target_bound=2.0))
-    worst = worst_case_certificate(T.build_model(base, 65)).bound
-    k = 2.0 / (worst * (1 + T.TARGET_BOUND_MARGIN))
-    assert 0 < k < 1 and T.TARGET_BOUND_MARGIN == 1e-3
+    base = C.config_from_preset("shakespeare-cpu")
+    cfg = C.apply_target_bound(C.config_from_preset("shakespeare-cpu", target_bound=2.0))
+    worst = worst_case_certificate(C.build_model(base, 65)).bound
+    k = 2.0 / (worst * (1 + C.TARGET_BOUND_MARGIN))
+    assert 0 < k < 1 and C.TARGET_BOUND_MARGIN == 1e-3
     assert cfg.head_sigma_max == pytest.approx(base.head_sigma_max * k, rel=1e-12)
     assert cfg.head_lr == pytest.approx(base.head_lr * k, rel=1e-12)
     assert cfg.logit_scale == pytest.approx(base.logit_scale / k, rel=1e-12)
-    assert worst_case_certificate(T.build_model(cfg, 65)).bound == pytest.approx(2.0 / 1.001, rel=1e-12)
-    assert T.apply_target_bound(base) is base  # 0 = off
+    assert worst_case_certificate(C.build_model(cfg, 65)).bound == pytest.approx(2.0 / 1.001, rel=1e-12)
+    assert C.apply_target_bound(base) is base  # 0 = off
 
 
 def test_target_bound_run_stays_under_it_and_trains_like_the_unscaled_run(corpus, tmp_path):
@@ -248,9 +252,9 @@ def test_target_bound_run_stays_under_it_and_trains_like_the_unscaled_run(corpus
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
-        T.config_from_preset("shakespeare-cpu", **kw)
+        C.config_from_preset("shakespeare-cpu", **kw)
     with pytest.raises(ValueError, match="unknown preset"):
-        T.config_from_preset("imagenet")
+        C.config_from_preset("imagenet")
 
 
 def test_cli_errors(tmp_path, capsys):

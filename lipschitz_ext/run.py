@@ -1,0 +1,201 @@
+"""The run folder ``lipschitz-train`` writes, and the one place that reads it back.
+
+A run folder holds ``config.json`` (the :class:`~lipschitz_ext.config.TrainConfig`),
+``metrics.jsonl`` (one JSON object per logged step and per eval), ``summary.json``,
+checkpoints ``latest.pt`` and ``best.pt`` (lowest validation loss), ``curves.png`` and
+``sample.txt``. Every file is written atomically (temporary file, then rename), so a
+crash mid-write leaves the previous version intact.
+
+A checkpoint is a dict with ``config`` (``asdict(TrainConfig)``), ``model`` and
+``optimizer`` state dicts, ``sampler`` state, ``step``, ``best_val``, ``elapsed``
+(seconds), ``tokens`` (seen so far), ``tokenizer`` (``Tokenizer.to_dict()``) and
+``vocab_size``.
+
+    run = lipschitz_ext.load_run("runs/shakespeare-cpu")   # model, config, tokenizer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import data as data_mod
+from .config import TrainConfig, build_model
+
+__all__ = ["CheckpointError", "LoadedRun", "load_run", "load_run_data", "read_checkpoint", "checkpoint_dict",
+           "atomic_torch_save", "atomic_write_text", "read_metrics", "append_metric", "truncate_metrics",
+           "write_json", "read_json", "default_out_dir", "format_summary", "CHECKPOINT_KEYS"]
+
+#: The keys every lipschitz-train checkpoint holds.
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "sampler", "step", "best_val", "elapsed", "tokens", "tokenizer",
+                   "vocab_size")
+
+
+class CheckpointError(ValueError):
+    """A run folder that is missing, incomplete or incompatible."""
+
+
+# ---------------------------------------------------------------------------
+# atomic writes, metrics, JSON files
+# ---------------------------------------------------------------------------
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a crash
+    mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path`` (atomically)."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str) -> Any:
+    """The JSON document at ``path``."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` file ([] when there is none yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def append_metric(path: str, row: dict) -> None:
+    """Append one row to ``metrics.jsonl``."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop the rows logged after ``step`` (a resumed run continues the curve exactly)."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def default_out_dir(cfg: TrainConfig) -> str:
+    """``runs/<preset>-<model>-<date-time>``."""
+    return os.path.join("runs", f"{cfg.preset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def format_summary(out: str, s: dict) -> str:
+    """The one-line console summary of a finished run."""
+    acc = "n/a" if s["val_accuracy"] is None else f"{100 * s['val_accuracy']:.2f}%"
+    loss = "n/a" if s["val_loss"] is None else f"{s['val_loss']:.4f}"
+    bound = s["certified_bound"]
+    bound_s = "n/a (unconstrained model)" if bound is None else f"{bound:.4g}"
+    return (f"{out}: {s['status']} after {s['steps']} steps in {s['wall_seconds']:.0f} s | "
+            f"val accuracy {acc} | val loss {loss} | certified bound {bound_s}")
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------
+def checkpoint_dict(cfg: TrainConfig, model: torch.nn.Module, optimizer, sampler, *, step: int, best_val: float,
+                    elapsed: float, tokens: int, tokenizer) -> dict:
+    """The checkpoint of a run at ``step`` (see the module docstring for its keys)."""
+    return {"config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(), "step": step, "best_val": best_val, "elapsed": elapsed,
+            "tokens": tokens, "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size}
+
+
+def read_checkpoint(run_dir: str, names: tuple[str, ...] = ("best", "latest"),
+                    arg: str | None = None) -> tuple[dict, TrainConfig, str]:
+    """``(checkpoint, config, path)`` of the first of ``names`` (``best``, ``latest``) in ``run_dir``.
+
+    ``arg`` (e.g. ``"--resume"``) prefixes error messages, to say which input was bad.
+    Raises :class:`CheckpointError` (a ``ValueError``) for a missing folder, a folder
+    without such a checkpoint, or a file that is not a lipschitz-train checkpoint.
+    """
+    who = f"{arg} {run_dir}" if arg else str(run_dir)
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"{who}: run folder not found")
+    paths = [os.path.join(run_dir, f"{n}.pt") for n in names]
+    path = next((p for p in paths if os.path.exists(p)), None)
+    if path is None:
+        files = " / ".join(os.path.basename(p) for p in paths)
+        raise CheckpointError(f"{who}: holds no checkpoint ({files}); is it a lipschitz-train run?")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        missing = [k for k in ("config", "model", "tokenizer") if k not in ckpt]
+        if missing:
+            raise KeyError(", ".join(missing))
+        cfg = TrainConfig(**ckpt["config"])
+    except (KeyError, TypeError, RuntimeError, EOFError, OSError, ValueError, AttributeError,
+            pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"{who}: {path} is not a lipschitz-train checkpoint ({exc})") from None
+    return ckpt, cfg, path
+
+
+@dataclass
+class LoadedRun:
+    """A trained run rebuilt from its folder: ``model`` (eval mode), its ``config``
+    (:class:`~lipschitz_ext.config.TrainConfig`) and ``tokenizer`` (``encode``/``decode``);
+    ``path`` is the checkpoint file and ``step`` the training step it was saved at."""
+
+    model: torch.nn.Module
+    config: TrainConfig
+    tokenizer: data_mod.Tokenizer
+    path: str
+    step: int
+
+
+def load_run(run_dir: str, which: str = "best", device: str | torch.device = "cpu",
+             arg: str | None = None) -> LoadedRun:
+    """Rebuild the model of a ``lipschitz-train`` run folder from its checkpoint.
+
+    ``which``: ``"best"`` (lowest validation loss; ``latest.pt`` when there is none) or
+    ``"latest"``. The model is in eval mode on ``device``; the data is not read (the
+    tokenizer comes from the checkpoint). Raises :class:`CheckpointError` (a
+    ``ValueError``) for a missing or foreign folder or weights that do not fit the config.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"load_run: which must be 'best' or 'latest', got {which!r}")
+    ckpt, cfg, path = read_checkpoint(run_dir, (which, "latest") if which == "best" else ("latest",), arg)
+    who = f"{arg} {run_dir}" if arg else str(run_dir)
+    try:
+        tokenizer = data_mod.tokenizer_from_dict(ckpt["tokenizer"])
+    except (data_mod.DataError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{who}: {path}: unreadable tokenizer ({exc})") from None
+    model = build_model(cfg, tokenizer.vocab_size)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{who}: {path}: weights do not fit the model its config describes ({exc})") from None
+    return LoadedRun(model.to(device).eval(), cfg, tokenizer, path, int(ckpt.get("step", 0)))
+
+
+def load_run_data(run_dir: str, which: str = "best", device: str | torch.device = "cpu", arg: str | None = None):
+    """``(model, cfg, data)``: :func:`load_run`'s model and config, and the run's data
+    (same train/val split). Raises :class:`CheckpointError` when the data no longer has
+    the checkpoint's vocabulary."""
+    run = load_run(run_dir, which, device, arg)
+    cfg = run.config
+    data = data_mod.load_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.vocab_size)
+    if data.tokenizer.to_dict() != run.tokenizer.to_dict():
+        who = f"{arg} {run_dir}" if arg else str(run_dir)
+        raise CheckpointError(f"{who}: its data ({cfg.data or 'built-in corpus'}) no longer matches the "
+                              "checkpoint's vocabulary")
+    return run.model, cfg, data

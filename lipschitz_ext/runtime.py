@@ -1,0 +1,129 @@
+"""Where a run executes: the device, torchrun ranks, mixed precision of the training
+forward, and SIGINT/SIGTERM turned into a clean stop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["AUTOCAST_DTYPES", "native_bf16", "resolve_autocast", "training_autocast", "Dist", "init_distributed",
+           "resolve_device", "StopRequest"]
+
+
+#: ``--autocast`` value -> the dtype of the training forward's matmuls (None: float32).
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively (faster than float32): CUDA
+    with bf16 support, or a CPU with AVX512-BF16 or AMX. Without it, CPU bf16 matmuls
+    are emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def resolve_autocast(cfg, device: torch.device) -> str:
+    """``cfg.autocast`` (a TrainConfig's) with ``"auto"`` resolved for ``device``: ``"bf16"`` or ``"none"``."""
+    if cfg.autocast == "auto":
+        return "bf16" if native_bf16(device) else "none"
+    return cfg.autocast
+
+
+def training_autocast(mode: str, device: torch.device):
+    """The context the training forward runs in: ``torch.autocast`` at the dtype of
+    ``mode`` (a resolved ``--autocast`` value, see :func:`resolve_autocast`), or a no-op
+    for ``"none"``. Gradients come back in the parameters' float32."""
+    dtype = AUTOCAST_DTYPES[mode]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # this run created the process group (and tears it down)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def clock(self, elapsed: float, shared: bool, device: torch.device) -> float:
+        """``elapsed`` seconds, replaced by rank 0's when ``shared`` and there are several
+        ranks: every rank then stops at the time budget at the same step and follows the
+        same time-based lr."""
+        if not shared or self.world_size == 1:
+            return elapsed
+        t = torch.tensor([elapsed], dtype=torch.float64, device=device)
+        torch.distributed.broadcast(t, src=0)
+        return float(t.item())
+
+    def close(self) -> None:
+        """Destroy the process group this run created, once every rank is done (rank 0
+        writes the summary, sample and plot last): a process that exits with gloo/NCCL
+        threads still running can abort ("terminate called without an active exception")."""
+        if self.owns_group:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+            self.owns_group = False
+
+
+def init_distributed(device: torch.device) -> Dist:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size(), owns)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked once per step (then a clean checkpoint)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
