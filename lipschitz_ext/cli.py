@@ -6,7 +6,7 @@
     lipschitz-train presets                               # the presets and their settings
     lipschitz-eval certify RUN_DIR [--json]               # the certificate of a trained run
     lipschitz-eval sample RUN_DIR [--prompt TEXT] [--chars N] [--temperature T] [--seed S]
-    lipschitz-eval robustness | activations | frontier | lr-sensitivity ...
+    lipschitz-eval robustness | activations | frontier | lr-sensitivity ...   (--help of each)
 
 Every ``lipschitz-train`` flag is a :class:`~lipschitz_ext.config.TrainConfig` field.
 Bad input ends with one ``error:`` line on stderr and exit status 2.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import json
 import os
 import sys
 import time
@@ -172,6 +173,22 @@ def _eval_parser() -> argparse.ArgumentParser:
     s.add_argument("--sizes", default="32x2,64x2", help="model sizes d_modelxn_layers, comma-separated")
     s.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     s.add_argument("--data", help="training text or shards (default: the built-in corpus)")
+    c = sub.add_parser("certify", help="the certificate of a trained run: per-layer table, bound, worst case of "
+                                       "its caps")
+    c.add_argument("run", metavar="RUN_DIR", help="a lipschitz-train run folder")
+    c.add_argument("--json", action="store_true", help="print the certificate as JSON")
+    c.add_argument("--which", choices=("latest", "best"), default="latest",
+                   help="checkpoint to certify (default latest: the model summary.json reports)")
+    g = sub.add_parser("sample", help="generate text from a trained run")
+    g.add_argument("run", metavar="RUN_DIR", help="a lipschitz-train run folder")
+    g.add_argument("--prompt", default="", help="text to continue (default: start from a newline)")
+    g.add_argument("--chars", type=int, default=500, help="tokens (characters) to generate (default 500)")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature > 0 (default 0.8)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: the same text every time)")
+    g.add_argument("--which", choices=("best", "latest"), default="best",
+                   help="checkpoint to sample from (default best)")
+    for sp in (c, g):
+        sp.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     for sp in (r, a, s):
         sp.add_argument("--batches", type=int, default=4, help="validation batches" if sp is not s else argparse.SUPPRESS)
     for sp in (r, a, f, s):
@@ -188,6 +205,19 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = _eval_parser().parse_args(argv)
     out = getattr(args, "out", None) or os.path.join("runs", f"eval-{args.cmd}")
     try:
+        if args.cmd == "certify":
+            from .run_certificate import format_run_certificate, run_certificate
+
+            rep = run_certificate(args.run, which=args.which, device=args.device)
+            print(json.dumps({k: v for k, v in rep.items() if k != "table"}, indent=2) if args.json
+                  else format_run_certificate(rep))
+            return 0
+        if args.cmd == "sample":
+            from .sampling import sample_run
+
+            print(sample_run(args.run, args.prompt, args.chars, args.temperature, args.seed, which=args.which,
+                             device=args.device))
+            return 0
         if args.cmd == "robustness":
             rows = ev.robustness(args.checkpoint, args.eps, out, n_batches=args.batches, pgd_steps=args.pgd_steps,
                                  relative=not args.absolute, device=args.device)

