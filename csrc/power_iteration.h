@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 
 #include <ATen/ATen.h>
@@ -63,8 +64,31 @@ inline at::Tensor start_vector(const at::Tensor& W3, const std::optional<at::Ten
 // the true top singular value that converges to it). When enough iterations
 // are asked for (2 * iters > small side) the Gram matrix of the SMALL side is
 // formed once and iterated instead: fewer FLOPs than 2 GEMVs per iteration.
+// Per-matrix power of two near the largest |entry| [B, 1, 1] (so dividing by it is exact);
+// 1 for a zero matrix and NaN for a non-finite one. Dividing by it first keeps every
+// product of an iteration in range, whatever the magnitude of the input.
+inline at::Tensor max_abs_scale(const at::Tensor& X3) {
+  const at::Tensor mx = at::amax(X3.abs(), at::IntArrayRef{1, 2}, /*keepdim=*/true);
+  const at::Tensor nan = at::full({}, std::numeric_limits<double>::quiet_NaN(), mx.options());
+  const at::Tensor p2 = at::exp2(at::floor(at::log2(mx.to(at::kDouble)))).to(mx.scalar_type());
+  return at::where(mx == 0, at::ones_like(mx), at::where(at::isfinite(mx), p2, nan));
+}
+
+inline Triplet power_iteration_scaled(const at::Tensor& W3, int64_t iters,
+                                      const std::optional<at::Tensor>& u_init, const char* op);
+
+// The iteration runs on W / max|W| (so entries from 1e-30 to float's max neither underflow
+// nor overflow in the Gram matrix and norms); sigma is scaled back.
 inline Triplet power_iteration_batched(const at::Tensor& W3, int64_t iters,
                                        const std::optional<at::Tensor>& u_init, const char* op) {
+  const at::Tensor s = max_abs_scale(W3);
+  Triplet t = power_iteration_scaled(W3 / s, iters, u_init, op);
+  t.sigma = t.sigma * s.view({-1});
+  return t;
+}
+
+inline Triplet power_iteration_scaled(const at::Tensor& W3, int64_t iters,
+                                      const std::optional<at::Tensor>& u_init, const char* op) {
   const int64_t m = W3.size(1), n = W3.size(2);
   const int64_t small = std::min(m, n), large = std::max(m, n);
   at::Tensor u = start_vector(W3, u_init, op);  // [B, m, 1]

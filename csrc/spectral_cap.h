@@ -184,8 +184,8 @@ inline void check_steps(int64_t steps, const char* op) {
 // hardcap_b(X) = 1/2 [b Q + X - (b Q - X) msign(b Q - X)^T Q], Q = msign(X):
 // with X = U S V^T this is U min(S, b) V^T. Zero singular values stay zero
 // (msign maps them to 0, so every term vanishes in their directions).
-inline at::Tensor hard_cap_msign(const at::Tensor& X, double b, int64_t steps, at::ScalarType gemm,
-                                 const char* op) {
+inline at::Tensor hard_cap_msign(const at::Tensor& X, const at::Tensor& b /*[B, 1, 1]*/, int64_t steps,
+                                 at::ScalarType gemm, const char* op) {
   const bool tall = X.size(1) > X.size(2);
   const at::Tensor Q = msign_batched(X, steps, gemm, op);
   const at::Tensor D = Q * b - X;
@@ -212,8 +212,8 @@ inline NSPlan hard_cap_polynomial_plan() {
 // estimate's (downward) error.
 constexpr double kPolynomialPrescale = 3.0;
 
-inline at::Tensor hard_cap_polynomial(const at::Tensor& X, double b, int64_t iters,
-                                      at::ScalarType gemm, const char* op) {
+inline at::Tensor hard_cap_polynomial(const at::Tensor& X, const at::Tensor& b /*[B, 1, 1]*/,
+                                      int64_t iters, at::ScalarType gemm, const char* op) {
   at::Tensor Y = X / b;
   const Triplet t = power_iteration_batched(Y.to(float_or_double(Y.scalar_type())), iters,
                                             std::nullopt, op);
@@ -230,17 +230,22 @@ inline at::Tensor hard_cap_polynomial(const at::Tensor& X, double b, int64_t ite
 // the solver cannot separate) cost nothing; error ~ eps * ||X||. One Gram, one
 // eigh of the small side, two small-side GEMMs: on CPU and for small matrices
 // several times cheaper than two msigns. A matrix with a non-finite entry is NaN.
-inline at::Tensor hard_cap_eigh(const at::Tensor& X, double b) {
+inline at::Tensor hard_cap_eigh(const at::Tensor& X, const at::Tensor& b /*[B, 1, 1]*/) {
   const bool tall = X.size(1) >= X.size(2);
   const at::Tensor finite = at::isfinite(X).flatten(1).all(1).view({-1, 1, 1});
   const at::Tensor Xs = at::where(finite, X, at::zeros({}, X.options()));
   const at::Tensor G = tall ? at::bmm(Xs.mT(), Xs) : at::bmm(Xs, Xs.mT());
   auto [lam, V] = at::linalg_eigh(G);
   // l <= 0 (rounding of a zero direction): rsqrt = inf, g = max(0, -inf) = 0
-  const at::Tensor g = (1.0 - b * at::rsqrt(lam.clamp_min(0))).clamp_min(0);
+  const at::Tensor g = (1.0 - b.view({-1, 1}) * at::rsqrt(lam.clamp_min(0))).clamp_min(0);
   const at::Tensor M = at::bmm(V * g.unsqueeze(-2), V.mT());
   const at::Tensor out = tall ? Xs - at::bmm(Xs, M) : Xs - at::bmm(M, Xs);
   return at::where(finite, out, at::full({}, std::numeric_limits<double>::quiet_NaN(), X.options()));
+}
+
+// hard_cap_eigh on X / s (s [B, 1, 1] from max_abs_scale), scaled back.
+inline at::Tensor hard_cap_eigh_scaled(const at::Tensor& X, const at::Tensor& s, double b) {
+  return hard_cap_eigh(X / s, (b / s).to(X.scalar_type())) * s;
 }
 
 inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double sigma_max,
@@ -255,14 +260,27 @@ inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double s
               "'");
   if (W.numel() == 0) return at::empty(W.sizes(), W.options());
   if (sigma_max == 0.0) return W * 0;  // keeps NaN as NaN
-  if (method == "eigh")  // eigh has no half-precision kernels: float32 (float64 for float64)
-    return hard_cap_eigh(as_batch3d(W).to(float_or_double(W.scalar_type())), sigma_max)
+  // The cap is scale-equivariant, cap_b(X) = s cap_{b/s}(X / s): with s = max|X| no Gram
+  // matrix or sum of the formulas can overflow (float32 entries up to its max).
+  const at::Tensor W3 = as_batch3d(W).to(float_or_double(W.scalar_type()));
+  if (method == "eigh") {  // eigh has no half-precision kernels: float32 (float64 for float64)
+    // float32 eigh resolves singular values near the cap to ~1e-7 (||X|| / b)^2 relative:
+    // far above the cap (Frobenius > 100 b) the batch runs in float64 instead
+    const bool wide_range =
+        W3.scalar_type() != at::kDouble &&
+        (at::linalg_vector_norm(W3, 2, at::IntArrayRef{-2, -1}, false, at::kDouble) > 100.0 * sigma_max)
+            .any().item<bool>();
+    const at::Tensor Xe = wide_range ? W3.to(at::kDouble) : W3;
+    return hard_cap_eigh_scaled(Xe, max_abs_scale(Xe), sigma_max)
         .reshape(W.sizes()).to(W.scalar_type()).contiguous();
-  const at::Tensor X = as_batch3d(W).to(be.state(W.scalar_type()));
+  }
+  const at::Tensor s = max_abs_scale(W3);
+  const at::Tensor X = (W3 / s).to(be.state(W.scalar_type()));
+  const at::Tensor bs = (sigma_max / s).to(X.scalar_type());  // [B, 1, 1] per-matrix cap
   const auto gemm = be.gemm(W.scalar_type());
-  const at::Tensor out = method == "msign" ? hard_cap_msign(X, sigma_max, steps, gemm, op)
-                                           : hard_cap_polynomial(X, sigma_max, iters, gemm, op);
-  return out.reshape(W.sizes()).to(W.scalar_type()).contiguous();
+  const at::Tensor out = method == "msign" ? hard_cap_msign(X, bs, steps, gemm, op)
+                                           : hard_cap_polynomial(X, bs, iters, gemm, op);
+  return (out.to(W3.scalar_type()) * s).reshape(W.sizes()).to(W.scalar_type()).contiguous();
 }
 
 inline at::Tensor orthogonal_project_impl(const Backend& be, const at::Tensor& W, double sigma_max,

@@ -375,3 +375,10 @@ def test_cuda_qk_path_alone(d):
         _, want = fwd(q, k, v, causal, 0.2, q_scale=0.25, k_scale=0.5)
         assert out.abs().max().item() == 0
         torch.testing.assert_close(lse.cpu(), want, **LSE_TOL)
+
+
+def test_meta_key_next_to_cpu_query_is_refused():
+    """Mixed meta/CPU inputs went to the fake kernel and returned garbage (issue 19, item 3)."""
+    q, k, v = qkv(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="argument 'k' must be on q's device"):
+        ops.fp8_attention(q, k.to("meta"), v)

@@ -200,3 +200,15 @@ def test_ns_max_gain_published_values():
 def test_cuda_ns_polynomial():
     x = torch.rand(1000, dtype=torch.float64)
     torch.testing.assert_close(ops.ns_polynomial(x.cuda(), 5, "you").cpu(), ops.ns_polynomial(x, 5, "you"))
+
+
+@pytest.mark.parametrize("device_dtype", [torch.float32, torch.float64])
+def test_zero_matrix_with_eps_zero_is_zero(device_dtype):
+    """0 / 0 used to give NaN (issue 19, item 12)."""
+    G = torch.zeros(2, 4, 6, dtype=device_dtype)
+    G[1] = torch.randn(4, 6, dtype=device_dtype)
+    out = ops.orthogonalize(G, eps=0.0)
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all()
+    ref = ns_matrix_f64(G[1], "polar_express", 5, eps=0.0)
+    torch.testing.assert_close(out[1].double(), ref, rtol=1e-4, atol=1e-4)

@@ -268,3 +268,57 @@ def test_cuda_matches_cpu(shape, dtype):
     s_gpu, _, _ = ops.power_iteration(W.cuda(), 20)
     torch.testing.assert_close(s_gpu.cpu(), s_cpu, atol=1e-4, rtol=1e-4)
     torch.library.opcheck(torch.ops.lipschitz.spectral_hammer.default, (W.cuda(), 1.0, 3, None))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e9, 1e18, 1e30])
+@pytest.mark.parametrize("shape", [(64, 32), (16, 512), (3, 20, 28)])
+def test_power_iteration_any_magnitude(shape, scale):
+    """sigma scales with W: no underflow to 0 or overflow to NaN in float32 (issue 19, item 4)."""
+    torch.manual_seed(0)
+    W64 = gapped(shape)
+    W = (W64 * scale).float()
+    sigma, u, v = ops.power_iteration(W, 16)
+    ref = torch.linalg.matrix_norm(W.double(), 2)
+    torch.testing.assert_close(sigma.double(), ref, rtol=1e-4, atol=0)
+    out = ops.spectral_normalize(W, 1.0)
+    assert (torch.linalg.matrix_norm(out.double(), 2) <= 1.0 + 1e-4).all()
+
+
+def test_spectral_norm_bound_is_a_certified_upper_bound():
+    """Never below sigma_max (float64 SVD), within 1.3x of it, for any magnitude; target semantics."""
+    torch.manual_seed(0)
+    cases = [torch.randn(3, 64, 32), torch.randn(2, 16, 512), torch.randn(4, 128, 128),
+             with_spectrum(torch.ones(2, 24), 24, 40).float(), torch.zeros(2, 5, 7)]
+    for W0 in cases:
+        for scale in (1e-30, 1.0, 1e9, 1e30):
+            W = W0 * scale
+            ub = ops.spectral_norm_bound(W)
+            ref = torch.linalg.matrix_norm(W.double(), 2)
+            assert ub.dtype == torch.float64 and ub.shape == W.shape[:-2]
+            assert (ub >= ref * (1 - 1e-12)).all(), (ub, ref)
+            assert (ub <= ref * 1.3 + 1e-300).all(), (ub, ref)
+    W = torch.randn(64, 64)
+    ref = float(torch.linalg.matrix_norm(W.double(), 2))
+    assert float(ops.spectral_norm_bound(W, target=2 * ref)) <= 2 * ref
+    assert float(ops.spectral_norm_bound(W, target=0.5 * ref)) >= ref
+    assert torch.isnan(ops.spectral_norm_bound(torch.full((3, 3), float("inf")))).all()
+    with pytest.raises(ValueError, match="argument 'W'"):
+        ops.spectral_norm_bound(torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "call, arg",
+    [
+        (lambda W, m: ops.power_iteration(W, 4, u=m), "u"),
+        (lambda W, m: ops.spectral_normalize(W, 1.0, 4, u=m), "u"),
+        (lambda W, m: ops.spectral_hammer(W, 1.0, 4, u=m), "u"),
+        (lambda W, m: ops.spectral_weight_decay(W, 0.1, 4, u=m), "u"),
+    ],
+)
+def test_meta_warm_start_next_to_a_cpu_matrix_is_refused(call, arg):
+    """A meta tensor next to a CPU one used to return uninitialized memory (issue 19, item 3)."""
+    W = torch.randn(8, 6)
+    with pytest.raises(ValueError, match=f"argument '{arg}' must be on W's device"):
+        call(W, torch.empty(8, device="meta"))
+    with pytest.raises(ValueError, match=f"argument '{arg}' must be on W's device"):
+        call(W.to("meta"), torch.randn(8))

@@ -397,3 +397,38 @@ def test_cuda_float64_and_non_finite():
     for out in (ops.spectral_soft_cap(Wb, 0.1), ops.spectral_hard_cap(Wb, 1.0)):
         assert not torch.isfinite(out[1]).any() and torch.isfinite(out[0]).all()
     torch.library.opcheck(torch.ops.lipschitz.spectral_soft_cap.default, (W.float().cuda(), 0.1))
+
+
+@pytest.mark.parametrize("method, slack", [("eigh", 1e-4), ("msign", 5e-3), ("polynomial", 0.011)])
+@pytest.mark.parametrize("scale", [1e3, 1e5, 1e7, 1e30])
+def test_hard_cap_holds_far_above_the_cap(method, slack, scale):
+    """Inputs 1e3..1e30 x the cap used to miss it (1.235, 18.7) or overflow (issue 19, items 4, 14)."""
+    torch.manual_seed(0)
+    W = (torch.randn(3, 48, 24, dtype=torch.float64) * scale).float()
+    out = ops.spectral_hard_cap(W, 1.0, method)
+    assert torch.isfinite(out).all()
+    got = torch.linalg.matrix_norm(out.double(), 2)
+    assert (got <= 1.0 + slack).all(), got
+    if method == "eigh" and scale <= 1e7:  # float64 inside once far above the cap: still the exact cap
+        ref = svd_apply_f64(W.double(), lambda S: S.clamp(max=1.0))
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_msign_hard_cap_near_float32_max():
+    """Entries near float32's max used to give 2.1e32 (issue 19, item 4)."""
+    torch.manual_seed(0)
+    W = torch.randn(2, 32, 16)
+    W = W / W.abs().max() * 3e38
+    for method in ("msign", "eigh", "polynomial"):
+        out = ops.spectral_hard_cap(W, 2.0, method)
+        got = torch.linalg.matrix_norm(out.double(), 2)
+        assert torch.isfinite(out).all() and (got <= 2.0 * 1.011).all(), (method, got)
+    out = ops.orthogonal_project(W, 2.0)
+    assert (torch.linalg.matrix_norm(out.double(), 2) <= 2.0 * 1.005).all()
+
+
+def test_meta_alpha_next_to_a_cpu_matrix_is_refused():
+    """A meta alpha used to return uninitialized memory (issue 19, item 3)."""
+    W = torch.randn(2, 8, 6)
+    with pytest.raises(ValueError, match="argument 'alpha' must be on W's device"):
+        ops.spectral_soft_cap(W, torch.zeros(2, device="meta"))

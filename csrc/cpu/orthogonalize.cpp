@@ -22,7 +22,9 @@ at::Tensor orthogonalize_cpu(const at::Tensor& G, int64_t steps, c10::string_vie
   // cannot overflow to inf (which would silently zero the output).
   at::Tensor norm = at::linalg_vector_norm(X, 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true,
                                            at::kDouble);
-  X = (X.to(at::kDouble) / (norm * plan.norm_scale + eps)).to(compute);
+  // a zero matrix maps to zero even with eps = 0 (not 0 / 0)
+  const at::Tensor denom = norm * plan.norm_scale + eps;
+  X = (X.to(at::kDouble) / at::where(denom == 0, at::ones_like(denom), denom)).to(compute);
   X = newton_schulz_steps(X, plan);
   return X.reshape(G.sizes()).to(G.scalar_type()).contiguous();
 }

@@ -49,7 +49,9 @@ __global__ void normalize_cast_kernel(const Tin* __restrict__ x, int64_t per_mat
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = i / per_matrix;
-    const acc_t inv = static_cast<acc_t>(1.0 / (sqrt(sumsq[b]) * norm_scale + eps));
+    const double denom = sqrt(sumsq[b]) * norm_scale + eps;
+    // a zero matrix maps to zero even with eps = 0 (not 0 * inf)
+    const acc_t inv = static_cast<acc_t>(denom == 0.0 ? 0.0 : 1.0 / denom);
     y[i] = static_cast<Tout>(static_cast<acc_t>(x[i]) * inv);
   }
 }

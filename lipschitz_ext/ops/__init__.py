@@ -10,7 +10,13 @@ family: ``orthogonalize.py`` here <-> ``csrc/cpu/orthogonalize.cpp`` <->
 
 from .fp8_attention import E4M3_MAX, fp8_attention, fp8_saturation_count
 from .orthogonalize import COEFFICIENT_SETS, ns_max_gain, ns_polynomial, orthogonalize
-from .power_iteration import power_iteration, spectral_hammer, spectral_normalize, spectral_weight_decay
+from .power_iteration import (
+    power_iteration,
+    spectral_hammer,
+    spectral_norm_bound,
+    spectral_normalize,
+    spectral_weight_decay,
+)
 from .spectral_cap import (
     HARD_CAP_METHODS,
     POLYNOMIAL_PRESCALE,
@@ -36,6 +42,7 @@ __all__ = [
     "soft_cap_alpha",
     "spectral_hammer",
     "spectral_hard_cap",
+    "spectral_norm_bound",
     "spectral_normalize",
     "spectral_soft_cap",
     "spectral_weight_decay",

@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from ._checks import check_same_device
+
 __all__ = ["fp8_attention", "fp8_saturation_count", "E4M3_MAX"]
 
 #: Largest finite float8 e4m3 value; quantized inputs are clamped to +-E4M3_MAX.
@@ -98,6 +100,7 @@ def fp8_saturation_count(
 
 @torch.library.register_fake("lipschitz::fp8_attention_fwd")
 def _fp8_attention_fwd_fake(q, k, v, causal, softmax_scale, q_scale, k_scale, v_scale, backward="exact"):
+    check_same_device("fp8_attention", "q", {"q": q, "k": k, "v": v})
     torch._check(q.dim() == 4, lambda: "fp8_attention: argument 'q' must have rank 4")
     torch._check(q.dtype == torch.bfloat16, lambda: "fp8_attention: argument 'q' must be bfloat16")
     B, H, N, _ = q.shape
@@ -106,6 +109,8 @@ def _fp8_attention_fwd_fake(q, k, v, causal, softmax_scale, q_scale, k_scale, v_
 
 @torch.library.register_fake("lipschitz::fp8_attention_bwd")
 def _fp8_attention_bwd_fake(grad_out, q, k, v, out, lse, causal, softmax_scale):
+    check_same_device("fp8_attention_bwd", "q",
+                      {"q": q, "grad_out": grad_out, "k": k, "v": v, "out": out, "lse": lse})
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -14,6 +14,9 @@ from typing import Union
 
 import torch
 
+from ._checks import check_same_device
+from .power_iteration import spectral_norm_bound
+
 __all__ = [
     "spectral_soft_cap",
     "soft_cap_alpha",
@@ -141,10 +144,41 @@ def spectral_hard_cap(
 
     Returns:
         A new tensor of W's shape and dtype. Non-finite input gives NaN for that matrix.
+        For ANY finite input every output singular value is ``<= sigma_max (1 + slack)``
+        (slack: 1e-4 eigh, 5e-3 msign, 0.011 polynomial; up to rounding to W's dtype):
+        a certified bound (:func:`spectral_norm_bound`) checks the output and scales a
+        matrix that float rounding left above it (inputs ~1e5 x the cap and more) down
+        to the cap; the polynomial's pre-scale uses that bound too.
     """
-    return torch.ops.lipschitz.spectral_hard_cap.default(
-        W, float(sigma_max), str(method), int(steps), int(iters)
-    )
+    if isinstance(W, torch.Tensor) and W.dim() >= 2 and W.dtype.is_floating_point and W.numel() > 0 \
+            and method == "polynomial" and math.isfinite(float(sigma_max)) and float(sigma_max) > 0:
+        # the op's own pre-scale uses power iteration (a lower bound): a certified bound first
+        ub = spectral_norm_bound(W, target=POLYNOMIAL_PRESCALE * float(sigma_max))
+        W = _scale_matrices(W, POLYNOMIAL_PRESCALE * float(sigma_max) / ub)
+    out = torch.ops.lipschitz.spectral_hard_cap.default(W, float(sigma_max), str(method), int(steps), int(iters))
+    return _guard_cap(out, float(sigma_max), _HARD_CAP_SLACK.get(method, 0.0))
+
+
+#: the documented accuracy of each method: the guard leaves outputs within it untouched
+_HARD_CAP_SLACK = {"eigh": 1e-4, "msign": 5e-3, "polynomial": 0.011}
+
+
+def _scale_matrices(W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``W * min(1, c)`` per matrix (``c`` float64 ``W.shape[:-2]``; NaN stays NaN)."""
+    c = torch.where(torch.isnan(c), c, c.clamp(max=1.0))
+    return (W.double() * c[..., None, None]).to(W.dtype) if W.dtype != torch.float64 else W * c[..., None, None]
+
+
+def _guard_cap(out: torch.Tensor, cap: float, slack: float) -> torch.Tensor:
+    """Scale any matrix of ``out`` whose certified ``sigma_max`` exceeds ``cap (1 + slack)`` down to ``cap``.
+
+    Outputs already within the method's accuracy are returned unchanged; the others (far
+    out-of-range inputs, where float32 rounding defeats the method) are brought under the cap.
+    """
+    if out.numel() == 0 or cap == 0:
+        return out
+    ub = spectral_norm_bound(out, target=cap * (1.0 + slack))
+    return _scale_matrices(out, torch.where(ub <= cap * (1.0 + slack), torch.ones_like(ub), cap / ub))
 
 
 def orthogonal_project(W: torch.Tensor, sigma_max: float = 1.0, steps: int = 10) -> torch.Tensor:
@@ -153,9 +187,11 @@ def orthogonal_project(W: torch.Tensor, sigma_max: float = 1.0, steps: int = 10)
     Every nonzero singular value becomes ``sigma_max`` (zero ones stay ~0), by
     ``steps`` Polar Express Newton-Schulz steps on ``W / (1.01 ||W||_F)``: singular
     values far below ``||W||_F`` converge last. ``W``: ``[..., m, n]``; returns a
-    new tensor of W's shape and dtype.
+    new tensor of W's shape and dtype, every singular value ``<= 1.005 sigma_max``
+    for any finite input (certified, as in :func:`spectral_hard_cap`).
     """
-    return torch.ops.lipschitz.orthogonal_project.default(W, float(sigma_max), int(steps))
+    out = torch.ops.lipschitz.orthogonal_project.default(W, float(sigma_max), int(steps))
+    return _guard_cap(out, float(sigma_max), 5e-3)
 
 
 def svd_cap(W: torch.Tensor, sigma_max: float = 1.0) -> torch.Tensor:
@@ -174,9 +210,14 @@ def _same_fake(W, *args):
     return W.new_empty(W.shape)
 
 
+@torch.library.register_fake("lipschitz::spectral_soft_cap.per_matrix")
+def _soft_cap_per_matrix_fake(W, alpha):
+    check_same_device("spectral_soft_cap", "W", {"W": W, "alpha": alpha})
+    return _same_fake(W)
+
+
 for _name in (
     "spectral_soft_cap",
-    "spectral_soft_cap.per_matrix",
     "spectral_hard_cap",
     "orthogonal_project",
     "svd_cap",
