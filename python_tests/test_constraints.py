@@ -277,9 +277,9 @@ def test_constraint_specs_match_the_constraints():
     assert set(C.CONSTRAINT_SPECS) == set(C.CONSTRAINTS) - {"embedding_rms"} | {"none"}
     assert C.capping_constraints() == ("soft_cap", "hard_cap", "normalize", "orthogonal", "svd_cap")
     torch.manual_seed(0)
-    # RMS->RMS singular values 0.2..0.6, 0.84, 0.85 (inside the soft cap's one-step range at
-    # cap 0.8, mu 0.05): a cap of 0.8 must clip the top two, the hammer only the first
-    sv = torch.cat([torch.linspace(0.2, 0.6, 22), torch.tensor([0.84, 0.85])]).double().unsqueeze(0)
+    # RMS->RMS singular values 0.2..0.6, 0.84, 3 (the soft cap's one-step range at cap 0.8,
+    # mu 0.05 is 0.85): a cap of 0.8 must clip the top two, the hammer only the first
+    sv = torch.cat([torch.linspace(0.2, 0.6, 22), torch.tensor([0.84, 3.0])]).double().unsqueeze(0)
     for name, spec in C.CONSTRAINT_SPECS.items():
         assert spec.name == name and spec.help and "\n" not in spec.help
         if name == "none":
@@ -294,3 +294,63 @@ def test_constraint_specs_match_the_constraints():
         rms_sv = math.sqrt(24 / 48) * torch.linalg.svdvals(W.double())
         capped = bool((rms_sv <= 0.8 * (1 + 2e-2)).all())  # normalize: 16 cold iterations
         assert capped == spec.caps_spectrum, (name, rms_sv.max())
+
+
+@pytest.mark.parametrize("rms", [0.9, 4.0, 19.0, 1000.0, 1e30])
+@pytest.mark.parametrize("shape", [(2, 16, 512), (2, 96, 24)])
+def test_soft_cap_caps_weights_far_above_its_range(shape, rms):
+    """One apply_ used to take RMS norm 4 -> 10.8, 19 -> 6.8e7, 1000 -> 2.2e23 (issue 19, item 1)."""
+    torch.manual_seed(0)
+    k, m, n = shape
+    sv = torch.rand(k, min(m, n), dtype=torch.float64) * rms
+    sv[:, 0] = rms
+    W = in_frame(sv, m, n).float()
+    c = C.SpectralSoftCap(1.0)
+    for _ in range(3):
+        c.apply_(W)
+        assert torch.isfinite(W).all()
+        assert (rms_norm(W) <= 1.0 + 1e-5).all(), rms_norm(W)
+
+
+def test_soft_cap_leaves_in_range_weights_bit_for_bit():
+    """The pre-scale only touches matrices above the coupling's range k."""
+    torch.manual_seed(0)
+    W = in_frame(torch.rand(3, 24, dtype=torch.float64) * 1.04, 48, 24).float()
+    c = C.SpectralSoftCap(1.0)  # k = 1.05
+    expect = ops.spectral_soft_cap(W, c.alpha_for() / C.rms_scale(W) ** 2)
+    c.apply_(W)
+    assert torch.equal(W, expect)
+
+
+def test_soft_cap_fixed_alpha_range():
+    """A fixed alpha is checked against its own range: f_a maps [0, range] under the cap."""
+    c = C.SpectralSoftCap(1.0, alpha=0.1)
+    k = c.range_for()
+    assert float(soft_cap_scalar(torch.tensor(k, dtype=torch.float64), 0.1)) <= 1.0 + 1e-12
+    W = in_frame(torch.tensor([[5.0, 0.5]], dtype=torch.float64), 32, 32).float()
+    c.apply_(W)
+    assert (rms_norm(W) <= 1.0 + 1e-5).all()
+
+
+@pytest.mark.parametrize("bad", ["zero", "nan"])
+def test_normalize_with_a_bad_warm_start_still_caps(bad):
+    """A zero or NaN stored u ran 2 iterations from the fallback start: 1.107, 1.371 (issue 19, item 7)."""
+    torch.manual_seed(0)
+    sv = torch.cat([torch.tensor([3.0, 2.6]), torch.rand(30) * 2]).double()
+    W = in_frame(sv.unsqueeze(0).repeat(2, 1), 32, 64).float()
+    u = torch.zeros(2, 32) if bad == "zero" else torch.full((2, 32), float("nan"))
+    C.SpectralNormalize(1.0).apply_(W, state={"u": u})
+    assert (rms_norm(W) <= 1.0 + 1e-2).all(), rms_norm(W)
+
+
+@pytest.mark.parametrize("make", [lambda: C.SpectralHardCap(1.0), lambda: C.SpectralHardCap(1.0, method="msign"),
+                                  lambda: C.Orthogonal(1.0), lambda: C.SVDCap(1.0)])
+def test_caps_hold_after_huge_steps(make):
+    """x1e6 lr steps left the head at 1.041 under cap 1 (issue 19, item 14)."""
+    torch.manual_seed(0)
+    W = in_frame(torch.rand(2, 24, dtype=torch.float64) * 3, 96, 24).float()
+    c = make()
+    for _ in range(3):
+        W += torch.randn_like(W) * 1e6
+        c.apply_(W)
+        assert (rms_norm(W) <= 1.0 + 5e-3).all(), rms_norm(W)
