@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+from .ops.fp8_attention import E4M3_MAX  # the one definition (largest finite e4m3 value)
+
 __all__ = [
     "BF16_MARGIN",
     "E4M3_MAX",
@@ -29,8 +31,6 @@ __all__ = [
     "fp8_scales_from_certificate",
     "fp8_static_scales",
 ]
-
-E4M3_MAX = 448.0
 
 #: Head-room for rounding in the bf16 projection that produces q, k, v: its output
 #: is rounded to bf16 (relative 2^-8 at most) and its fp32 accumulation adds far
