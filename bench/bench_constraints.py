@@ -1,28 +1,19 @@
 """Benchmark the spectral constraint ops at the model shapes, next to svd_cap and
 the same math written in plain PyTorch.
 
-    python bench/bench_constraints.py                      # CPU, all suites
-    python bench/bench_constraints.py --suite gpt2 --ops spectral_soft_cap svd_cap
-    python bench/bench_constraints.py --device cuda --dtype bfloat16 --json bench/results/x.json
+    lipschitz-bench --suite constraints                    # the shared runner (lipschitz_ext.bench)
+    lipschitz-bench --suite constraints --device cuda --filter spectral_soft_cap
+    python bench/bench_constraints.py [lipschitz-bench options]   # the same
 
-Case definitions are plain data/functions (SHAPES, OPS, make_input, run_case) so a
-runner can import them. Timing: wall clock, ``--warmup`` untimed calls, then the
-median (and min/max) of ``--repeats`` calls; CUDA is synchronized around each call.
-Output: a table on stdout and, with ``--json``, the DESIGN.md results format.
+Case definitions are plain data/functions (SHAPES, OPS, make_input, cases) so a
+runner can import them; timing, tables and the DESIGN.md results JSON are the
+runner's (one C++ timing loop for every suite).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import math
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -236,111 +227,7 @@ def cases(cfg) -> list:
     return out
 
 
-def time_fn(fn: Callable, W: torch.Tensor, repeats: int, warmup: int) -> list[float]:
-    """Wall-clock milliseconds of ``repeats`` calls (after ``warmup`` calls)."""
-    sync = torch.cuda.synchronize if W.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        fn(W)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(W)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite constraints [its options]
+    from lipschitz_ext.bench.cli import main
 
-
-def run_case(
-    op: str, shape, dtype: torch.dtype, device: str, repeats: int, warmup: int, svd_ms: dict, torch_baseline: bool = True
-) -> dict:
-    """Time one op at one shape; ``svd_ms`` caches svd_cap's median per shape (the common baseline)."""
-    ours, plain = OPS[op]
-    plain = plain if torch_baseline else None
-    W = make_input(shape, dtype, device)
-    t = time_fn(ours, W, repeats, warmup)
-    med = statistics.median(t)
-    baselines = {}
-    if plain is not None:
-        baselines["torch_eager"] = statistics.median(time_fn(plain, W, repeats, warmup))
-    key = (tuple(shape), str(dtype), device)
-    if op == "svd_cap":
-        svd_ms[key] = med
-    elif key in svd_ms:
-        baselines["svd_cap"] = svd_ms[key]
-    return {
-        "name": op,
-        "shape": list(shape),
-        "dtype": str(dtype).replace("torch.", ""),
-        "params": {k: v for k, v in PARAMS.items()},
-        "impl": "lipschitz_ext",
-        "median_ms": med,
-        "min_ms": min(t),
-        "max_ms": max(t),
-        "baselines": baselines,
-        "speedup": {k: v / med for k, v in baselines.items()},
-    }
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--suite", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--json", help="write the DESIGN.md results JSON here")
-    ap.add_argument("--shape", help="time only this BxMxN shape (overrides --suite), e.g. 48x768x768")
-    ap.add_argument("--no-torch", action="store_true", help="skip the plain-PyTorch baselines")
-    args = ap.parse_args(argv)
-    shapes = {s: SHAPES[s] for s in args.suite}
-    if args.shape:
-        shapes = {"custom": [tuple(int(x) for x in args.shape.split("x"))]}
-    dtype = getattr(torch, args.dtype)
-    # svd_cap first so every other case can report its speedup over it
-    op_order = sorted(args.ops, key=lambda o: o != "svd_cap")
-    svd_ms: dict = {}
-    cases = []
-    print(f"{'op':30s} {'shape':>16s} {'ours ms':>10s} {'torch ms':>10s} {'svd ms':>10s} {'x svd':>8s}")
-    for suite, suite_shapes in shapes.items():
-        for shape in suite_shapes:
-            for op in op_order:
-                c = run_case(op, shape, dtype, args.device, args.repeats, args.warmup, svd_ms, not args.no_torch)
-                c["params"]["suite"] = suite
-                cases.append(c)
-                b = c["baselines"]
-                print(
-                    f"{op:30s} {'x'.join(map(str, shape)):>16s} {c['median_ms']:10.2f} "
-                    f"{b.get('torch_eager', float('nan')):10.2f} {b.get('svd_cap', float('nan')):10.2f} "
-                    f"{c['speedup'].get('svd_cap', float('nan')):8.1f}",
-                    flush=True,
-                )
-    if args.json:
-        commit = os.environ.get("LIPSCHITZ_COMMIT", "")  # for copies of the tree outside git
-        if not commit:
-            try:
-                commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-            except OSError:
-                commit = ""
-        result = {
-            "device": device_name(args.device),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "commit": commit,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cases": cases,
-        }
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["--suite", "constraints", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
 """Benchmark one full optimizer step (momentum, Newton-Schulz, update, soft cap).
 
-    python bench/bench_optim.py                                  # CPU, both models
-    python bench/bench_optim.py --models shakespeare --repeats 5
-    python bench/bench_optim.py --device cuda --json bench/results/x.json
+    lipschitz-bench --suite optim                # the shared runner (lipschitz_ext.bench)
+    lipschitz-bench --suite optim --device cuda --repeats 5
+    python bench/bench_optim.py [lipschitz-bench options]   # the same
 
 Weight sets: the hidden matrices of GPT-2 small (12 layers, d=768: per layer
 Q, K, V, O 768x768, MLP in 3072x768, MLP out 768x3072) and of the Shakespeare
@@ -18,23 +18,14 @@ Implementations (each one step = what the paper's training loop does per step):
 All use 5 Newton-Schulz steps and the same coupled soft-cap alpha.
 
 Case definitions are plain functions (``model_shapes``, ``make_params``,
-``make_step``, ``run_case``) so a runner can import them; ``cases(cfg)`` exposes
-them to the shared runner (``lipschitz-bench --suite optim``). Timing: wall clock,
-``--warmup`` untimed steps, then median/min/max of ``--repeats`` steps; CUDA is
-synchronized around each. Output: a table, and with ``--json`` the DESIGN.md
-results format.
+``make_step``) so a runner can import them; ``cases(cfg)`` exposes them to the
+shared runner (``lipschitz-bench --suite optim``), whose C++ loop times them and
+writes the table and the DESIGN.md results JSON.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import math
-import platform
-import statistics
-import subprocess
-import time
 from typing import Callable
 
 import torch
@@ -135,60 +126,6 @@ def step_flops(model: str) -> float:
     return total
 
 
-def time_step(step: Callable[[], None], device: str, repeats: int, warmup: int) -> list[float]:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        step()
-    sync()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def run_case(model: str, dtype: torch.dtype, device: str, repeats: int, warmup: int,
-             impls=IMPLS) -> dict:
-    """Time every implementation on ``model``'s weights; a DESIGN.md result case."""
-    times = {}
-    for impl in impls:
-        params, grads = make_params(model, dtype, device)
-        for p, g in zip(params, grads):
-            p.grad = g
-        times[impl] = time_step(make_step(impl, params), device, repeats, warmup)
-    ours = times.get("lipschitz_ext")
-    med = statistics.median(ours) if ours else float("nan")
-    baselines = {k: statistics.median(v) for k, v in times.items() if k != "lipschitz_ext"}
-    layers, d = MODELS[model]
-    return {
-        "name": "optimizer_step",
-        "shape": [layers, d],
-        "dtype": str(dtype).replace("torch.", ""),
-        "params": {"model": model, "matrices": len(model_shapes(model)), **PARAMS},
-        "impl": "lipschitz_ext",
-        "median_ms": med,
-        "min_ms": min(ours) if ours else float("nan"),
-        "max_ms": max(ours) if ours else float("nan"),
-        "tflops": step_flops(model) / (med * 1e-3) / 1e12,
-        "floor_ms": None,
-        "baselines": baselines,
-        "speedup": {k: v / med for k, v in baselines.items()},
-    }
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown"
-    return f"cpu: {model} ({torch.get_num_threads()} threads)"
-
-
 def _factory(impl: str, model: str, dtype: torch.dtype, device: str):
     from lipschitz_ext.bench import Setup
 
@@ -232,41 +169,9 @@ def cases(cfg) -> list:
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["shakespeare", "gpt2"], choices=list(MODELS))
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--json", default=None, help="write the DESIGN.md results JSON here")
-    args = ap.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    cases = []
-    for model in args.models:
-        case = run_case(model, dtype, args.device, args.repeats, args.warmup, args.impls)
-        cases.append(case)
-        base = " ".join(f"{k}={v:.1f}ms (x{case['speedup'][k]:.2f})" for k, v in case["baselines"].items())
-        print(f"{model:12s} {case['dtype']:9s} ours {case['median_ms']:.1f} ms "
-              f"[{case['min_ms']:.1f}, {case['max_ms']:.1f}] {case['tflops']:.3f} TFLOP/s | {base}", flush=True)
-    if args.json:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = ""
-        result = {
-            "device": _device_name(args.device),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "commit": commit,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "peak": {"bf16_tflops": None, "fp8_tflops": None, "copy_tbps": None},
-            "cases": cases,
-        }
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite optim [its options]
+    import sys
 
+    from lipschitz_ext.bench.cli import main
 
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["--suite", "optim", *sys.argv[1:]]))

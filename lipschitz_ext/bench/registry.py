@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 #: Suite names the CLI knows, in run order for ``--suite all``.
-SUITES = ("orthogonalize", "constraints", "optim", "attention", "train")
+SUITES = ("orthogonalize", "constraints", "optim", "fp8_attention", "train")
 
 
 class Skip(Exception):

@@ -1,4 +1,4 @@
-"""Benchmark suite: ``attention`` (fp8 forward, bf16 backward) against bf16 SDPA.
+"""Benchmark suite: ``fp8_attention`` (the op ``fp8_attention``: fp8 forward, bf16 backward) against bf16 SDPA.
 
 Cases: forward, and forward + backward, at B=4, H=16, d in {64, 128},
 N in {1k, 4k, 16k}, causal and not (CUDA); one tiny configuration on CPU.
