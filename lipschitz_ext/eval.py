@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .certify import Certificate, certify
+from .ops.fp8_attention import E4M3_MAX
 from .plots import pyplot, save_figure
 from .run import load_run_data
 from .tables import print_table, write_table
@@ -207,9 +208,6 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
 # ---------------------------------------------------------------------------
 # activations
 # ---------------------------------------------------------------------------
-E4M3_MAX = 448.0
-
-
 def activations(run_dir: str, out: str, baseline: str | None = None, n_batches: int = 4, batch_size: int = 16,
                 device: str = "cpu") -> list[dict]:
     """Per-layer max |activation| and RMS on validation batches (and the fraction
@@ -262,7 +260,7 @@ def activations(run_dir: str, out: str, baseline: str | None = None, n_batches: 
                         label=f"{rr[0]['model']} max |activation|")
             ax.semilogy(range(len(rr)), [max(r["rms"], 1e-6) for r in rr], "x:", color=f"C{i}", label=f"{rr[0]['model']} RMS")
             ax.set_xticks(range(len(rr)), [r["layer"] for r in rr], rotation=70, fontsize=6)
-    ax.axhline(E4M3_MAX, color="k", lw=0.8, ls="--", label="e4m3 max (448)")
+    ax.axhline(E4M3_MAX, color="k", lw=0.8, ls="--", label=f"e4m3 max ({E4M3_MAX:g})")
     ax.set(ylabel="magnitude", title="activation magnitudes per layer (validation)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)

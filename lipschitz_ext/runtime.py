@@ -48,15 +48,17 @@ def training_autocast(mode: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-
 @dataclass
 class Dist:
+    """This process's place among the torchrun ranks (rank 0 of 1 without torchrun)."""
+
     rank: int = 0
     world_size: int = 1
     owns_group: bool = False  # this run created the process group (and tears it down)
 
     @property
     def main(self) -> bool:
+        """Whether this is rank 0 (the one that writes the run folder)."""
         return self.rank == 0
 
     def clock(self, elapsed: float, shared: bool, device: torch.device) -> float:
@@ -80,6 +82,7 @@ class Dist:
 
 
 def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU) when ``WORLD_SIZE`` > 1."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
     import torch.distributed as dist
@@ -94,6 +97,7 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``--device`` (auto | cpu | cuda) as a torch device (cuda: this rank's ``LOCAL_RANK``)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -101,7 +105,6 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError("--device cuda was requested but no CUDA device is available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
 
 
 class StopRequest:
