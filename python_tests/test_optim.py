@@ -268,3 +268,118 @@ def test_momentum_warmup_through_group():
     assert not torch.equal(a[0], b[0])
     buf_expected = torch.lerp(torch.lerp(torch.zeros(6, 10), grads[0][0], 0.15), grads[1][0], 0.05)
     torch.testing.assert_close(oa.state[a[0]]["momentum_buffer"], buf_expected)
+
+
+def _unit_spectral(shape, seed=0):
+    """A matrix with every singular value 1 (RMS->RMS norm 1 when square)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.Parameter(torch.linalg.qr(torch.randn(*shape, generator=g, dtype=torch.float64))[0]
+                              .float().contiguous())
+
+
+def test_lr_zero_leaves_capped_weights_exactly_unchanged():
+    from lipschitz_ext import constraints as C
+
+    for c in (C.SpectralSoftCap(1.0), C.SpectralHardCap(1.0), PowerNormalize(1.0)):
+        p = _unit_spectral((8, 8))
+        start = p.detach().clone()
+        opt = Muon([p], lr=0.0, weight_decay=0.1, constraint=c)
+        for _ in range(3):
+            p.grad = torch.randn(8, 8)
+            opt.step()
+        assert torch.equal(p, start), type(c).__name__
+        # momentum still accumulates: the buffer is the EMA of the gradients
+        assert opt.state[p]["momentum_buffer"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("key,value", [("lr", -0.1), ("lr", float("nan")), ("lr", float("inf")),
+                                       ("momentum", 1.5), ("weight_decay", -1.0), ("eps", -1.0),
+                                       ("update_norm_safety", 0.0), ("lr", "fast")])
+def test_bad_hyper_set_later_is_refused_at_step(key, value):
+    p = torch.nn.Parameter(torch.randn(4, 5))
+    start = p.detach().clone()
+    opt = Muon([p], lr=0.05)
+    opt.param_groups[0][key] = value
+    p.grad = torch.randn(4, 5)
+    with pytest.raises((ValueError, TypeError), match=rf"Muon: {key} of param group 0"):
+        opt.step()
+    assert torch.equal(p, start)
+
+
+def test_huge_finite_gradients_are_not_called_nonfinite():
+    # float32 entries ~4e18 in a 16x16 matrix: the sum of squares (~256 * 1.6e37) overflows
+    # float32 but every entry is finite; the step must equal the float64 step of the gradient.
+    g = torch.randn(16, 16, generator=torch.Generator().manual_seed(1)) * 4e18
+    assert torch.isinf(torch._foreach_norm([g])[0])  # the fused 2-norm the check used to take
+    p = torch.nn.Parameter(torch.randn(16, 16) / 4)
+    ref = p.detach().double().clone()
+    opt = Muon([p], lr=0.05, nesterov=False, momentum=0.0)
+    p.grad = g.clone()
+    opt.step()
+    scale = update_scale_factor("fan_ratio", 16, 16)
+    ref -= 0.05 * scale * orthogonalize(g.double() / 4e18, 5, "polar_express", 1e-7)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.detach().double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def _stepped(shapes, opt_cls=Muon, **kw):
+    params = _params(shapes)
+    opt = opt_cls(params, **kw)
+    _run(opt, params, _grads(shapes, 2))
+    return params, opt
+
+
+def test_load_state_dict_refuses_foreign_state_at_load_time():
+    _, src = _stepped([(6, 10), (3, 4)], constraint=PowerNormalize(0.9))
+    sd = src.state_dict()
+    dst_params = _params([(6, 10), (4, 3)])
+    dst = Muon(dst_params, constraint=PowerNormalize(0.9))
+    with pytest.raises(ValueError, match=r"Muon.load_state_dict: state 'momentum_buffer' of parameter 1 "
+                                         r"has shape \(3, 4\), the parameter \(4, 3\)"):
+        dst.load_state_dict(sd)
+    # same shapes but another matrix count for the constraint state
+    _, src3 = _stepped([(2, 6, 10)], constraint=PowerNormalize(0.9))
+    sd3 = src3.state_dict()
+    sd3["state"][0]["momentum_buffer"] = torch.zeros(3, 6, 10)
+    with pytest.raises(ValueError, match=r"state 'constraint.u' of parameter 0 has leading dim 2"):
+        Muon(_params([(3, 6, 10)]), constraint=PowerNormalize(0.9)).load_state_dict(sd3)
+    with pytest.raises(ValueError, match="1 param groups, this optimizer 2"):
+        Muon([{"params": _params([(6, 10)])}, {"params": _params([(3, 4)])}]).load_state_dict(sd)
+    with pytest.raises(ValueError, match="param group 0 has 2 parameters in the state dict, 1 here"):
+        Muon(_params([(6, 10)])).load_state_dict(sd)
+    with pytest.raises(ValueError, match="expected a dict with 'state' and 'param_groups'"):
+        Muon(_params([(6, 10)])).load_state_dict({"model": 1})
+
+
+def test_load_state_dict_refuses_adam_state_and_vice_versa():
+    from lipschitz_ext.optim import ConstrainedAdam
+
+    shapes = [(6, 10), (3, 4)]
+    _, adam = _stepped(shapes, ConstrainedAdam, lr=1e-3)
+    muon = Muon(_params(shapes))
+    with pytest.raises(ValueError, match=r"Muon.load_state_dict: param group 0 lacks \['coefficients', 'momentum'"):
+        muon.load_state_dict(adam.state_dict())
+    # groups made to look like Muon's: the per-parameter state still gives it away
+    sd = adam.state_dict()
+    sd["param_groups"][0] = {**muon.state_dict()["param_groups"][0], "params": sd["param_groups"][0]["params"]}
+    with pytest.raises(ValueError, match=r"state of parameter 0 lacks \['momentum_buffer'\]"):
+        muon.load_state_dict(sd)
+    _, m2 = _stepped(shapes)
+    with pytest.raises(ValueError, match=r"ConstrainedAdam.load_state_dict: param group 0 lacks \['betas'"):
+        ConstrainedAdam(_params(shapes), lr=1e-3).load_state_dict(m2.state_dict())
+    # a saved bad lr is refused at load too
+    sd = m2.state_dict()
+    sd["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Muon: lr of param group 0 must be >= 0"):
+        Muon(_params(shapes)).load_state_dict(sd)
+
+
+def test_constrained_adam_refuses_bad_lr_set_later():
+    from lipschitz_ext.optim import ConstrainedAdam
+
+    p = torch.nn.Parameter(torch.randn(4, 5))
+    opt = ConstrainedAdam([p], lr=1e-3)
+    opt.param_groups[0]["lr"] = -1e-3
+    p.grad = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="ConstrainedAdam: lr of param group 0 must be finite and >= 0"):
+        opt.step()

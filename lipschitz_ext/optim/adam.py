@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +33,9 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
     Constraint state lives in ``self.state[p]["constraint.<key>"]`` (leading dim 1).
     """
 
+    STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+    GROUP_KEYS = ("lr", "betas", "eps", "weight_decay")
+
     def __init__(self, params: Iterable[Any], constraint: Any = None, **adam_kwargs: Any) -> None:
         super().__init__(params, **adam_kwargs)
         self.defaults["constraint"] = constraint
@@ -61,9 +65,27 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
                     f"(whole rows per rank), got placements {p.placements}"
                 )
 
+    def check_group_hyper(self, group: dict[str, Any], gi: int) -> None:
+        """Refuse a non-finite or negative lr/eps/weight_decay, or betas outside [0, 1).
+
+        torch.optim.Adam checks these only at construction; schedulers and users set
+        ``group["lr"]`` later, so every step re-checks.
+        """
+        for key in ("lr", "eps", "weight_decay"):
+            v = float(group[key])
+            if not (math.isfinite(v) and v >= 0.0):
+                raise ValueError(f"ConstrainedAdam: {key} of param group {gi} must be finite and >= 0, "
+                                 f"got {group[key]!r}")
+        betas = group["betas"]
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ValueError(f"ConstrainedAdam: betas of param group {gi} must be two numbers in [0, 1), "
+                             f"got {betas!r}")
+
     @torch.no_grad()
     def step(self, closure=None):
         """Adam's step, then the constraints; returns ``closure()``'s loss if given."""
+        for gi, group in enumerate(self.param_groups):
+            self.check_group_hyper(group, gi)
         loss = super().step(closure)
         for group in self.param_groups:
             c = group["constraint"]

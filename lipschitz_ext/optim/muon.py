@@ -60,6 +60,42 @@ def update_scale_factor(mode: str, m: int, n: int) -> float:
     raise ValueError(f"Muon: update_scale must be one of {UPDATE_SCALES}, got {mode!r}")
 
 
+def _real(group: dict[str, Any], key: str, gi: int) -> float:
+    v = group[key]
+    try:
+        x = float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"Muon: {key} of param group {gi} must be a real number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"Muon: {key} of param group {gi} must be finite, got {v!r}")
+    return x
+
+
+def check_hyper(group: dict[str, Any], gi: int) -> None:
+    """Refuse a param group's bad hyper-parameters with a ValueError/TypeError naming them.
+
+    Run when a group is added and again at every step, since schedulers and users
+    change ``group["lr"]`` etc. after construction.
+    """
+    if not _real(group, "lr", gi) >= 0.0:
+        raise ValueError(f"Muon: lr of param group {gi} must be >= 0, got {group['lr']}")
+    if not 0.0 <= _real(group, "momentum", gi) < 1.0:
+        raise ValueError(f"Muon: momentum of param group {gi} must be in [0, 1), got {group['momentum']}")
+    if not _real(group, "weight_decay", gi) >= 0.0:
+        raise ValueError(f"Muon: weight_decay of param group {gi} must be >= 0, got {group['weight_decay']}")
+    if not _real(group, "eps", gi) >= 0.0:
+        raise ValueError(f"Muon: eps of param group {gi} must be >= 0, got {group['eps']}")
+    if not _real(group, "update_norm_safety", gi) > 0.0:
+        raise ValueError(f"Muon: update_norm_safety of param group {gi} must be > 0, "
+                         f"got {group['update_norm_safety']}")
+    if int(group["ns_steps"]) < 1:
+        raise ValueError(f"Muon: ns_steps of param group {gi} must be >= 1, got {group['ns_steps']!r}")
+    if group["update_scale"] not in UPDATE_SCALES:
+        raise ValueError(f"Muon: update_scale must be one of {UPDATE_SCALES}, got {group['update_scale']!r}")
+    if group["nonfinite"] not in NONFINITE_POLICIES:
+        raise ValueError(f"Muon: nonfinite must be one of {NONFINITE_POLICIES}, got {group['nonfinite']!r}")
+
+
 def _coeff_key(coefficients) -> Any:
     if isinstance(coefficients, str):
         return coefficients
@@ -78,7 +114,10 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
             (the last two dims are ``(fan_out, fan_in)``, PyTorch's Linear layout;
             leading dims are independent matrices). Any dtype; sparse and complex
             are rejected.
-        lr: learning rate (float; LR schedulers work on ``group["lr"]``).
+        lr: learning rate (float >= 0; LR schedulers work on ``group["lr"]``; every
+            step re-checks the groups' hyper-parameters and refuses bad ones). With
+            ``lr == 0`` momentum still accumulates but weights are left exactly as
+            they are (no constraint call).
         momentum: ``mu`` in ``buf <- mu buf + (1 - mu) g`` (schedule it through
             ``group["momentum"]`` for the paper's 0.85 -> 0.95 warm-up).
         nesterov: direction ``(1 - mu) g + mu buf`` (True) or ``buf`` (False, EMA).
@@ -111,6 +150,9 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
     by its name; ``load_state_dict`` keeps the constraint objects of this optimizer
     and restores constraint state tensors in their saved dtype.
     """
+
+    STATE_KEYS = ("momentum_buffer",)
+    GROUP_KEYS = ("lr", "momentum", "nesterov", "ns_steps", "coefficients", "weight_decay", "update_scale")
 
     def __init__(
         self,
@@ -163,18 +205,7 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         c = g["constraint"]
         if c is not None and not callable(getattr(c, "apply_", None)):
             raise TypeError(f"Muon: constraint must have an apply_ method, got {type(c).__name__}")
-        if not float(g["lr"]) >= 0.0:
-            raise ValueError(f"Muon: lr must be >= 0, got {g['lr']}")
-        if not 0.0 <= float(g["momentum"]) < 1.0:
-            raise ValueError(f"Muon: momentum must be in [0, 1), got {g['momentum']}")
-        if not float(g["weight_decay"]) >= 0.0:
-            raise ValueError(f"Muon: weight_decay must be >= 0, got {g['weight_decay']}")
-        if int(g["ns_steps"]) < 1:
-            raise ValueError(f"Muon: ns_steps must be >= 1, got {g['ns_steps']}")
-        if g["update_scale"] not in UPDATE_SCALES:
-            raise ValueError(f"Muon: update_scale must be one of {UPDATE_SCALES}, got {g['update_scale']!r}")
-        if g["nonfinite"] not in NONFINITE_POLICIES:
-            raise ValueError(f"Muon: nonfinite must be one of {NONFINITE_POLICIES}, got {g['nonfinite']!r}")
+        check_hyper(g, len(self.param_groups) - 1)
         for i, p in enumerate(g["params"]):
             if p.dim() < 2:
                 raise ValueError(
@@ -190,6 +221,10 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
                     "updates weights through [count, m, n] views"
                 )
             _dist.check_placements(p)
+
+    def check_group_hyper(self, group: dict[str, Any], gi: int) -> None:
+        """:func:`check_hyper` (used after ``load_state_dict``)."""
+        check_hyper(group, gi)
 
     def p_max(self, ns_steps: int, coefficients) -> float:
         """Cached :func:`lipschitz_ext.ops.ns_max_gain` for a group's settings."""
@@ -211,6 +246,7 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         return loss
 
     def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+        check_hyper(group, gi)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -244,8 +280,13 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
             self._step_bucket(gi, group, bucket, key[0])
 
     def _grads_finite(self, gi, group, params, grads, modes) -> bool:
-        norms = torch._foreach_norm(grads)
-        bad = ~torch.isfinite(torch.stack([n.float() for n in norms]))
+        # max |g| (not the 2-norm): it is inf/NaN only for a non-finite entry, never
+        # by overflow of finite ones (the 2-norm of float32 entries ~4e18 is inf).
+        nonempty = [g for g in grads if g.numel() > 0]
+        amax = torch._foreach_norm(nonempty, float("inf")) if nonempty else []
+        it = iter(amax)
+        bad = ~torch.isfinite(torch.stack(
+            [next(it).float() if g.numel() > 0 else torch.zeros((), device=g.device) for g in grads]))
         flag = bad.any().to(torch.int32)
         for pg in _dist.groups_of(modes):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
@@ -294,6 +335,11 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
     def _step_bucket(self, gi: int, group: dict[str, Any], bucket: Bucket, mode) -> None:
         m, n = bucket.key[1], bucket.key[2]
         hyper = self.bucket_hyper(group, m, n)
+        if hyper["lr"] == 0.0:
+            # lr = 0 moves no weight: no update and no constraint call (a zero update
+            # norm would read as "no bound given" and the soft cap would shrink W).
+            # Every rank sees the same lr, so the collectives stay matched.
+            return
         if mode.kind == "replicated":
             _dist.replicated_step(self, gi, group, bucket, hyper, mode)
         elif mode.kind == "sharded":
