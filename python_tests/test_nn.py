@@ -450,3 +450,31 @@ def test_bad_inputs_raise():
         m.forward_embeddings(torch.zeros(1, 3, 8))
     with pytest.raises(TypeError, match="GPTConfig"):
         lnn.LipschitzGPT({"vocab_size": 3})
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_baseline_attention_logits_reproduce_forward(rope):
+    from lipschitz_ext.nn.baseline import BaselineAttention
+
+    torch.manual_seed(0)
+    attn = BaselineAttention(small_config(rope=rope)).double()
+    B, T, d = 2, 7, attn.n_heads * attn.d_head
+    x = torch.randn(B, T, d, dtype=torch.float64)
+    logits = attn.attention_logits(x)
+    assert logits.shape == (B, attn.n_heads, T, T) and logits.dtype == torch.float64
+    assert torch.isinf(logits[..., 0, 1]).all() and torch.isfinite(logits.tril()).all()
+    # independent float64 reference: per head q_h k_h^T / sqrt(d_head) from the raw qkv matrix
+    Wq, Wk, Wv = attn.qkv.weight.view(3, attn.n_heads, attn.d_head, d)
+    if not rope:
+        q = torch.einsum("btd,hed->bhte", x, Wq)
+        k = torch.einsum("btd,hed->bhte", x, Wk)
+        want = (q @ k.transpose(-2, -1)) / math.sqrt(attn.d_head)
+        torch.testing.assert_close(logits.tril(), want.tril(), atol=1e-12, rtol=1e-12)
+    # softmax(logits) v through the output projection is the module's forward
+    v = torch.einsum("btd,hed->bhte", x, Wv)
+    out = (torch.softmax(logits, -1) @ v).transpose(1, 2).reshape(B, T, d) @ attn.o.weight.T
+    torch.testing.assert_close(out, attn(x), atol=1e-12, rtol=1e-12)
+    # bf16 modules report float32 logits
+    assert attn.to(torch.bfloat16).attention_logits(x.to(torch.bfloat16)).dtype == torch.float32
+    with pytest.raises(ValueError, match="attention_logits: x must be"):
+        attn.attention_logits(torch.randn(T, d, dtype=torch.bfloat16))

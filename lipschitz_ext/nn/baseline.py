@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import apply_rope
+from .attention import _future_mask, apply_rope
 from .config import GPTConfig
 from .gpt import check_embeddings, check_tokens
 
@@ -23,11 +23,30 @@ class BaselineAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.o = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, d = x.shape
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q, k, v: [B, H, T, d_head]`` of ``x [B, T, d]``, RoPE applied to q and k."""
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
         if self.rope:
             q, k = apply_rope(q, self.rope_base), apply_rope(k, self.rope_base)
+        return q, k, v
+
+    def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits ``[B, H, T, T]`` ``forward`` softmaxes on ``x [B, T, d]``:
+        ``q_h k_h^T / sqrt(d_head)`` (RoPE applied when configured), ``-inf`` above
+        the diagonal; computed in at least float32 (bf16 logits would round the
+        quantity being inspected). For inspection; ``forward`` never materializes them."""
+        if x.dim() != 3 or x.shape[-1] != self.n_heads * self.d_head:
+            raise ValueError(f"BaselineAttention.attention_logits: x must be [B, T, {self.n_heads * self.d_head}], "
+                             f"got {tuple(x.shape)}")
+        q, k, _ = self._qkv(x)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) / math.sqrt(self.d_head)
+        return logits.masked_fill(_future_mask(x.shape[1], x.device), float("-inf"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self._qkv(x)
         out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o(out.transpose(1, 2).reshape(B, T, d))
 
