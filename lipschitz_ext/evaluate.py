@@ -68,12 +68,11 @@ def loss_logit_scale(cfg: "TrainConfig") -> float:
 
 
 def fp8_backend(model: torch.nn.Module):
-    """The fp8 attention backend object when ``model`` (a LipschitzGPT) uses it, else None."""
-    from .nn import FP8_BACKEND, LipschitzGPT
+    """The fp8 attention backend object when ``model`` (a LipschitzGPT) uses it, else None
+    (the model's own instance: ``lipschitz_ext.nn.fp8_backend_of``)."""
+    from .nn import LipschitzGPT, fp8_backend_of
 
-    if isinstance(model, LipschitzGPT) and model.config.attention == "fp8":
-        return FP8_BACKEND
-    return None
+    return fp8_backend_of(model) if isinstance(model, LipschitzGPT) else None
 
 
 

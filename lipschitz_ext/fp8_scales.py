@@ -132,7 +132,8 @@ def fp8_scales_from_certificate(certificate, d_model: int, d_head: int) -> tuple
 
 
 def configure_fp8_attention(model, backend=None) -> tuple[float, float, float]:
-    """Certify ``model`` (a ``LipschitzGPT``) and set the ``"fp8"`` backend's static scales.
+    """Certify ``model`` (a ``LipschitzGPT``) and set its ``"fp8"`` backend's static scales
+    (the model's own instance, :func:`lipschitz_ext.nn.fp8_backend_of`, unless ``backend`` is given).
 
     The domain is the model's own inputs: token embeddings, whose per-token RMS is
     at most ``model.embed.max_row_rms()``. Weights change in training, so call this
@@ -140,9 +141,14 @@ def configure_fp8_attention(model, backend=None) -> tuple[float, float, float]:
     certificate, hence the scales, stays put). Returns the scales set.
     """
     from . import certify as _certify
-    from .nn import FP8_BACKEND
+    from .nn import fp8_backend_of
 
+    if backend is None:
+        backend = fp8_backend_of(model)
+        if backend is None:
+            raise ValueError("configure_fp8_attention: the model does not use the 'fp8' attention backend "
+                             "(pass backend= to configure another instance)")
     cert = _certify.certify(model, input_rms=max(model.embed.max_row_rms(), 2.0**-126))
     scales = fp8_scales_from_certificate(cert, model.config.d_model, model.config.d_head)
-    (FP8_BACKEND if backend is None else backend).scales = scales
+    backend.scales = scales
     return scales

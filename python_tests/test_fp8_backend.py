@@ -7,7 +7,7 @@ import torch
 
 import lipschitz_ext
 from lipschitz_ext.fp8_scales import configure_fp8_attention, fp8_scales_from_certificate
-from lipschitz_ext.nn import FP8_BACKEND, Fp8AttentionBackend, GPTConfig, LipschitzGPT
+from lipschitz_ext.nn import FP8_BACKEND, Fp8AttentionBackend, GPTConfig, LipschitzGPT, fp8_backend_of
 
 
 def model(attention: str, **kw) -> LipschitzGPT:
@@ -34,12 +34,13 @@ def test_fp8_model_matches_reference_backend(backward):
     mref = model("reference", sigma_max=2.0)
     mref.load_state_dict(m8.state_dict())
     scales = configure_fp8_attention(m8)
-    assert FP8_BACKEND.scales == scales
-    FP8_BACKEND.backward = backward
+    fp8 = fp8_backend_of(m8)  # the model's own backend
+    assert fp8.scales == scales
+    fp8.backward = backward
     idx = torch.randint(0, 65, (2, 40))
-    FP8_BACKEND.count_saturation = True
+    fp8.count_saturation = True
     out, ref = m8(idx), mref(idx)
-    assert FP8_BACKEND.saturated == 0
+    assert fp8.saturated == 0
     assert out.dtype == ref.dtype == torch.float32
     err = (out - ref).detach().double()
     assert 10 * math.log10(ref.detach().double().pow(2).sum() / err.pow(2).sum()) >= 25.0
@@ -88,9 +89,41 @@ def test_saturation_counter_counts_when_scales_are_too_small():
     m = model("fp8")
     backend = Fp8AttentionBackend()
     configure_fp8_attention(m, backend=backend)
-    assert FP8_BACKEND.scales == (1.0, 1.0, 1.0)  # only the given backend changed
-    FP8_BACKEND.scales = (2.0**-12,) * 3
-    FP8_BACKEND.count_saturation = True
+    fp8 = fp8_backend_of(m)
+    assert fp8.scales == (1.0, 1.0, 1.0)  # only the given backend changed
+    fp8.scales = (2.0**-12,) * 3
+    fp8.count_saturation = True
     out = m(torch.randint(0, 65, (2, 30)))
-    assert FP8_BACKEND.saturated > 0
+    assert fp8.saturated > 0
     assert torch.isfinite(out).all()
+
+
+def test_two_models_keep_separate_scales():
+    torch.manual_seed(3)
+    a, b = model("fp8", sigma_max=2.0), model("fp8", sigma_max=1.0)
+    with torch.no_grad():  # a's weights above b's: a larger certified bound, other scales
+        for blk in a.blocks:
+            for lin in (blk.attn.q, blk.attn.k, blk.attn.v):
+                lin.weight.mul_(1.9)
+    fa, fb = fp8_backend_of(a), fp8_backend_of(b)
+    assert isinstance(fa, Fp8AttentionBackend) and fa is not fb and fa is not FP8_BACKEND
+    # every layer of one model uses the model's one instance
+    assert all(blk.attn.attention_backend() is fa for blk in a.blocks)
+    sa, sb = configure_fp8_attention(a), configure_fp8_attention(b)
+    assert sa != sb  # different caps, different certified scales
+    assert (fa.scales, fb.scales, FP8_BACKEND.scales) == (sa, sb, (1.0, 1.0, 1.0))
+    # a forward of one model uses its scales: counting saturation on b leaves a's counter alone
+    fb.scales, fb.count_saturation, fa.count_saturation = (2.0**-12,) * 3, True, True
+    a(torch.randint(0, 65, (1, 20)))
+    b(torch.randint(0, 65, (1, 20)))
+    assert fa.saturated == 0 and fb.saturated > 0
+    # a copy owns a copy; models without fp8 have none; bad input is refused
+    import copy
+
+    c = copy.deepcopy(a)
+    assert fp8_backend_of(c) is not fa and fp8_backend_of(c).scales == sa
+    assert fp8_backend_of(model("sdpa")) is None
+    with pytest.raises(TypeError, match="fp8_backend_of: expected an nn.Module"):
+        fp8_backend_of("model")
+    with pytest.raises(ValueError, match="does not use the 'fp8' attention backend"):
+        configure_fp8_attention(model("sdpa"))

@@ -20,7 +20,7 @@ from .attention import (
 from .baseline import BaselineGPT
 from .config import GPTConfig
 from .embedding import LipschitzEmbedding
-from .fp8 import FP8_BACKEND, Fp8AttentionBackend
+from .fp8 import FP8_BACKEND, Fp8AttentionBackend, fp8_backend_of
 from .gpt import LipschitzBlock, LipschitzGPT
 from .linear import LipschitzLinear, rms_norm_of
 from .mlp import GELU_MAX_SLOPE, GELU_MIN_SLOPE, LipschitzMLP
@@ -42,6 +42,7 @@ __all__ = [
     "LipschitzLinear",
     "LipschitzMLP",
     "activation_stats",
+    "fp8_backend_of",
     "alibi_slopes",
     "apply_rope",
     "get_attention_backend",

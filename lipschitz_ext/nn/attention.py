@@ -7,6 +7,9 @@ the same for every batch element, independent of the input) is passed only when 
 module has a positional bias; they live in
 :data:`ATTENTION_BACKENDS` and more can be added with
 :func:`register_attention_backend` (e.g. an fp8 kernel) without touching this file.
+A registered backend object with a ``new_instance()`` method carries state (the fp8
+backend's static scales): each module then calls it once and keeps its own instance
+(``LipschitzGPT`` shares one per model), so two models never share that state.
 """
 
 from __future__ import annotations
@@ -177,6 +180,8 @@ class LipschitzAttention(nn.Module):
         self.softmax_scale = float(softmax_scale)
         self.positional = self.softmax_scale == 0.0
         self.backend = backend
+        # instances of stateful backends (see the module docstring), by backend name
+        self.own_backends: dict[str, AttentionBackend] = {}
         self.rope, self.rope_base = rope, float(rope_base)
         self.q = None if self.positional else LipschitzLinear(d_model, d_model, init_scale=init_scale)
         self.k = None if self.positional else LipschitzLinear(d_model, d_model, init_scale=init_scale)
@@ -193,6 +198,17 @@ class LipschitzAttention(nn.Module):
                 self.register_buffer("bias_table", table)
         else:
             self.bias_table = None
+
+    def attention_backend(self) -> AttentionBackend:
+        """The backend ``forward`` calls: this module's own instance of a stateful
+        backend (made on first use by its ``new_instance()``), else the registered one."""
+        fn = self.own_backends.get(self.backend)
+        if fn is None:
+            fn = get_attention_backend(self.backend)
+            new = getattr(fn, "new_instance", None)
+            if callable(new):
+                fn = self.own_backends[self.backend] = new()
+        return fn
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -237,7 +253,7 @@ class LipschitzAttention(nn.Module):
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         if self.rope:
             q, k = apply_rope(q, self.rope_base), apply_rope(k, self.rope_base)
-        backend = get_attention_backend(self.backend)
+        backend = self.attention_backend()
         if self.bias_table is None:
             out = backend(q, k, v, self.softmax_scale)
         else:

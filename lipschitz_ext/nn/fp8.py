@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from ..ops import fp8_attention, fp8_saturation_count
-from .attention import register_attention_backend
+from .attention import LipschitzAttention, register_attention_backend
 
-__all__ = ["Fp8AttentionBackend", "FP8_BACKEND"]
+__all__ = ["Fp8AttentionBackend", "FP8_BACKEND", "fp8_backend_of"]
 
 
 class Fp8AttentionBackend:
@@ -19,9 +19,12 @@ class Fp8AttentionBackend:
     kernel and the output is cast back to q's dtype; gradients flow (bf16
     straight-through backward).
 
+    Each model owns one instance (``new_instance()``; see :func:`fp8_backend_of`),
+    shared by its layers; the registered :data:`FP8_BACKEND` is only the prototype.
+
     Attributes:
         scales: static ``(q_scale, k_scale, v_scale)`` shared by every layer using
-            this backend; (1, 1, 1) until configured.
+            this instance; (1, 1, 1) until configured.
         count_saturation: debug flag; when True each call adds the number of
             q/k/v entries that saturate the e4m3 range to :attr:`saturated`
             (synchronizes with the device; 0 is expected with certified scales).
@@ -35,6 +38,10 @@ class Fp8AttentionBackend:
         self.count_saturation = False
         self.saturated = 0
         self.backward = "exact"
+
+    def new_instance(self) -> "Fp8AttentionBackend":
+        """A fresh backend (scales (1, 1, 1), no counting, ``backward="exact"``) for one model."""
+        return type(self)()
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
@@ -53,6 +60,24 @@ class Fp8AttentionBackend:
         return out.to(q.dtype)
 
 
-#: The instance registered as backend ``"fp8"``.
+def fp8_backend_of(model: torch.nn.Module) -> Fp8AttentionBackend | None:
+    """The fp8 backend instance ``model``'s attention layers use, or None when none uses fp8.
+
+    ``model``: a ``LipschitzGPT`` (all its layers share one instance), a
+    ``LipschitzAttention`` or any module holding them (DDP / compiled wrappers
+    included). Set ``.scales`` on the result (or call
+    :func:`lipschitz_ext.fp8_scales.configure_fp8_attention`) to change this
+    model's scales only.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fp8_backend_of: expected an nn.Module, got {type(model).__name__}")
+    for mod in model.modules():
+        if isinstance(mod, LipschitzAttention) and mod.backend == "fp8" and not mod.positional:
+            fn = mod.attention_backend()
+            return fn if isinstance(fn, Fp8AttentionBackend) else None
+    return None
+
+
+#: The prototype registered as backend ``"fp8"`` (each model uses its own ``new_instance()``).
 FP8_BACKEND = Fp8AttentionBackend()
 register_attention_backend("fp8", FP8_BACKEND)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import LipschitzAttention
+from .attention import LipschitzAttention, get_attention_backend
 from .config import GPTConfig
 from .embedding import LipschitzEmbedding
 from .linear import LipschitzLinear
@@ -80,6 +80,11 @@ class LipschitzGPT(nn.Module):
         self.config = config
         self.embed = LipschitzEmbedding(config.vocab_size, config.d_model, config.embed_max_rms)
         self.blocks = nn.ModuleList(LipschitzBlock(config) for _ in range(config.n_layers))
+        # one instance of a stateful attention backend (fp8 scales) for all layers of this model
+        shared = self.blocks[0].attn.attention_backend() if len(self.blocks) else None
+        for block in self.blocks:
+            if shared is not get_attention_backend(config.attention):
+                block.attn.own_backends[config.attention] = shared
         self.head = LipschitzLinear(
             config.d_model, config.vocab_size, init_scale=min(1.0, config.head_sigma_max)
         )
