@@ -157,3 +157,22 @@ def test_errors():
                 return [{"name": "w", "params": [self.w], "kind": "matrix"}]
 
         build_optimizers(Bad())
+
+
+def test_every_registered_constraint_name_builds_with_the_caps_it_takes():
+    from lipschitz_ext import constraints as C
+
+    for name, spec in C.CONSTRAINT_SPECS.items():
+        opt = build_optimizers(SpecModel(), hidden_constraint=name, head_constraint=name)
+        for g in opt["muon"].param_groups:
+            c = g["constraint"]
+            if name == "none":
+                assert c is None
+                continue
+            assert c.name == name
+            # a constraint that takes a cap gets its group's cap; the others are built without one
+            cap = {"attn": 2.0, "mlp": 3.0, "out": 4.0}[g["role"]]
+            want = C.make_constraint(name, sigma_max=cap) if spec.takes_cap else C.make_constraint(name)
+            assert repr(c) == repr(want), (name, g["role"])
+            if spec.takes_cap:
+                assert repr(c) != repr(C.make_constraint(name)), name

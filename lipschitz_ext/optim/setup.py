@@ -34,7 +34,6 @@ from .muon import Muon
 __all__ = ["OptimizerSet", "ParamRole", "build_optimizers", "classify_parameters"]
 
 KINDS = ("embedding", "hidden", "head", "vector")
-_CAP_NAMES = {"normalize", "hammer", "soft_cap", "hard_cap", "orthogonal", "svd_cap"}
 _HEAD_NAME = re.compile(r"(^|\.)(lm_head|head|output)$")
 
 ConstraintSpec = Union[str, Any, None, Callable[[float], Any]]
@@ -116,7 +115,9 @@ def _make(spec: ConstraintSpec, sigma: float, kwarg: str = "sigma_max"):
 
         if spec == "none":
             return None
-        if spec in _CAP_NAMES or spec == "embedding_rms":
+        # which names take a cap: the registry in constraints.py (one home for constraint facts)
+        spec_of = constraints.CONSTRAINT_SPECS.get(spec)
+        if (spec_of is not None and spec_of.takes_cap) or spec == "embedding_rms":
             return constraints.make_constraint(spec, **{kwarg: sigma})
         return constraints.make_constraint(spec)
     if hasattr(spec, "apply_") and not isinstance(spec, type):
