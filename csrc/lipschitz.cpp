@@ -1,6 +1,9 @@
-// The `lipschitz` op library: every op's schema, in one place. Kernels are
-// registered per dispatch key beside their implementations (csrc/cpu/*.cpp,
-// csrc/cuda/*.cu); fake (meta) kernels live in lipschitz_ext/ops.py.
+// The `lipschitz` op library: every op's schema, in one place. One op family =
+// five places with one name X: the schema here, the CPU kernel csrc/cpu/X.cpp,
+// the CUDA kernel csrc/cuda/X.cu (the shared pipeline in csrc/X.h), the Python
+// wrapper + fake (meta) kernel lipschitz_ext/ops/X.py, and python_tests/test_X.py.
+// The spectral caps are X = spectral_cap; the composite fp8_attention op is
+// csrc/fp8_attention_composite.cpp.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,15 +1,19 @@
 // Batched power iteration for the top singular triplet, and the rank-1 weight
 // constraints built on it (spectral normalization, hammer, spectral weight
-// decay). Shared by the CPU and CUDA kernels; the math is ATen (batched GEMV /
-// GEMM), run in float32 (float64 for float64 input).
+// decay): the pipeline and the op implementations, shared by the CPU and CUDA
+// kernels (csrc/cpu/power_iteration.cpp, csrc/cuda/power_iteration.cu). The math
+// is ATen (batched GEMV / GEMM), run in float32 (float64 for float64 input).
 #pragma once
 
 #include <algorithm>
 #include <limits>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 
+#include "backend.h"
 #include "checks.h"
 
 namespace lipschitz {
@@ -144,6 +148,45 @@ inline std::pair<at::Tensor, at::Tensor> rank1_coefficients(Rank1Kind kind, doub
       return {at::ones_like(sigma), -param * sigma};
   }
   TORCH_CHECK(false, "unreachable");
+}
+
+// ---------------------------------------------------------------------------
+// the ops: power_iteration and the rank-1 constraints
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(
+    const at::Tensor& W, int64_t iters, const std::optional<at::Tensor>& u) {
+  const char* op = "power_iteration";
+  check_matrix_batch(W, op, "W");
+  check_iters(iters, op);
+  const auto batch_shape = W.sizes().slice(0, W.dim() - 2);
+  const auto st = float_or_double(W.scalar_type());
+  std::vector<int64_t> su(batch_shape.begin(), batch_shape.end()), sv = su;
+  su.push_back(W.size(-2));
+  sv.push_back(W.size(-1));
+  if (W.numel() == 0) {
+    const auto o = W.options().dtype(st);
+    return {at::zeros(batch_shape, o), at::zeros(su, o), at::zeros(sv, o)};
+  }
+  const Triplet t = power_iteration_batched(as_batch3d(W).to(st), iters, u, op);
+  return {t.sigma.reshape(batch_shape), t.u.reshape(su), t.v.reshape(sv)};
+}
+
+inline std::tuple<at::Tensor, at::Tensor> rank1_impl(const Backend& be, Rank1Kind kind,
+                                                     const char* op, const at::Tensor& W,
+                                                     double param, int64_t iters,
+                                                     const std::optional<at::Tensor>& u) {
+  check_matrix_batch(W, op, "W");
+  check_rank1_args(kind, param, op);
+  check_iters(iters, op);
+  const auto st = float_or_double(W.scalar_type());
+  std::vector<int64_t> su(W.sizes().begin(), W.sizes().end() - 1);
+  if (W.numel() == 0)
+    return {at::empty(W.sizes(), W.options()), at::zeros(su, W.options().dtype(st))};
+  const at::Tensor W3 = as_batch3d(W);
+  const Triplet t = power_iteration_batched(W3.to(st), iters, u, op);
+  auto [scale, coef] = rank1_coefficients(kind, param, t.sigma);
+  at::Tensor out = be.rank1(W3, scale, coef, t.u, t.v);
+  return {out.reshape(W.sizes()).contiguous(), t.u.reshape(su)};
 }
 
 }  // namespace lipschitz

@@ -1,98 +1,23 @@
-// The spectral weight constraints as batched pipelines over [B, m, n], shared
-// by the CPU and CUDA kernels. A Backend says which dtypes to compute in and
-// supplies the two elementwise steps a device may fuse; everything else is
-// ATen (batched GEMMs: BLAS on CPU, cuBLAS on CUDA), with every Gram matrix
-// formed on the SMALL side of the matrix.
+// The spectral caps (soft cap, hard cap, orthogonal projection, exact SVD clip)
+// as batched pipelines over [B, m, n], shared by the CPU and CUDA kernels. The
+// Backend (csrc/backend.h) says which dtypes to compute in and supplies the
+// elementwise steps a device may fuse; everything else is ATen (batched GEMMs:
+// BLAS on CPU, cuBLAS on CUDA), with every Gram matrix formed on the SMALL side.
 #pragma once
 
-#include <functional>
 #include <limits>
 #include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
 
+#include "backend.h"
 #include "checks.h"
 #include "newton_schulz.h"
 #include "ns_coefficients.h"
 #include "power_iteration.h"
 
 namespace lipschitz {
-
-struct Backend {
-  // dtype that holds the iterate (and accumulates residual updates); the CUDA
-  // backend keeps bf16 input in bf16 (one rounding per step, all-GEMM pipeline)
-  at::ScalarType (*state)(at::ScalarType input);
-  // dtype of GEMM operands (bf16 on CUDA: fp32 accumulation inside cuBLAS)
-  at::ScalarType (*gemm)(at::ScalarType input);
-  // X + P * coef, coef [B, 1, 1]; X in the state dtype, P in the GEMM dtype
-  std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)> axpy;
-  // scale[b] * W + coef[b] * u v^T, written in W's dtype (W is the caller's [B, m, n])
-  std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&)>
-      rank1;
-};
-
-inline at::ScalarType float_or_double(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline at::Tensor axpy_aten(const at::Tensor& X, const at::Tensor& P, const at::Tensor& coef) {
-  return at::addcmul(X, P.to(X.scalar_type()), coef);
-}
-
-inline at::Tensor rank1_aten(const at::Tensor& W, const at::Tensor& scale, const at::Tensor& coef,
-                             const at::Tensor& u, const at::Tensor& v) {
-  const auto st = scale.scalar_type();
-  at::Tensor out = at::baddbmm(W.to(st) * scale.view({-1, 1, 1}), (u * coef.unsqueeze(-1)).unsqueeze(-1),
-                               v.unsqueeze(-2));
-  return out.to(W.scalar_type());
-}
-
-// Plain ATen in float32 (float64 for float64 input): the CPU backend.
-inline const Backend& aten_backend() {
-  static const Backend be{&float_or_double, &float_or_double, &axpy_aten, &rank1_aten};
-  return be;
-}
-
-// ---------------------------------------------------------------------------
-// power iteration and the rank-1 constraints
-
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(
-    const at::Tensor& W, int64_t iters, const std::optional<at::Tensor>& u) {
-  const char* op = "power_iteration";
-  check_matrix_batch(W, op, "W");
-  check_iters(iters, op);
-  const auto batch_shape = W.sizes().slice(0, W.dim() - 2);
-  const auto st = float_or_double(W.scalar_type());
-  std::vector<int64_t> su(batch_shape.begin(), batch_shape.end()), sv = su;
-  su.push_back(W.size(-2));
-  sv.push_back(W.size(-1));
-  if (W.numel() == 0) {
-    const auto o = W.options().dtype(st);
-    return {at::zeros(batch_shape, o), at::zeros(su, o), at::zeros(sv, o)};
-  }
-  const Triplet t = power_iteration_batched(as_batch3d(W).to(st), iters, u, op);
-  return {t.sigma.reshape(batch_shape), t.u.reshape(su), t.v.reshape(sv)};
-}
-
-inline std::tuple<at::Tensor, at::Tensor> rank1_impl(const Backend& be, Rank1Kind kind,
-                                                     const char* op, const at::Tensor& W,
-                                                     double param, int64_t iters,
-                                                     const std::optional<at::Tensor>& u) {
-  check_matrix_batch(W, op, "W");
-  check_rank1_args(kind, param, op);
-  check_iters(iters, op);
-  const auto st = float_or_double(W.scalar_type());
-  std::vector<int64_t> su(W.sizes().begin(), W.sizes().end() - 1);
-  if (W.numel() == 0)
-    return {at::empty(W.sizes(), W.options()), at::zeros(su, W.options().dtype(st))};
-  const at::Tensor W3 = as_batch3d(W);
-  const Triplet t = power_iteration_batched(W3.to(st), iters, u, op);
-  auto [scale, coef] = rank1_coefficients(kind, param, t.sigma);
-  at::Tensor out = be.rank1(W3, scale, coef, t.u, t.v);
-  return {out.reshape(W.sizes()).contiguous(), t.u.reshape(su)};
-}
 
 // ---------------------------------------------------------------------------
 // soft cap: W <- W (I - a W^T W), then W <- W (I + a W^T W)

@@ -4,7 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "spectral_cap.h"
+#include "power_iteration.h"
 
 namespace lipschitz {
 namespace {

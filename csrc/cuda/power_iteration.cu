@@ -11,7 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "spectral_cap.h"
+#include "power_iteration.h"
 
 namespace lipschitz {
 namespace {
