@@ -37,11 +37,13 @@ from .nn.mlp import GELU_MAX_SLOPE, GELU_MIN_SLOPE, LipschitzMLP
 
 __all__ = [
     "Certificate",
+    "attack_lipschitz",
     "CertificateRow",
     "attention_bounds",
     "certify",
     "empirical_lipschitz",
     "mlp_block_bound",
+    "mlp_block_gain",
     "mlp_bounds",
     "paper_bound",
     "sequence_norm",
@@ -94,14 +96,21 @@ def _shape_of(attn: LipschitzAttention) -> tuple[float, float, int, bool]:
     return abs(attn.out_factor), abs(attn.softmax_scale), attn.n_heads, attn.q is None
 
 
-def attention_bounds(attn: LipschitzAttention, a: float) -> tuple[float, float, dict[str, float]]:
+def attention_bounds(attn: LipschitzAttention, a: float, max_len: int | None = None,
+                     refined: bool = True) -> tuple[float, float, dict[str, float]]:
     """Bounds for the attention branch on inputs with per-token RMS <= ``a``.
 
     Returns ``(lipschitz, gain, weight_norms)``: ``lipschitz`` bounds the branch's
-    Lipschitz constant in the max-per-token-RMS norm on that domain (Theorem 1 of
-    docs/certificate.md), ``gain`` bounds ``||attn(x)|| / a`` (so outputs have per-token
+    Lipschitz constant in the max-per-token-RMS norm on that domain (Theorem 5 of
+    docs/certificate.md when ``refined``, else the earlier Theorem 1, which it never exceeds),
+    ``gain`` bounds ``||attn(x)|| / a`` (so outputs have per-token
     RMS <= gain * a), ``weight_norms`` are the RMS->RMS norms of W_q, W_k, W_v, W_o (only W_v,
     W_o for positional attention, ``softmax_scale = 0``, whose bound is ``phi V`` on every domain).
+
+    ``max_len``: the longest sequence the bound must cover (``seq_len``). Theorem 5 uses the
+    per-head product norms ``rho_h = max_r sigma(W_q^hT R_r W_k^h)`` over the RoPE relative
+    rotations ``R_r`` of the causal distances ``r < max_len``; with RoPE and no ``max_len``
+    they are not used (rotations of every distance would be needed).
     """
     H, dh = attn.n_heads, attn.d_head
     Wv, Wo = attn.v.weight.detach().double(), attn.o.weight.detach().double()
@@ -117,15 +126,56 @@ def attention_bounds(attn: LipschitzAttention, a: float) -> tuple[float, float, 
     Wq, Wk = attn.q.weight.detach().double(), attn.k.weight.detach().double()
     sq, sk = _sigmas(rows(Wq)), _sigmas(rows(Wk))
     s_q = _sigma(Wq)
-    lip, gain = _attention_terms(_shape_of(attn), a, sv, m, s_o, sq, sk, s_q)
+    rho = None
+    if refined and (max_len is not None or not attn.rope):
+        # + an absolute margin: the QR factors' rounding is relative to q_h k_h, not to rho_h
+        rho = torch.minimum(_qk_product_sigmas(attn, max_len or 1) + SIGMA_MARGIN * sq * sk, sq * sk)
+    lip, gain = _attention_terms(_shape_of(attn), a, sv, m, s_o, sq, sk, s_q, rho=rho, refined=refined)
     norms = {"q": s_q, "k": _sigma(Wk), "v": _sigma(Wv), "o": s_o}  # square: RMS->RMS = sigma
+    if rho is not None:
+        norms["max_h qk"] = rho.max().item()
     return lip, gain, norms
+
+
+def _rope_relative_rotations(attn: LipschitzAttention, max_len: int) -> torch.Tensor:
+    """``R_t^T R_s`` for every causal distance ``r = t - s`` in ``[0, max_len)``: ``[max_len, d_h, d_h]``,
+    float64. ``apply_rope`` rotates pair ``(i, i + d_h/2)`` of position t by ``+t theta_i``, so
+    ``R_t^T R_s`` rotates it by ``(s - t) theta_i = -r theta_i`` (the test reference rebuilds
+    ``R_t`` from ``apply_rope`` itself and checks this)."""
+    dh, half = attn.d_head, attn.d_head // 2
+    inv_freq = attn.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / dh)
+    r = torch.arange(max_len, dtype=torch.float64)
+    ang = -r[:, None] * inv_freq[None, :]  # [n, half]
+    cos, sin = ang.cos(), ang.sin()
+    G = torch.zeros(ang.shape[0], dh, dh, dtype=torch.float64)
+    i = torch.arange(half)
+    G[:, i, i], G[:, i + half, i + half] = cos, cos
+    G[:, i, i + half], G[:, i + half, i] = -sin, sin
+    return G
+
+
+def _qk_product_sigmas(attn: LipschitzAttention, max_len: int) -> torch.Tensor:
+    """``rho_h = max_r sigma(W_q^hT R_r W_k^h)`` per head ``[H]`` (``R_r = I`` without RoPE), through
+    the ``d_h x d_h`` triangular factors of ``W_q^hT = Q_a A``, ``W_k^hT = Q_b B``:
+    ``sigma(W_q^hT R W_k^h) = sigma(A R B^T)``. The logit of head h is
+    ``(s/d_h) x_t^T W_q^hT R_{t,s} W_k^h x_s``, so ``rho_h`` bounds its bilinear form."""
+    H, dh = attn.n_heads, attn.d_head
+    Wq = attn.q.weight.detach().double().view(H, dh, -1)
+    Wk = attn.k.weight.detach().double().view(H, dh, -1)
+    A = torch.linalg.qr(Wq.mT, mode="r").R  # [H, dh, dh]
+    B = torch.linalg.qr(Wk.mT, mode="r").R
+    if not attn.rope:
+        return _sigmas(A @ B.mT)
+    G = _rope_relative_rotations(attn, max_len)
+    return _sigmas(A[:, None] @ G[None] @ B.mT[:, None]).amax(dim=-1)
 
 
 def _attention_terms(shape: tuple[float, float, int, bool], a: float, sv: torch.Tensor, m: torch.Tensor,
                      s_o: float, sq: torch.Tensor | None = None, sk: torch.Tensor | None = None,
-                     s_q: float | None = None) -> tuple[float, float]:
-    """Theorem 1 from the norms: per-head ``sv, sq, sk`` (``||W_v^h||`` ...), ``m`` (``||M_h||``),
+                     s_q: float | None = None, rho: torch.Tensor | None = None,
+                     refined: bool = True) -> tuple[float, float]:
+    """Theorem 5 (``refined``) or Theorem 1 from the norms: per-head ``sv, sq, sk``
+    (``||W_v^h||`` ...), ``m`` (``||M_h||``), ``rho`` (``rho_h``, optional: ``<= q_h k_h``),
     whole-matrix ``s_o``, ``s_q``; ``shape`` from :func:`_shape_of` (or the config). Non-decreasing
     in every norm and in ``a``, so upper bounds of the norms give an upper bound (what
     :func:`worst_case_certificate` relies on)."""
@@ -139,8 +189,14 @@ def _attention_terms(shape: tuple[float, float, int, bool], a: float, sv: torch.
         s_o * min(s_q * (sk * sv).max().item(), qkv.norm().item()),
         min((sq * sk * m).sum().item(), s_q * (sk * m).norm().item()),
     )
-    dk_path = c * min(s_o * qkv.norm().item(), (sq * sk * m).sum().item())
-    return f * (v_path + dq_path + dk_path), f * v_path
+    if not refined:
+        dk_path = c * min(s_o * qkv.norm().item(), (sq * sk * m).sum().item())
+        return f * (v_path + dq_path + dk_path), f * v_path
+    if rho is not None:  # the head's bilinear form, bounded as one product
+        dq_path = min(dq_path, c * min(s_o * (rho * sv).norm().item(), (rho * m).sum().item()))
+    # Theorem 5 (b): the key path reads the query token x_t, shared by all heads, so it gets
+    # the same query-budget sharing (and the same bound) as the query path
+    return f * (v_path + 2 * dq_path), f * v_path
 
 
 def mlp_bounds(mlp: LipschitzMLP) -> tuple[float, float, dict[str, float]]:
@@ -188,6 +244,25 @@ def mlp_block_bound(mlp: LipschitzMLP, alpha: float) -> float:
     J0.diagonal().add_(1.0 - alpha)
     tight = _sigma(J0) + alpha * radius * norms["out"] * norms["in"]
     return min(tight, (1.0 - alpha) + alpha * lip)
+
+
+def mlp_block_gain(mlp: LipschitzMLP, alpha: float) -> float:
+    """Gain of the MLP sub-layer ``x -> (1 - alpha) x + alpha Mlp(x)``: per-token RMS out <=
+    gain * RMS in (Theorem 6 of docs/certificate.md), never above ``(1 - alpha) + alpha G_mlp``.
+
+    ``GELU(k z)/(k kappa) = z Phi(k z)/kappa`` with ``Phi`` in [0, 1], so the sub-layer is
+    ``[(1 - alpha) I + alpha W_out G W_in] x`` with ``G = (I + E)/(2 kappa)``, ``|E| <= 1``:
+    ``||(1 - alpha) I + alpha/(2 kappa) W_out W_in|| + alpha/(2 kappa) ||W_out|| ||W_in||`` bounds it.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"mlp_block_gain: alpha must be in (0, 1], got {alpha}")
+    _, gain, norms = mlp_bounds(mlp)
+    W_in, W_out = mlp.fc_in.weight.detach().double(), mlp.fc_out.weight.detach().double()
+    half = alpha / (2 * mlp.act_divisor)
+    J0 = half * (W_out @ W_in)
+    J0.diagonal().add_(1.0 - alpha)
+    tight = _sigma(J0) + half * norms["out"] * norms["in"]
+    return min(tight, (1.0 - alpha) + alpha * gain)
 
 
 @dataclass
@@ -292,12 +367,14 @@ def _check_radius(input_rms: object, who: str) -> float:
     return float(input_rms)
 
 
-def certify(model: LipschitzGPT, input_rms: float = 1.0) -> Certificate:
+def certify(model: LipschitzGPT, input_rms: float = 1.0, *, refined: bool = True) -> Certificate:
     """Certify a Lipschitz bound of ``model.forward_embeddings`` (see :class:`Certificate`).
 
     Args:
         model: a ``LipschitzGPT`` (any dtype/device; weights are read, not modified).
         input_rms: domain radius: inputs with per-token RMS <= input_rms (default 1).
+        refined: Theorems 5 and 6 of docs/certificate.md (default); ``False`` gives the earlier
+            bound (Theorems 1, 2', 3 only), which the refined one never exceeds.
 
     Returns:
         A :class:`Certificate`. Spectral norms are exact (float64 Gram eigensolve,
@@ -323,7 +400,7 @@ def certify(model: LipschitzGPT, input_rms: float = 1.0) -> Certificate:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _checked(_certify(model, r), "certify")
+        return _checked(_certify(model, r, refined), "certify")
     finally:
         torch.set_num_threads(threads)
 
@@ -343,7 +420,7 @@ def _checked(cert: Certificate, who: str) -> Certificate:
 
 def _compose(cfg: GPTConfig, input_rms: float, sublayer, head_norm: float, emb_rms: float,
              domain_extra: str = "") -> Certificate:
-    """Theorem 3: compose ``sublayer(i, kind, a) -> (norms, branch_lip, gain, block_lip)`` over
+    """Theorem 3: compose ``sublayer(i, kind, a, alpha) -> (norms, branch_lip, block_lip, block_gain)`` over
     the ``2 n_layers`` sub-layers, then the head of RMS->RMS norm ``head_norm``."""
     start = time.perf_counter()
     alpha = cfg.residual_scale / (2 * cfg.n_layers)
@@ -351,9 +428,9 @@ def _compose(cfg: GPTConfig, input_rms: float, sublayer, head_norm: float, emb_r
     lip, a, a_max = 1.0, float(input_rms), float(input_rms)
     for i in range(cfg.n_layers):
         for kind in ("attention", "mlp"):
-            norms, b_lip, gain, block_lip = sublayer(i, kind, a, alpha)
+            norms, b_lip, block_lip, block_gain = sublayer(i, kind, a, alpha)
             lip *= block_lip
-            a = ((1 - alpha) + alpha * gain) * a
+            a = block_gain * a
             a_max = max(a_max, a)
             rows.append(CertificateRow(f"blocks.{i}.{'attn' if kind == 'attention' else 'mlp'}",
                                        kind, norms, b_lip, block_lip, lip, a))
@@ -375,21 +452,24 @@ def _compose(cfg: GPTConfig, input_rms: float, sublayer, head_norm: float, emb_r
     )
 
 
-def _certify(model: LipschitzGPT, input_rms: float) -> Certificate:
+def _certify(model: LipschitzGPT, input_rms: float, refined: bool = True) -> Certificate:
     def sublayer(i: int, kind: str, a: float, alpha: float):
         block = model.blocks[i]
+        al = block.alpha
         if kind == "attention":
-            b_lip, gain, norms = attention_bounds(block.attn, a)
-            return norms, b_lip, gain, (1 - block.alpha) + block.alpha * b_lip
+            b_lip, gain, norms = attention_bounds(block.attn, a, max_len=model.config.seq_len, refined=refined)
+            return norms, b_lip, (1 - al) + al * b_lip, (1 - al) + al * gain
         b_lip, gain, norms = mlp_bounds(block.mlp)
-        return norms, b_lip, gain, mlp_block_bound(block.mlp, block.alpha)
+        block_gain = mlp_block_gain(block.mlp, al) if refined else (1 - al) + al * gain
+        return norms, b_lip, mlp_block_bound(block.mlp, al), block_gain
 
     Wh = model.head.weight
     head_norm = math.sqrt(Wh.shape[1] / Wh.shape[0]) * _sigma(Wh)
-    return _compose(model.config, input_rms, sublayer, head_norm, model.embed.max_row_rms())
+    extra = "" if refined else "; earlier bound (Theorems 1-3 only, refined=False)"
+    return _compose(model.config, input_rms, sublayer, head_norm, model.embed.max_row_rms(), extra)
 
 
-def _worst_case(cfg: GPTConfig, input_rms: float) -> Certificate:
+def _worst_case(cfg: GPTConfig, input_rms: float, refined: bool = True) -> Certificate:
     # every norm replaced by its cap (per-head and product norms by the bounds the caps
     # imply); the terms are non-decreasing in the norms, so this bounds the certificate
     # of every weight setting within the caps.
@@ -400,22 +480,24 @@ def _worst_case(cfg: GPTConfig, input_rms: float) -> Certificate:
         if kind == "attention":
             c = float(cfg.attn_cap)
             per_head = torch.full((cfg.n_heads,), c, dtype=torch.float64)
-            # ||W^h|| <= ||W|| <= c, ||M_h|| <= ||W_o|| ||W_v^h|| <= c^2
+            # ||W^h|| <= ||W|| <= c, ||M_h|| <= ||W_o|| ||W_v^h|| <= c^2, rho_h <= q_h k_h <= c^2
             qk = () if positional else (per_head, per_head, c)
-            b_lip, gain = _attention_terms(shape, a, per_head, per_head * c, c, *qk)
+            b_lip, gain = _attention_terms(shape, a, per_head, per_head * c, c, *qk, refined=refined)
             norms = {k: c for k in (("v", "o") if positional else ("q", "k", "v", "o"))}
         else:
             c = float(cfg.mlp_cap)
             b_lip, gain = _mlp_terms(GELU_MAX_SLOPE, c, c, c * c)
             norms = {"in": c, "out": c, "out@in": c * c}
-        return norms, b_lip, gain, (1 - alpha) + alpha * b_lip  # Theorem 2' is never above this
+        # Theorems 2' and 6 are never above the triangle-inequality forms (their products can sit at c^2)
+        return norms, b_lip, (1 - alpha) + alpha * b_lip, (1 - alpha) + alpha * gain
 
     extra = (f"; any weights with RMS->RMS norms <= attention cap {cfg.attn_cap:g}, MLP cap "
              f"{cfg.mlp_cap:g}, head cap {cfg.head_sigma_max:g}")
     return _compose(cfg, input_rms, sublayer, float(cfg.head_sigma_max), float(input_rms), extra)
 
 
-def worst_case_certificate(cfg_or_model: GPTConfig | LipschitzGPT, input_rms: float | None = None) -> Certificate:
+def worst_case_certificate(cfg_or_model: GPTConfig | LipschitzGPT, input_rms: float | None = None, *,
+                           refined: bool = True) -> Certificate:
     """The certificate every weight setting within the caps of a config stays under.
 
     ``cfg_or_model`` is a ``GPTConfig`` or a ``LipschitzGPT`` (then its ``config`` is used;
@@ -427,8 +509,9 @@ def worst_case_certificate(cfg_or_model: GPTConfig | LipschitzGPT, input_rms: fl
     domain of per-token RMS <= ``input_rms`` (default ``embed_max_rms``, where the capped
     embedding puts every token).
 
-    It is the product of the worst sub-layer bounds (Theorems 1 and 2 with every norm at its
-    cap; Theorem 2' needs the weights and is dropped). ``lipschitz-train --target-bound``
+    It is the product of the worst sub-layer bounds (Theorems 5 and 2 with every norm at its
+    cap, per-head products ``rho_h`` at ``c_att^2``; Theorems 2' and 6 need the weights and are
+    dropped; ``refined=False``: Theorem 1 instead of 5, the earlier worst case). ``lipschitz-train --target-bound``
     scales the head cap by ``target / bound`` of this certificate, so the run's bound
     stays under the target whatever the weights become.
 
@@ -444,7 +527,7 @@ def worst_case_certificate(cfg_or_model: GPTConfig | LipschitzGPT, input_rms: fl
         raise TypeError("worst_case_certificate: expected a GPTConfig or a LipschitzGPT, got "
                         f"{type(cfg_or_model).__name__}")
     r = _check_radius(cfg.embed_max_rms if input_rms is None else input_rms, "worst_case_certificate")
-    return _checked(_worst_case(cfg, r), "worst_case_certificate")
+    return _checked(_worst_case(cfg, r, refined), "worst_case_certificate")
 
 
 #: The divisor of the published MLP term (REFERENCE.md section 5): max GELU' rounded.
@@ -563,11 +646,51 @@ def empirical_lipschitz(
     return best
 
 
+def attack_lipschitz(model: LipschitzGPT, input_rms: float = 1.0, steps: int = 300, restarts: int = 16,
+                     generator: torch.Generator | None = None, lr: float = 0.03) -> float:
+    """Lower bound on the Lipschitz constant of ``forward_embeddings`` on per-token RMS <= ``input_rms``
+    by float64 Adam ascent over pairs, far apart and close.
+
+    Two searches of ``restarts`` pairs ``[restarts, seq_len, d_model]`` each: *far* ascends over
+    both points ``x, y`` freely, *close* over ``x`` and a direction ``u`` with
+    ``y = x + 1e-4 * input_rms * u / ||u||``. Every point is scaled into the domain before it is
+    evaluated (``lr`` in units of ``input_rms``), so the returned maximum ratio
+    ``||f(x) - f(y)||_out / ||x - y||_in`` (the certificate's norms) over all steps is attained
+    by a pair in the domain. Refuses what :func:`empirical_lipschitz` refuses.
+    """
+    who = "attack_lipschitz"
+    radius = _check_radius(input_rms, who)
+    for name, value in (("steps", steps), ("restarts", restarts)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{who}: {name} must be an int >= 1, got {value!r}")
+    _check_finite(model, who)
+    f = copy.deepcopy(model).double().eval()
+    for p in f.parameters():
+        p.requires_grad_(False)
+    T, d = f.config.seq_len, f.config.d_model
+    best = 0.0
+    for close in (False, True):
+        x = (radius * torch.randn(restarts, T, d, dtype=torch.float64, generator=generator)).requires_grad_(True)
+        y = (radius * torch.randn(restarts, T, d, dtype=torch.float64, generator=generator)).requires_grad_(True)
+        opt = torch.optim.Adam([x, y], lr=lr * radius)
+        for _ in range(steps):
+            p = _project(x, radius)
+            q = _project(x + 1e-4 * radius * y / sequence_norm(y)[:, None, None] if close else y, radius)
+            ratio = sequence_norm(f.forward_embeddings(p) - f.forward_embeddings(q)) / sequence_norm(p - q).clamp_min(1e-300)
+            if not bool(torch.isfinite(ratio).all()):
+                raise ValueError(f"{who}: the model's output became non-finite on the domain (input_rms={radius:g})")
+            best = max(best, ratio.max().item())
+            opt.zero_grad()
+            (-ratio.sum()).backward()
+            opt.step()
+    return best
+
+
 class _CallableModule(types.ModuleType):
     """Lets ``lipschitz_ext.certify(model)`` call :func:`certify` while the module stays a module."""
 
-    def __call__(self, model: LipschitzGPT, input_rms: float = 1.0) -> Certificate:
-        return certify(model, input_rms=input_rms)
+    def __call__(self, model: LipschitzGPT, input_rms: float = 1.0, *, refined: bool = True) -> Certificate:
+        return certify(model, input_rms=input_rms, refined=refined)
 
 
 sys.modules[__name__].__class__ = _CallableModule

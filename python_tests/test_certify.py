@@ -12,6 +12,7 @@ import lipschitz_ext
 from lipschitz_ext import nn as lnn
 from lipschitz_ext.certify import (
     Certificate,
+    attack_lipschitz,
     attention_bounds,
     certify,
     empirical_lipschitz,
@@ -65,8 +66,28 @@ def sv(W):
     return torch.linalg.svdvals(W.detach().double())[..., 0]
 
 
-def reference_bound(model, input_rms=1.0):
-    """Theorem 3 of docs/certificate.md written out again with full SVDs."""
+def rope_matrices(attn, T):
+    """``R_t [T, d_h, d_h]`` read off the module's own apply_rope (columns = rotated basis vectors)."""
+    dh = attn.d_head
+    basis = torch.eye(dh, dtype=F64)[:, None, None, :].expand(dh, 1, T, dh)
+    out = lnn.apply_rope(basis.contiguous(), attn.rope_base)  # out[b, 0, t] = R_t e_b
+    return out[:, 0].permute(1, 2, 0)
+
+
+def reference_rho(attn, T):
+    """max over causal pairs s <= t < T of sigma(W_q^hT R_t^T R_s W_k^h), per head, full SVDs."""
+    H, dh = attn.n_heads, attn.d_head
+    Wq, Wk = attn.q.weight.detach().double(), attn.k.weight.detach().double()
+    R = rope_matrices(attn, T) if attn.rope else torch.eye(dh, dtype=F64).expand(1, dh, dh)
+    pairs = [(t, s) for t in range(R.shape[0]) for s in range(t + 1) if s == 0 or T <= 8]  # R_t^T R_s: distance t - s
+    return torch.stack([
+        max(sv(Wq[h * dh:(h + 1) * dh].T @ R[t].T @ R[s] @ Wk[h * dh:(h + 1) * dh]) for t, s in pairs)
+        for h in range(H)])
+
+
+def reference_bound(model, input_rms=1.0, refined=True):
+    """Theorem 3 of docs/certificate.md written out again with full SVDs (with Theorems 5 and 6
+    when ``refined``, else Theorems 1 and 2' only)."""
     cfg = model.config
     H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
     alpha = 1 / (2 * cfg.n_layers)
@@ -85,6 +106,10 @@ def reference_bound(model, input_rms=1.0):
         DQ = c * min(so * min(sq * (k * v).max(), (q * k * v).norm()),
                      min((q * k * mh).sum(), sq * (k * mh).norm()))
         DK = c * min(so * (q * k * v).norm(), (q * k * mh).sum())
+        if refined:
+            rho = torch.minimum(reference_rho(at, cfg.seq_len), q * k)
+            DQ = min(DQ, c * min(so * (rho * v).norm(), (rho * mh).sum()))
+            DK = DQ  # Theorem 5 (b): the key path shares the query token's budget
         lip *= (1 - alpha) + alpha * (V + DQ + DK).item() / 3
         a *= (1 - alpha) + alpha * V.item() / 3
         W_in, W_out = blk.mlp.fc_in.weight.detach().double(), blk.mlp.fc_out.weight.detach().double()
@@ -94,7 +119,12 @@ def reference_bound(model, input_rms=1.0):
         old = (1 - alpha) + alpha * (abs(hi + lo) / 2 * n_prod + (hi - lo) / 2 * n_out * n_in).item()
         J0 = (1 - alpha) * torch.eye(d, dtype=F64) + alpha * (hi + lo) / 2 * (W_out @ W_in)
         lip *= min(old, (sv(J0) + alpha * (hi - lo) / 2 * n_out * n_in).item())  # Theorem 2'
-        a *= (1 - alpha) + alpha * ((n_prod + n_out * n_in) / (2 * 1.1289041452)).item()
+        g = (1 - alpha) + alpha * ((n_prod + n_out * n_in) / (2 * 1.1289041452)).item()
+        if refined:  # Theorem 6
+            kap = 1.1289041452
+            G0 = (1 - alpha) * torch.eye(d, dtype=F64) + alpha / (2 * kap) * (W_out @ W_in)
+            g = min(g, (sv(G0) + alpha / (2 * kap) * n_out * n_in).item())
+        a *= g
     Wh = model.head.weight.detach().double()
     return lip * sv(Wh).item() * math.sqrt(Wh.shape[1] / Wh.shape[0]), a
 
@@ -403,8 +433,9 @@ def test_shakespeare_model_at_cap_is_fast():
             if isinstance(lin, lnn.LipschitzLinear):
                 torch.nn.init.orthogonal_(lin.weight)
                 lin.weight.mul_(lin.rms_scale)
-    cert = certify(model)
-    assert cert.bound == pytest.approx(reference_bound(model)[0], rel=1e-7)
+    cert = certify(model, refined=False)  # the refined reference needs 256 x 4 full 256^2 SVDs: too slow here
+    assert cert.bound == pytest.approx(reference_bound(model, refined=False)[0], rel=1e-7)
+    assert certify(model).bound <= cert.bound
     for row in cert.rows:
         capped = {k: v for k, v in row.weight_norms.items() if k != "out@in"}
         assert capped and all(v == pytest.approx(1.0, rel=1e-6) for v in capped.values())
@@ -644,3 +675,99 @@ def test_paper_bound_is_below_a_measured_ratio():
     published = 0.5 * (0.5 + 0.5 / 1.1289)  # attention: L_att = 0 (s = 0); MLP: 1 / 1.1289
     assert paper_bound(model) == pytest.approx(published, rel=1e-8) and published < measured - 0.02
     assert certify(model, input_rms=3.0).bound >= measured * (1 - 1e-9)
+
+
+# ---------------------------------------------------------------- the refined bound (Theorems 5, 6) vs an attack
+
+
+def build_at_caps(cfg, cap, kind, gen):
+    """Weights at RMS->RMS norm ``cap`` (the head at its own cap; random ones at 0.3-1 x cap). ``aligned``: W_k = W_q (each
+    head's logit form as large as the caps allow), W_o = W_v^T (PSD head maps M_h), W_out = W_in^T."""
+    m = lnn.LipschitzGPT(cfg).double()
+    with torch.no_grad():
+        for lin in m.modules():
+            if isinstance(lin, lnn.LipschitzLinear):
+                W = torch.randn(lin.weight.shape, dtype=F64, generator=gen)
+                frac = 0.3 + 0.7 * torch.rand((), dtype=F64, generator=gen) if kind == "random" else 1.0
+                if kind != "random":
+                    W = torch.linalg.qr(W if W.shape[0] >= W.shape[1] else W.mT).Q
+                    W = W if W.shape == lin.weight.shape else W.mT
+                c = cfg.head_sigma_max if lin is m.head else cap
+                lin.weight.copy_(W / lnn.rms_norm_of(W) * c * frac)
+            elif isinstance(lin, lnn.LipschitzAttention) and isinstance(lin.bias_table, torch.nn.Parameter):
+                lin.bias_table.copy_(3 * torch.randn(lin.bias_table.shape, dtype=F64, generator=gen))
+        if kind == "aligned":
+            for b in m.blocks:
+                if b.attn.q is not None:
+                    b.attn.k.weight.copy_(b.attn.q.weight)
+                b.attn.o.weight.copy_(b.attn.v.weight.mT)
+                b.mlp.fc_out.weight.copy_(b.mlp.fc_in.weight.mT / lnn.rms_norm_of(b.mlp.fc_in.weight.mT) * cap)
+    return m
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(s=st.sampled_from([0.0, 1.0, 4.0]), layers=st.integers(1, 3), cap=st.sampled_from([0.5, 1.0, 2.5]),
+       radius=st.sampled_from([0.5, 1.0, 2.0]), kind=st.sampled_from(["random", "orthogonal", "aligned"]),
+       heads=st.sampled_from([1, 2]), rope=st.booleans(), bias=st.sampled_from(["none", "learned"]),
+       seed=st.integers(0, 2**16))
+def test_refined_certificate_is_sound_and_never_looser(s, layers, cap, radius, kind, heads, rope, bias, seed):
+    cfg = lnn.GPTConfig(vocab_size=5, d_model=4 * heads, n_layers=layers, n_heads=heads, seq_len=4,
+                        softmax_scale=s, mlp_ratio=2, attention="reference", zero_init_out=False, rope=rope,
+                        pos_bias=bias, attn_sigma_max=cap, mlp_sigma_max=cap, head_sigma_max=1.0)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_at_caps(cfg, cap, kind, gen)
+    new, old = certify(model, input_rms=radius), certify(model, input_rms=radius, refined=False)
+    assert new.bound <= old.bound * (1 + 1e-12)
+    assert new.activation_bound <= old.activation_bound * (1 + 1e-12)
+    for r_new, r_old in zip(new.rows, old.rows):
+        assert r_new.branch_bound <= r_old.branch_bound * (1 + 1e-12), r_new.name
+    measured = attack_lipschitz(model, radius, steps=30, restarts=3, generator=gen)
+    assert measured <= new.bound * SLACK, (measured, new.bound)
+    # the logit and activation bounds hold on the attacked points too
+    x = project(radius * torch.randn(8, 4, cfg.d_model, dtype=F64, generator=gen), radius)
+    assert sequence_norm(model.forward_embeddings(x)).max() <= new.logit_bound * SLACK
+    worst, worst_old = worst_case_certificate(cfg, radius), worst_case_certificate(cfg, radius, refined=False)
+    assert new.bound <= worst.bound * (1 + 1e-7) and worst.bound <= worst_old.bound * (1 + 1e-12)
+
+
+def test_key_path_sharing_is_what_the_worst_case_gains():
+    """At the caps, Theorem 5 replaces the key path's sqrt(H) c^4 by c^4 (c = the attention cap):
+    the Q/K term goes from (1 + sqrt H) to 2 (times the logit scale s a^2 H and c^4 / 3)."""
+    for H in (1, 4):
+        cfg = lnn.GPTConfig(vocab_size=5, d_model=8 * H, n_layers=1, n_heads=H, seq_len=4, softmax_scale=2.0,
+                            attn_sigma_max=1.5)
+        new, old = worst_case_certificate(cfg), worst_case_certificate(cfg, refined=False)
+        c, logit = 1.5, 2.0 * 1.0 * H
+        v_path = math.sqrt(H) * c * c
+        assert old.rows[0].branch_bound == pytest.approx((v_path + logit * c ** 4 * (1 + math.sqrt(H))) / 3)
+        assert new.rows[0].branch_bound == pytest.approx((v_path + logit * c ** 4 * 2) / 3)
+
+
+def test_product_norm_of_orthogonal_heads_cuts_the_qk_term():
+    """Each head's queries live in the first half of its d_h coordinates and its keys in the
+    second (no RoPE): every logit is 0, rho_h = 0, so the refined branch bound is the V path
+    alone, while Theorem 1 pays for the Q/K terms (q_h = k_h = 1)."""
+    attn = lnn.LipschitzAttention(8, 2, softmax_scale=4.0, backend="reference", rope=False,
+                                  zero_init_out=False).double()
+    with torch.no_grad():
+        Q = torch.linalg.qr(torch.randn(8, 8, dtype=F64)).Q  # orthonormal rows: sigma(W_q) = sigma(W_k) = 1
+        Z = torch.zeros(2, 8, dtype=F64)
+        attn.q.weight.copy_(torch.cat((Q[0:2], Z, Q[2:4], Z)))  # head h: rows 0-1 of its 4 coordinates
+        attn.k.weight.copy_(torch.cat((Z, Q[4:6], Z, Q[6:8])))  # rows 2-3: <q_t, k_s> = 0
+    lip, gain, norms = attention_bounds(attn, 1.0, max_len=4)
+    old, _, _ = attention_bounds(attn, 1.0, max_len=4, refined=False)
+    assert norms["max_h qk"] < 2e-9 and lip == pytest.approx(gain) and old > 3 * lip
+    x = project(torch.randn(6, 4, 8, dtype=F64), 1.0)
+    y = project(x + 0.3 * torch.randn(6, 4, 8, dtype=F64), 1.0)
+    assert (sequence_norm(attn(x) - attn(y)) / sequence_norm(x - y)).max() <= lip * SLACK
+
+
+def test_rope_product_norm_covers_every_distance():
+    """With RoPE, rho_h is the max over the relative rotations of distances < max_len: it is
+    at least the r = 0 value and grows (weakly) with max_len; the r = 0 value alone would not do."""
+    torch.manual_seed(1)
+    attn = lnn.LipschitzAttention(8, 2, softmax_scale=1.0, backend="reference", zero_init_out=False).double()
+    rhos = [attention_bounds(attn, 1.0, max_len=n)[2]["max_h qk"] for n in (1, 4, 64)]
+    assert rhos[0] <= rhos[1] <= rhos[2]
+    # without max_len, RoPE models fall back to q_h k_h (no product norms)
+    assert "max_h qk" not in attention_bounds(attn, 1.0)[2]
