@@ -383,3 +383,16 @@ def test_constrained_adam_refuses_bad_lr_set_later():
     p.grad = torch.randn(4, 5)
     with pytest.raises(ValueError, match="ConstrainedAdam: lr of param group 0 must be finite and >= 0"):
         opt.step()
+
+
+def test_constrained_adam_lr_zero_leaves_weights_exactly_unchanged():
+    from lipschitz_ext import constraints as C
+    from lipschitz_ext.optim import ConstrainedAdam
+
+    p = _unit_spectral((8, 8), seed=2)
+    start = p.detach().clone()
+    opt = ConstrainedAdam([p], lr=0.0, constraint=C.SpectralSoftCap(1.0))
+    for _ in range(3):
+        p.grad = torch.randn(8, 8)
+        opt.step()
+    assert torch.equal(p, start)

@@ -28,7 +28,7 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
         **adam_kwargs: passed to ``torch.optim.Adam`` (lr, betas, eps, weight_decay, ...).
 
     ``update_norm`` is passed as 0 (Adam's step has no spectral bound), ``decay`` as
-    ``lr * weight_decay``. DTensor weights must be sharded on dim 0 (whole rows
+    ``lr * weight_decay``; a group with ``lr == 0`` is left exactly as it is (no constraint call). DTensor weights must be sharded on dim 0 (whole rows
     locally, as FSDP2 does) or replicated; the constraint then acts on local rows.
     Constraint state lives in ``self.state[p]["constraint.<key>"]`` (leading dim 1).
     """
@@ -92,6 +92,8 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
             if c is None:
                 continue
             lr = float(group["lr"])
+            if lr == 0.0:
+                continue  # Adam moved nothing; a constraint would read update_norm 0 as "no bound"
             decay = lr * float(group["weight_decay"])
             buckets: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
