@@ -231,19 +231,6 @@ def _coupled_alpha(sigma_max: float, mu: float, decay: float) -> float:
     return ops.soft_cap_alpha(sigma_max, mu, decay)
 
 
-def _soft_cap_range(a: float, sigma_max: float) -> float:
-    """The largest ``k <= 1 / sqrt(3a)`` with ``f_a(k) <= sigma_max`` (``f_a`` increases up to there)."""
-    peak = 1.0 / math.sqrt(3.0 * a)
-    f = lambda x: ops.spectral_cap._soft_cap_map(x, a)  # noqa: E731
-    if f(peak) <= sigma_max:
-        return peak
-    lo, hi = 0.0, peak
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if f(mid) <= sigma_max else (lo, mid)
-    return lo
-
-
 class SpectralSoftCap(Constraint):
     """Spectral soft cap: ``W' <- W'(I - a W'^T W')``, then ``W' <- W'(I + a W'^T W')``.
 
@@ -256,7 +243,8 @@ class SpectralSoftCap(Constraint):
     (default 0.05: ``a = 0.122`` for ``sigma_max = 1``). A fixed ``alpha`` (RMS
     frame) overrides the coupling. No state.
 
-    Guarantee for ANY finite input: a matrix whose certified bound
+    Guarantee for ANY finite input (with the coupling; a fixed ``alpha`` is applied
+    as given): a matrix whose certified bound
     (``ops.spectral_norm_bound``) exceeds the polynomial's range ``k`` (where
     ``f_a([0, k]) <= sigma_max``) is first scaled by ``k / bound``, so afterwards every
     singular value is ``<= sigma_max`` (up to ~1e-5 and float rounding) -- far above the cap the
@@ -280,19 +268,21 @@ class SpectralSoftCap(Constraint):
         mu = update_norm if update_norm > 0 else self.default_mu * self.sigma_max
         return _coupled_alpha(self.sigma_max, float(mu), float(decay))
 
-    def range_for(self, update_norm: float = 0.0, decay: float = 0.0) -> float:
-        """``k`` (RMS->RMS frame): the polynomial of this step maps ``[0, k]`` to ``[0, sigma_max]``."""
-        a = self.alpha_for(update_norm, decay)
-        if a == 0.0:
-            return self.sigma_max
-        if self.alpha is None:
-            mu = update_norm if update_norm > 0 else self.default_mu * self.sigma_max
-            return max(self.sigma_max, self.sigma_max * (1.0 - decay) + mu)
-        return _soft_cap_range(a, self.sigma_max)
+    def range_for(self, update_norm: float = 0.0, decay: float = 0.0) -> Optional[float]:
+        """``k`` (RMS->RMS frame): the coupled polynomial of this step maps ``[0, k]`` to ``[0, sigma_max]``.
+
+        ``None`` with a fixed ``alpha``: the user's polynomial is applied as given (no pre-scale).
+        """
+        if self.alpha is not None:
+            return None
+        mu = update_norm if update_norm > 0 else self.default_mu * self.sigma_max
+        return max(self.sigma_max, self.sigma_max * (1.0 - decay) + mu)
 
     def _apply(self, W3, *, lr, update_norm, decay, state):
         a = self.alpha_for(update_norm, decay)
         s = rms_scale(W3)
+        if self.alpha is not None:  # a fixed alpha: exactly the given polynomial
+            return None if a == 0.0 else ops.spectral_soft_cap(W3, a / s**2)
         k = self.range_for(update_norm, decay) * s  # plain frame
         # 1e-5: weights rounded to their dtype may sit a hair above an exact k
         ub = ops.spectral_norm_bound(W3, target=k * (1.0 + 1e-5))
