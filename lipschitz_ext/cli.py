@@ -25,6 +25,7 @@ from typing import Any
 
 from . import data as data_mod
 from .config import PRESETS, TrainConfig, config_from_preset, preset_override_notes
+from .protocols import EVAL_PROTOCOLS, PROTOCOL_HELP
 from .run import CheckpointError
 
 __all__ = ["train_main", "eval_main", "format_presets"]
@@ -179,6 +180,14 @@ def _eval_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the certificate as JSON")
     c.add_argument("--which", choices=("latest", "best"), default="latest",
                    help="checkpoint to certify (default latest: the model summary.json reports)")
+    acc = sub.add_parser("accuracy", help="validation accuracy of a trained run under each evaluation protocol")
+    acc.add_argument("run", metavar="RUN_DIR", help="a lipschitz-train run folder")
+    acc.add_argument("--protocol", action="append", choices=EVAL_PROTOCOLS, default=None,
+                     help="spread | paper | full (repeat for several; default all three): "
+                          + "; ".join(f"{k}: {v}" for k, v in PROTOCOL_HELP.items()))
+    acc.add_argument("--which", choices=("latest", "best"), default="latest",
+                     help="checkpoint to score (default latest: the model summary.json reports)")
+    acc.add_argument("--json", action="store_true", help="print the scores as JSON")
     g = sub.add_parser("sample", help="generate text from a trained run")
     g.add_argument("run", metavar="RUN_DIR", help="a lipschitz-train run folder")
     g.add_argument("--prompt", default="", help="text to continue (default: start from a newline)")
@@ -187,7 +196,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: the same text every time)")
     g.add_argument("--which", choices=("best", "latest"), default="best",
                    help="checkpoint to sample from (default best)")
-    for sp in (c, g):
+    for sp in (c, g, acc):
         sp.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     for sp in (r, a, s):
         sp.add_argument("--batches", type=int, default=4, help="validation batches" if sp is not s else argparse.SUPPRESS)
@@ -211,6 +220,12 @@ def eval_main(argv: list[str] | None = None) -> int:
             rep = run_certificate(args.run, which=args.which, device=args.device)
             print(json.dumps({k: v for k, v in rep.items() if k != "table"}, indent=2) if args.json
                   else format_run_certificate(rep))
+            return 0
+        if args.cmd == "accuracy":
+            from .run_accuracy import format_run_accuracy, run_accuracy
+
+            rep = run_accuracy(args.run, tuple(args.protocol or EVAL_PROTOCOLS), which=args.which, device=args.device)
+            print(json.dumps(rep, indent=2) if args.json else format_run_accuracy(rep))
             return 0
         if args.cmd == "sample":
             from .sampling import sample_run

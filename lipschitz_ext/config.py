@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .constraints import CONSTRAINT_SPECS, capping_constraints
+from .protocols import EVAL_PROTOCOLS
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "preset_override_notes", "validate", "field_help",
            "gpt_config", "build_model", "apply_target_bound", "TARGET_BOUND_MARGIN", "CAPPING_CONSTRAINTS",
@@ -95,6 +96,8 @@ class TrainConfig:
     # evaluation and logging
     eval_every: int = _f(200, "evaluate (and checkpoint) every this many steps")
     eval_batches: int = _f(20, "validation batches per evaluation")
+    eval_protocol: str = _f("spread", "spread | paper | full: the validation windows of the periodic evaluations "
+                                      "and best.pt (lipschitz_ext.protocols); the final summary scores all three")
     log_every: int = _f(10, "log the train loss every this many steps")
     sample_chars: int = _f(500, "characters of sample.txt generated at the end (0 = none)")
     # run
@@ -214,6 +217,8 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.cooldown_frac <= 1, f"--cooldown-frac must be in (0, 1], got {cfg.cooldown_frac}"),
         (cfg.eval_every > 0 and cfg.eval_batches > 0 and cfg.log_every > 0,
          "--eval-every, --eval-batches and --log-every must be > 0"),
+        (cfg.eval_protocol in EVAL_PROTOCOLS,
+         f"--eval-protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {cfg.eval_protocol!r}"),
         (cfg.time_budget >= 0, "--time-budget must be >= 0"),
         (cfg.schedule in ("steps", "time"), f"--schedule must be steps or time, got {cfg.schedule!r}"),
         (cfg.schedule != "time" or cfg.time_budget > 0, "--schedule time needs a --time-budget > 0"),

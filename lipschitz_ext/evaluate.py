@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from . import data as data_mod
+from .data import DataError
+from .protocols import EVAL_PROTOCOLS, protocol_batches, score
 
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-__all__ = ["evaluate", "loss_logit_scale", "certified_bound", "fp8_backend", "unwrap"]
+__all__ = ["evaluate", "final_protocol_scores", "paper_bound_or_none", "loss_logit_scale", "certified_bound", "fp8_backend", "unwrap"]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -26,33 +27,25 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokens, cfg: "TrainConfig", device: torch.device) -> dict[str, float]:
-    """Validation loss and top-1 next-token accuracy on fixed windows, the max |activation|
-    seen, and (Lipschitz model) the certified bound of the current weights."""
+    """Validation loss and top-1 next-token accuracy on the windows of ``cfg.eval_protocol``
+    (:mod:`lipschitz_ext.protocols`; named in the result's ``protocol``), the max |activation|
+    on the first batch, and (Lipschitz model) the certified bound of the current weights."""
     from .nn import activation_stats
 
     m = unwrap(model)
     was_training = m.training
     m.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    max_act = 0.0
     fp8 = fp8_backend(m)
     if fp8 is not None:  # refresh the static scales from the current certificate, count saturation
         from .fp8_scales import configure_fp8_attention
 
         configure_fp8_attention(m)
         fp8.saturated, fp8.count_saturation = 0, True
-    for i, (x, y) in enumerate(data_mod.eval_batches(tokens, min(cfg.batch_size, 64), cfg.seq_len,
-                                                     cfg.eval_batches)):
-        x, y = x.to(device), y.to(device)
-        logits = m(x)
-        loss_sum += F.cross_entropy(loss_logit_scale(cfg) * logits.flatten(0, 1).float(), y.flatten(),
-                                    reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
-        if i == 0:
-            stats = activation_stats(m, x)
-            max_act = max(float(s["max_abs"]) for s in stats.values())
-    out = {"val_loss": loss_sum / count, "val_accuracy": correct / count, "max_activation": max_act}
+    batches = list(protocol_batches(tokens, cfg.eval_protocol, cfg.seq_len, min(cfg.batch_size, 64),
+                                    cfg.eval_batches))
+    out = {**score(m, batches, device, loss_logit_scale(cfg)), "protocol": cfg.eval_protocol}
+    stats = activation_stats(m, batches[0][0].to(device))
+    out["max_activation"] = max(float(s["max_abs"]) for s in stats.values())
     out["certified_bound"] = certified_bound(m)
     if fp8 is not None:
         out["fp8_saturated"] = fp8.saturated  # entries beyond e4m3 at the certified scales: 0 expected
@@ -85,3 +78,32 @@ def certified_bound(model: torch.nn.Module) -> float | None:
     from .certify import certify
 
     return float(certify(model, input_rms=model.input_rms()).bound)
+
+
+def final_protocol_scores(model: torch.nn.Module, tokens, cfg: "TrainConfig",
+                          device: torch.device) -> dict[str, dict]:
+    """The final model scored under every protocol: ``{protocol: {"val_loss", "val_accuracy",
+    "tokens"}}``, or ``{"unavailable": reason}`` where the validation split cannot hold the
+    protocol's windows (``paper`` needs 1280 + seq_len tokens)."""
+    m = unwrap(model)
+    out: dict[str, dict] = {}
+    for p in EVAL_PROTOCOLS:
+        try:
+            batches = protocol_batches(tokens, p, cfg.seq_len, min(cfg.batch_size, 64), cfg.eval_batches)
+            out[p] = score(m, batches, device, loss_logit_scale(cfg))
+        except DataError as exc:
+            out[p] = {"unavailable": str(exc)}
+    return out
+
+
+def paper_bound_or_none(model: torch.nn.Module) -> float | None:
+    """The published (unsound) formula's value of a LipschitzGPT, for comparison beside the
+    sound certificate (:func:`lipschitz_ext.certify.paper_bound`); None for a baseline."""
+    from .nn import LipschitzGPT
+
+    m = unwrap(model)
+    if not isinstance(m, LipschitzGPT):
+        return None
+    from .certify import paper_bound
+
+    return float(paper_bound(m))

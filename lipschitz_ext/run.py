@@ -106,8 +106,15 @@ def format_summary(out: str, s: dict) -> str:
     loss = "n/a" if s["val_loss"] is None else f"{s['val_loss']:.4f}"
     bound = s["certified_bound"]
     bound_s = "n/a (unconstrained model)" if bound is None else f"{bound:.4g}"
-    return (f"{out}: {s['status']} after {s['steps']} steps in {s['wall_seconds']:.0f} s | "
-            f"val accuracy {acc} | val loss {loss} | certified bound {bound_s}")
+    line = (f"{out}: {s['status']} after {s['steps']} steps in {s['wall_seconds']:.0f} s | "
+            f"val accuracy {acc} ({s.get('eval_protocol', 'spread')} windows) | val loss {loss} | "
+            f"certified bound {bound_s}")
+    scored = {p: r["val_accuracy"] for p, r in (s.get("protocols") or {}).items() if "val_accuracy" in r}
+    if scored:
+        line += "\n  accuracy by protocol: " + ", ".join(f"{p} {100 * a:.2f}%" for p, a in scored.items())
+    if s.get("paper_bound") is not None:
+        line += f"\n  published bound formula (unsound, for comparison): {s['paper_bound']:.4g}"
+    return line
 
 
 # ---------------------------------------------------------------------------

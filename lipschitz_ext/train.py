@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .config import TrainConfig, apply_target_bound, build_model, validate
-from .evaluate import evaluate, fp8_backend, loss_logit_scale
+from .evaluate import evaluate, final_protocol_scores, fp8_backend, loss_logit_scale, paper_bound_or_none
 from .optimizers import all_param_groups, build_optimizer, lr_multiplier, set_lrs
 from .plots import plot_curves
 from .run import (append_metric, atomic_torch_save, atomic_write_text, checkpoint_dict, default_out_dir,
@@ -268,7 +268,11 @@ def finish(run: Run, status: str, message: str, quiet: bool = False) -> dict:
         "model": cfg.model, "preset": cfg.preset, "params": sum(p.numel() for p in run.model.parameters()),
         "data": data.source, "vocab_size": data.vocab_size,
         "autocast": run.amp,  # the precision the training forward ran in
+        "eval_protocol": cfg.eval_protocol,  # the windows of val_accuracy / val_loss above
     }
+    if status in ("completed", "time_budget") and dist.main:
+        summary["protocols"] = final_protocol_scores(run.model, data.val, cfg, device)
+        summary["paper_bound"] = paper_bound_or_none(run.model)
     if cfg.target_bound > 0:
         summary["target_bound"] = cfg.target_bound
         summary["head_sigma_max"] = cfg.head_sigma_max

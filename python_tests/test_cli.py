@@ -13,11 +13,8 @@ import lipschitz_ext
 from lipschitz_ext import cli
 from lipschitz_ext import config as C
 from lipschitz_ext.certify import certify, worst_case_certificate
-from tiny_runs import tiny_run, write_corpus
+from tiny_runs import TINY, tiny_run, write_corpus
 
-TINY = dict(d_model=32, n_layers=1, residual_scale=1.0, n_heads=2, seq_len=32, batch_size=8, steps=4, eval_every=4,
-            eval_batches=2, log_every=2, sample_chars=0, head_sigma_max=4.0, device="cpu", threads=1,
-            autocast="none")
 
 
 @pytest.fixture(scope="module")
