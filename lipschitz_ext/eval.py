@@ -272,24 +272,12 @@ def activations(run_dir: str, out: str, baseline: str | None = None, n_batches: 
 def attention_logits(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Causal attention logits ``[B, H, T, T]`` of an attention module on its input
     ``x [B, T, d]``: after the softmax scale, before the softmax, ``-inf`` above the
-    diagonal. A module with its own ``attention_logits(x)`` (``LipschitzAttention``:
-    ``(s / d_head) q_h k_h^T`` plus its positional bias) is asked directly;
-    ``BaselineAttention``: ``q_h k_h^T / sqrt(d_head)``, RoPE on q and k when it uses it."""
-    from .nn.attention import apply_rope
-    from .nn.baseline import BaselineAttention
-
-    if hasattr(mod, "attention_logits"):
-        return mod.attention_logits(x)
-    if not isinstance(mod, BaselineAttention):
+    diagonal. The module computes them (``attention_logits(x)``): ``LipschitzAttention``
+    ``(s / d_head) q_h k_h^T`` plus its positional bias; ``BaselineAttention``
+    ``q_h k_h^T / sqrt(d_head)``, RoPE on q and k when it uses it."""
+    if not hasattr(mod, "attention_logits"):
         raise TypeError(f"attention_logits: unsupported attention module {type(mod).__name__}")
-    # TODO(issue 17): BaselineAttention.attention_logits (being added in nn) replaces the rest
-    B, T, d = x.shape
-    q, k, _ = mod.qkv(x).view(B, T, 3, mod.n_heads, mod.d_head).permute(2, 0, 3, 1, 4)
-    if mod.rope:
-        q, k = apply_rope(q, mod.rope_base), apply_rope(k, mod.rope_base)
-    logits = (_upcast(q) @ _upcast(k).transpose(-2, -1)) / math.sqrt(mod.d_head)
-    future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-    return logits.masked_fill(future, float("-inf"))
+    return mod.attention_logits(x)
 
 
 def _is_attention(mod: torch.nn.Module) -> bool:
