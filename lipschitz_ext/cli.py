@@ -206,6 +206,34 @@ def _eval_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Clear ``ValueError``s for flag values the analyses cannot use (before any run is loaded)."""
+    import math
+
+    device = getattr(args, "device", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        from .runtime import resolve_device
+
+        resolve_device(device)  # says so when no CUDA device is available
+    if getattr(args, "batches", 1) < 1:
+        raise ValueError(f"--batches must be >= 1, got {args.batches}")
+    if args.cmd == "robustness":
+        if args.pgd_steps < 1:
+            raise ValueError(f"--pgd-steps must be >= 1 (0 steps would report the clean accuracy as attacked), "
+                             f"got {args.pgd_steps}")
+        if not args.eps or not all(math.isfinite(e) and e > 0 for e in args.eps):
+            raise ValueError(f"--eps must be one or more finite sizes > 0, comma-separated, got {args.eps}")
+    if args.cmd == "activations" and args.baseline:
+        from .run import read_checkpoint
+
+        _, cfg, _ = read_checkpoint(args.baseline, ("best", "latest"), arg="--baseline")
+        if cfg.model != "baseline":
+            raise ValueError(f"--baseline {args.baseline}: is a {cfg.model} run, not a baseline (--model baseline) "
+                             "run; pass it as --checkpoint")
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     """``lipschitz-eval``: the subcommand of ``argv``; returns the exit status."""
     from . import eval as ev
@@ -214,6 +242,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = _eval_parser().parse_args(argv)
     out = getattr(args, "out", None) or os.path.join("runs", f"eval-{args.cmd}")
     try:
+        _check_eval_args(args)
         if args.cmd == "certify":
             from .run_certificate import format_run_certificate, run_certificate
 

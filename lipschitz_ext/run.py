@@ -17,9 +17,13 @@ A checkpoint is a dict with ``config`` (``asdict(TrainConfig)``), ``model`` and
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import pickle
+import re
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +33,8 @@ import torch
 from . import data as data_mod
 from .config import TrainConfig, build_model
 
-__all__ = ["CheckpointError", "LoadedRun", "load_run", "load_run_data", "read_checkpoint", "checkpoint_dict",
+__all__ = ["CheckpointError", "RunFolderError", "LoadedRun", "prepare_out_dir", "is_run_folder", "resolve_data_path",
+           "remove_stale_temporaries", "load_run", "load_run_data", "read_checkpoint", "checkpoint_dict",
            "atomic_torch_save", "atomic_write_text", "read_metrics", "append_metric", "truncate_metrics",
            "write_json", "read_json", "default_out_dir", "format_summary", "CHECKPOINT_KEYS"]
 
@@ -40,6 +45,90 @@ CHECKPOINT_KEYS = ("config", "model", "optimizer", "sampler", "step", "best_val"
 
 class CheckpointError(ValueError):
     """A run folder that is missing, incomplete or incompatible."""
+
+
+class RunFolderError(ValueError):
+    """An ``--out`` that lipschitz-train may not (or cannot) write a run into."""
+
+
+#: Files whose presence marks a folder as a lipschitz-train run folder.
+RUN_MARKERS = ("config.json", "latest.pt", "best.pt")
+
+#: The temporary files of :func:`atomic_torch_save` / :func:`atomic_write_text` (``<name>.tmp-<pid>``).
+_TMP_RE = re.compile(r"^.+\.tmp-(\d+)$")
+
+
+# ---------------------------------------------------------------------------
+# the run folder itself
+# ---------------------------------------------------------------------------
+def is_run_folder(path: str) -> bool:
+    """Whether ``path`` is a folder holding a lipschitz-train run (a config or a checkpoint)."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in RUN_MARKERS)
+
+
+def remove_stale_temporaries(run_dir: str) -> list[str]:
+    """Remove the ``*.tmp-<pid>`` files an earlier process killed mid-write left in
+    ``run_dir`` (never this process's own); the paths removed."""
+    removed = []
+    for name in os.listdir(run_dir):
+        m = _TMP_RE.match(name)
+        path = os.path.join(run_dir, name)
+        if m and int(m.group(1)) != os.getpid() and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def prepare_out_dir(out: str, resume: bool = False) -> str:
+    """Check and create the run folder ``out`` before any data or model is built; its
+    absolute path.
+
+    A new run (``resume=False``) needs ``out`` absent or an empty folder: a run folder
+    (:func:`is_run_folder`) is refused with a pointer to ``--resume``, any other non-empty
+    folder because its files are not lipschitz-train's to overwrite. A file, an unwritable
+    folder or an uncreatable path is refused too. Raises :class:`RunFolderError` (a
+    ``ValueError``) with a one-line message. Leftover temporary files of a killed process
+    are removed (:func:`remove_stale_temporaries`).
+    """
+    flag = "--resume" if resume else "--out"
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunFolderError(f"{flag} {out}: exists and is not a folder")
+    if not resume and os.path.isdir(out):
+        if is_run_folder(out):
+            raise RunFolderError(f"--out {out}: is an existing run folder; continue it with --resume {out}, "
+                                 "or choose another --out")
+        if os.listdir(out):
+            raise RunFolderError(f"--out {out}: folder is not empty and is not a lipschitz-train run folder; "
+                                 "choose a new or empty --out (its files are left as they are)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise RunFolderError(f"{flag} {out}: cannot write a run there ({exc.strerror or exc})") from None
+    remove_stale_temporaries(out)
+    return os.path.abspath(out)
+
+
+def resolve_data_path(data: str | None, run_dir: str) -> str | None:
+    """The ``--data`` of a run folder's config as a path that opens from here.
+
+    New run folders store it absolute. An older, relative one is tried relative to the
+    current directory, then relative to ``run_dir``; when neither exists it is returned
+    unchanged (loading it then says it is not found). ``None`` and ``builtin:`` names
+    are returned as they are.
+    """
+    if data is None or os.path.isabs(data) or data.startswith("builtin:"):
+        return data
+
+    def exists(p: str) -> bool:
+        return bool(glob.glob(p)) if any(ch in p for ch in "*?[") else os.path.exists(p)
+
+    for candidate in (data, os.path.join(run_dir, data)):
+        if exists(candidate):
+            return os.path.abspath(candidate)
+    return data
 
 
 # ---------------------------------------------------------------------------
@@ -128,32 +217,65 @@ def checkpoint_dict(cfg: TrainConfig, model: torch.nn.Module, optimizer, sampler
             "tokens": tokens, "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size}
 
 
-def read_checkpoint(run_dir: str, names: tuple[str, ...] = ("best", "latest"),
-                    arg: str | None = None) -> tuple[dict, TrainConfig, str]:
-    """``(checkpoint, config, path)`` of the first of ``names`` (``best``, ``latest``) in ``run_dir``.
+def _load_one(path: str, required: tuple[str, ...]) -> tuple[dict, TrainConfig]:
+    """The checkpoint at ``path`` and its config; ``ValueError`` saying why it is not one."""
+    if not os.path.exists(path):
+        raise ValueError("missing")
+    if os.path.isdir(path):
+        raise ValueError("a folder, not a file")
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError, IndexError, TypeError,
+            pickle.UnpicklingError) as exc:
+        raise ValueError(f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                         .rstrip(": ")) from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"holds a {type(ckpt).__name__}, not a checkpoint dict")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+    try:
+        cfg = TrainConfig(**ckpt["config"])
+    except (TypeError, KeyError) as exc:
+        raise ValueError(f"its config is not a TrainConfig ({exc})") from None
+    return ckpt, cfg
 
-    ``arg`` (e.g. ``"--resume"``) prefixes error messages, to say which input was bad.
-    Raises :class:`CheckpointError` (a ``ValueError``) for a missing folder, a folder
-    without such a checkpoint, or a file that is not a lipschitz-train checkpoint.
+
+def read_checkpoint(run_dir: str, names: tuple[str, ...] = ("best", "latest"), arg: str | None = None,
+                    required: tuple[str, ...] = ("config", "model", "tokenizer")) -> tuple[dict, TrainConfig, str]:
+    """``(checkpoint, config, path)`` of the first of ``names`` (``best``, ``latest``) in
+    ``run_dir`` that is a readable checkpoint holding the keys ``required``.
+
+    The one place run checkpoints are read. A missing, empty, truncated, foreign or
+    incomplete file (or a folder of that name) falls back to the next of ``names``, and a
+    ``note:`` line on stderr says which file was used instead. ``arg`` (e.g.
+    ``"--resume"``) prefixes error messages. Raises :class:`CheckpointError` (a
+    ``ValueError``) for a missing folder, or when none of ``names`` is usable (saying why
+    for each).
     """
     who = f"{arg} {run_dir}" if arg else str(run_dir)
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"{who}: run folder not found")
-    paths = [os.path.join(run_dir, f"{n}.pt") for n in names]
-    path = next((p for p in paths if os.path.exists(p)), None)
-    if path is None:
-        files = " / ".join(os.path.basename(p) for p in paths)
+    problems = []
+    for n in names:
+        path = os.path.join(run_dir, f"{n}.pt")
+        try:
+            ckpt, cfg = _load_one(path, required)
+        except ValueError as exc:
+            problems.append((path, str(exc)))
+            continue
+        bad = [f"{os.path.basename(p)} ({why})" for p, why in problems if why != "missing"]
+        if bad:
+            print(f"note: {who}: {', '.join(bad)} not usable; using {path}", file=sys.stderr)
+        return ckpt, cfg, path
+    if all(why == "missing" for _, why in problems):
+        files = " / ".join(os.path.basename(p) for p, _ in problems)
         raise CheckpointError(f"{who}: holds no checkpoint ({files}); is it a lipschitz-train run?")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        missing = [k for k in ("config", "model", "tokenizer") if k not in ckpt]
-        if missing:
-            raise KeyError(", ".join(missing))
-        cfg = TrainConfig(**ckpt["config"])
-    except (KeyError, TypeError, RuntimeError, EOFError, OSError, ValueError, AttributeError,
-            pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{who}: {path} is not a lipschitz-train checkpoint ({exc})") from None
-    return ckpt, cfg, path
+    detail = "; ".join(f"{os.path.basename(p)} missing" if why == "missing" else
+                       f"{os.path.basename(p)} is not a lipschitz-train checkpoint ({why})" for p, why in problems)
+    raise CheckpointError(f"{who}: no usable checkpoint: {detail}")
 
 
 @dataclass
@@ -173,14 +295,14 @@ def load_run(run_dir: str, which: str = "best", device: str | torch.device = "cp
              arg: str | None = None) -> LoadedRun:
     """Rebuild the model of a ``lipschitz-train`` run folder from its checkpoint.
 
-    ``which``: ``"best"`` (lowest validation loss; ``latest.pt`` when there is none) or
-    ``"latest"``. The model is in eval mode on ``device``; the data is not read (the
+    ``which``: ``"best"`` (lowest validation loss) or ``"latest"``; when that file is
+    missing or unusable the other is used, with a ``note:`` on stderr (:func:`read_checkpoint`). The model is in eval mode on ``device``; the data is not read (the
     tokenizer comes from the checkpoint). Raises :class:`CheckpointError` (a
     ``ValueError``) for a missing or foreign folder or weights that do not fit the config.
     """
     if which not in ("best", "latest"):
         raise ValueError(f"load_run: which must be 'best' or 'latest', got {which!r}")
-    ckpt, cfg, path = read_checkpoint(run_dir, (which, "latest") if which == "best" else ("latest",), arg)
+    ckpt, cfg, path = read_checkpoint(run_dir, ("best", "latest") if which == "best" else ("latest", "best"), arg)
     who = f"{arg} {run_dir}" if arg else str(run_dir)
     try:
         tokenizer = data_mod.tokenizer_from_dict(ckpt["tokenizer"])
@@ -199,7 +321,7 @@ def load_run_data(run_dir: str, which: str = "best", device: str | torch.device 
     (same train/val split). Raises :class:`CheckpointError` when the data no longer has
     the checkpoint's vocabulary."""
     run = load_run(run_dir, which, device, arg)
-    cfg = run.config
+    cfg = dataclasses.replace(run.config, data=resolve_data_path(run.config.data, run_dir))
     data = data_mod.load_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.vocab_size)
     if data.tokenizer.to_dict() != run.tokenizer.to_dict():
         who = f"{arg} {run_dir}" if arg else str(run_dir)

@@ -28,8 +28,9 @@ from .config import TrainConfig, apply_target_bound, build_model, validate
 from .evaluate import evaluate, final_protocol_scores, fp8_backend, loss_logit_scale, paper_bound_or_none
 from .optimizers import all_param_groups, build_optimizer, lr_multiplier, set_lrs
 from .plots import plot_curves
-from .run import (append_metric, atomic_torch_save, atomic_write_text, checkpoint_dict, default_out_dir,
-                  format_summary, read_checkpoint, truncate_metrics, write_json)
+from .run import (CHECKPOINT_KEYS, CheckpointError, append_metric, atomic_torch_save, atomic_write_text,
+                  checkpoint_dict, default_out_dir, format_summary, prepare_out_dir, read_checkpoint, read_metrics,
+                  resolve_data_path, truncate_metrics, write_json)
 from .runtime import Dist, StopRequest, init_distributed, resolve_autocast, resolve_device, training_autocast
 from .sampling import generate
 
@@ -103,13 +104,23 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
 
 def _resumed_config(resume: str, overrides: dict | None) -> tuple[TrainConfig, dict]:
     """The config and checkpoint of the run folder ``resume``, with ``overrides`` applied."""
-    ckpt, saved, _ = read_checkpoint(resume, ("latest",), arg="--resume")
     bad = set(overrides or {}) - set(RESUME_OVERRIDES)
     if bad:
         raise ValueError(f"--resume keeps the run's config; only {', '.join(RESUME_OVERRIDES)} may change, "
                          f"not {', '.join(sorted(bad))}")
+    # latest.pt, or best.pt when latest.pt is unusable (read_checkpoint says so on stderr)
+    ckpt, saved, used = read_checkpoint(resume, ("latest", "best"), arg="--resume", required=CHECKPOINT_KEYS)
+    latest = os.path.join(resume, "latest.pt")
+    if used != latest and os.path.lexists(latest):  # kept for inspection, out of the new latest.pt's way
+        aside = f"{latest}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            os.replace(latest, aside)
+            print(f"note: --resume {resume}: moved the unusable latest.pt to {aside}", file=sys.stderr)
+        except FileNotFoundError:  # another rank of this torchrun moved it first
+            pass
     cfg = TrainConfig(**{**ckpt["config"], "stop_after": 0, **(overrides or {})})
     cfg.out = resume
+    cfg.data = resolve_data_path(cfg.data, resume)  # older run folders stored it as typed
     return cfg, ckpt
 
 
@@ -131,6 +142,14 @@ def setup(cfg: TrainConfig | None = None, resume: str | None = None, overrides: 
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     torch.manual_seed(cfg.seed)
+    # paths stored absolute, so that --resume and lipschitz-eval work from any directory
+    cfg.out = cfg.out or default_out_dir(cfg)
+    if dist.main:  # refuse a folder it may not write before any data or model is built
+        cfg.out = prepare_out_dir(cfg.out, resume=ckpt is not None)
+    else:
+        cfg.out = os.path.abspath(cfg.out)
+    if ckpt is None and cfg.data is not None and not cfg.data.startswith("builtin:"):
+        cfg.data = os.path.abspath(cfg.data)
 
     data = data_mod.load_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.vocab_size)
     if ckpt is not None and ckpt["tokenizer"] != data.tokenizer.to_dict():
@@ -151,13 +170,17 @@ def setup(cfg: TrainConfig | None = None, resume: str | None = None, overrides: 
     if dist.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    cfg.out = cfg.out or default_out_dir(cfg)
     run = Run(cfg, device, dist, data, model, train_model, opt, sampler, cfg.out, resolve_autocast(cfg, device))
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["sampler"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sampler.load_state_dict(ckpt["sampler"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"--resume {resume}: its checkpoint does not fit the model its config "
+                                  f"describes ({str(exc).splitlines()[0]})") from None
         run.step, run.best_val, run.elapsed0, run.tokens = ckpt["step"], ckpt["best_val"], ckpt["elapsed"], ckpt["tokens"]
+        _restore_last_eval(run)
     if fp8_backend(model) is not None:  # static q/k/v scales from the certificate (weights capped)
         from .fp8_scales import configure_fp8_attention
 
@@ -169,6 +192,17 @@ def setup(cfg: TrainConfig | None = None, resume: str | None = None, overrides: 
     if ckpt is None:
         run.checkpoint("latest.pt")  # a run always has a checkpoint to fall back to
     return run
+
+
+def _restore_last_eval(run: Run) -> None:
+    """A resumed run's evaluation at its checkpoint step, from ``metrics.jsonl``: resuming
+    a finished run then logs no second final evaluation."""
+    if not run.dist.main:
+        return
+    rows = [r for r in read_metrics(run.metrics_path) if r.get("step") == run.step and "val_loss" in r]
+    if rows:
+        run.last_eval = {k: v for k, v in rows[-1].items() if k not in ("step", "elapsed")}
+        run.last_eval_step = run.step
 
 
 def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
