@@ -4,7 +4,10 @@ A run folder holds ``config.json`` (the :class:`~lipschitz_ext.config.TrainConfi
 ``metrics.jsonl`` (one JSON object per logged step and per eval), ``summary.json``,
 checkpoints ``latest.pt`` and ``best.pt`` (lowest validation loss), ``curves.png`` and
 ``sample.txt``. Every file is written atomically (temporary file, then rename), so a
-crash mid-write leaves the previous version intact.
+crash mid-write leaves the previous version intact; the temporary files a killed process
+leaves are removed at the next start (:func:`prepare_out_dir`). A new run goes only into
+an absent or empty folder (lipschitz-train never overwrites files it did not write), and
+``config.json`` holds ``data`` and ``out`` as absolute paths.
 
 A checkpoint is a dict with ``config`` (``asdict(TrainConfig)``), ``model`` and
 ``optimizer`` state dicts, ``sampler`` state, ``step``, ``best_val``, ``elapsed``
