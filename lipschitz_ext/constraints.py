@@ -307,7 +307,7 @@ class SpectralHardCap(Constraint):
     out-of-range inputs pre-scaled, see ``ops.spectral_hard_cap``). No state.
 
     For ANY finite input the result is under ``sigma_max`` times 1 + the method's
-    accuracy (1e-4 eigh, 5e-3 msign, 0.011 polynomial): the op certifies its output
+    accuracy (1e-3 eigh, 5e-3 msign, 0.011 polynomial): the op certifies its output
     and scales a matrix that rounding left above that down to the cap.
     """
 

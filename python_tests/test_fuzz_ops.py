@@ -90,7 +90,7 @@ def check_capped(out: torch.Tensor, W: torch.Tensor, cap: float, slack: float) -
 @given(W=matrices(), cap=st.sampled_from([1e-3, 0.5, 1.0, 7.0]),
        method=st.sampled_from(["eigh", "msign", "polynomial"]))
 def test_hard_cap_and_projection(W, cap, method):
-    slack = {"eigh": 1e-4, "msign": 5e-3, "polynomial": 0.011}[method]
+    slack = {"eigh": 1e-3, "msign": 5e-3, "polynomial": 0.011}[method]
     out = ops.spectral_hard_cap(W, cap, method)
     check_capped(out, W, cap, slack)
     ok = finite_rows(W)
@@ -182,7 +182,7 @@ def test_capping_constraints_cap_any_finite_input(W, name, cap, mu):
     m, n = W.shape[-2:]
     rms_cap = cap * math.sqrt(m / n)
     # normalize: 16 cold power iterations (converged to ~1%, see SpectralNormalize)
-    slack = {"normalize": 3e-2, "hard_cap": 1e-4, "orthogonal": 5e-3, "soft_cap": 1e-5, "svd_cap": 1e-5}[name]
+    slack = {"normalize": 3e-2, "hard_cap": 1e-3, "orthogonal": 5e-3, "soft_cap": 1e-5, "svd_cap": 1e-5}[name]
     O = as3(W)
     assert torch.isfinite(O[ok].double()).all()
     got = sigma_ref(W)[ok]

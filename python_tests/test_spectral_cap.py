@@ -399,7 +399,7 @@ def test_cuda_float64_and_non_finite():
     torch.library.opcheck(torch.ops.lipschitz.spectral_soft_cap.default, (W.float().cuda(), 0.1))
 
 
-@pytest.mark.parametrize("method, slack", [("eigh", 1e-4), ("msign", 5e-3), ("polynomial", 0.011)])
+@pytest.mark.parametrize("method, slack", [("eigh", 1e-3), ("msign", 5e-3), ("polynomial", 0.011)])
 @pytest.mark.parametrize("scale", [1e3, 1e5, 1e7, 1e30])
 def test_hard_cap_holds_far_above_the_cap(method, slack, scale):
     """Inputs 1e3..1e30 x the cap used to miss it (1.235, 18.7) or overflow (issue 19, items 4, 14)."""
