@@ -195,6 +195,10 @@ def validate(cfg: TrainConfig) -> None:
     """Clear errors for impossible settings (before any data or model is built)."""
     from .nn.attention import POS_BIAS_KINDS
 
+    for f in dataclasses.fields(TrainConfig):  # e.g. steps=2.7 from Python would be run as 3 steps
+        v = getattr(cfg, f.name)
+        if str(f.type) == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be an integer, got {v!r}")
     checks = [
         (cfg.model in ("lipschitz", "baseline"), f"--model must be lipschitz or baseline, got {cfg.model!r}"),
         (cfg.tokenizer in ("char", "byte"), f"--tokenizer must be char or byte, got {cfg.tokenizer!r}"),

@@ -244,3 +244,12 @@ def test_eval_device_cuda_without_cuda_fails_in_one_line(finished, tmp_path, cap
     where = [run] if cmd in ("certify", "sample", "accuracy") else ["--checkpoint", run, "--out", str(tmp_path / "o")]
     assert cli.eval_main([cmd, *where, "--device", "cuda"]) == 2
     assert "no CUDA device" in _one_line_error(capsys, "lipschitz-eval")
+
+
+@pytest.mark.parametrize("field, value", [("steps", 2.7), ("batch_size", 8.0), ("eval_every", True), ("seed", "1")])
+def test_integer_settings_must_be_integers(field, value):
+    from lipschitz_ext import config as C
+
+    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be an integer"):
+        C.config_from_preset("shakespeare-cpu", **{field: value})
+    assert C.config_from_preset("shakespeare-cpu", **{field: 3 if field != "eval_every" else 5}) is not None
