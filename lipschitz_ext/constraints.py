@@ -266,7 +266,13 @@ class SpectralSoftCap(Constraint):
         if self.alpha is not None:
             return self.alpha
         mu = update_norm if update_norm > 0 else self.default_mu * self.sigma_max
-        return _coupled_alpha(self.sigma_max, float(mu), float(decay))
+        try:
+            return _coupled_alpha(self.sigma_max, float(mu), float(decay))
+        except ValueError:  # ops names its internal mu; say which user setting it comes from
+            raise ValueError(
+                f"SpectralSoftCap(sigma_max={self.sigma_max:g}): this step's update norm {mu:.4g} "
+                "(the optimizer's bound: learning rate x update scale) is too large for the soft "
+                "cap's polynomial; lower the learning rate, or use the hard cap") from None
 
     def range_for(self, update_norm: float = 0.0, decay: float = 0.0) -> Optional[float]:
         """``k`` (RMS->RMS frame): the coupled polynomial of this step maps ``[0, k]`` to ``[0, sigma_max]``.
@@ -279,7 +285,10 @@ class SpectralSoftCap(Constraint):
         return max(self.sigma_max, self.sigma_max * (1.0 - decay) + mu)
 
     def _apply(self, W3, *, lr, update_norm, decay, state):
-        a = self.alpha_for(update_norm, decay)
+        try:
+            a = self.alpha_for(update_norm, decay)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (learning rate lr={lr:g})") from None
         s = rms_scale(W3)
         if self.alpha is not None:  # a fixed alpha: exactly the given polynomial
             return None if a == 0.0 else ops.spectral_soft_cap(W3, a / s**2)

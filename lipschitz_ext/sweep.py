@@ -52,6 +52,18 @@ def write_frontier(rows: list[dict], out: str) -> None:
     plot_frontier(rows, out)
 
 
+def _read_json_object(path: str) -> dict:
+    """The JSON object in ``path``; a corrupt or non-object file is a CheckpointError naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def frontier(run_dirs: list[str], out: str) -> list[dict]:
     """Validation accuracy vs certified bound of finished runs, one curve per constraint."""
     if not run_dirs:
@@ -63,10 +75,10 @@ def frontier(run_dirs: list[str], out: str) -> list[dict]:
         sp, cp = os.path.join(run, "summary.json"), os.path.join(run, "config.json")
         if not (os.path.exists(sp) and os.path.exists(cp)):
             raise CheckpointError(f"RUN_DIR {run}: no summary.json/config.json (an unfinished or foreign run?)")
-        with open(sp, encoding="utf-8") as fh:
-            s = json.load(fh)
-        with open(cp, encoding="utf-8") as fh:
-            c = json.load(fh)
+        s, c = _read_json_object(sp), _read_json_object(cp)
+        missing = [k for k in ("constraint", "sigma_max") if k not in c]
+        if missing:
+            raise CheckpointError(f"{cp}: no {', '.join(missing)} (not a lipschitz-train config?)")
         if s.get("certified_bound") is None:
             skipped.append(run)
             continue  # unconstrained baselines have no bound to plot against

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,18 @@ from .results import result_path, run_header, write_json
 from .runner import CaseRun, run_case
 
 __all__ = ["main"]
+
+
+class _UsageError(SystemExit):
+    """A bad flag: exit status 2 like argparse's own errors; ``str()`` is the message
+    (printed as one line by :func:`main`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,19 +64,37 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
         return None
     dt = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dt, torch.dtype):
-        raise SystemExit(f"lipschitz-bench: --dtype: unknown dtype '{name}'")
+        raise _UsageError(f"lipschitz-bench: --dtype: unknown dtype '{name}'")
     return dt
 
 
 def _device(name: Optional[str], smoke: bool) -> torch.device:
     if smoke and name is None:
         return torch.device("cpu")
-    dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # torch's message lists every backend it knows, not what we accept
+        raise _UsageError(f"lipschitz-bench: --device must be cpu, cuda or cuda:N, got '{name}'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("lipschitz-bench: --device cuda, but torch sees no CUDA device")
+        raise _UsageError("lipschitz-bench: --device cuda, but torch sees no CUDA device")
     if dev.type not in ("cpu", "cuda"):
-        raise SystemExit(f"lipschitz-bench: --device must be cpu or cuda, got '{name}'")
+        raise _UsageError(f"lipschitz-bench: --device must be cpu, cuda or cuda:N, got '{name}'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise _UsageError(f"lipschitz-bench: --device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove it writable now, so a bad ``--out`` costs no timings."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise _UsageError(f"lipschitz-bench: --out {out_dir}: exists and is not a directory")
+    probe = out_dir / f".write-test-{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise _UsageError(f"lipschitz-bench: --out {out_dir}: not writable ({exc.strerror or exc})") from None
 
 
 def _fmt(x: Optional[float], spec: str = ".3f") -> str:
@@ -93,9 +124,17 @@ def _print_run(run: CaseRun) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``lipschitz-bench`` / ``python -m lipschitz_ext.bench``; returns the exit code."""
     args = _parser().parse_args(argv)
+    try:
+        return _threaded(args)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        raise
+
+
+def _threaded(args: argparse.Namespace) -> int:
     threads = args.threads if args.threads is not None else (1 if args.smoke else None)
     if threads is not None and threads < 1:
-        raise SystemExit("lipschitz-bench: --threads must be >= 1")
+        raise _UsageError("lipschitz-bench: --threads must be >= 1")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -114,9 +153,10 @@ def _run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if smoke else 30 if device.type == "cuda" else 10)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 5 if device.type == "cuda" else 2)
     if repeats < 1 or warmup < 0:
-        raise SystemExit("lipschitz-bench: --repeats must be >= 1 and --warmup >= 0")
+        raise _UsageError("lipschitz-bench: --repeats must be >= 1 and --warmup >= 0")
     cases_dir = args.cases_dir or default_cases_dir()
     out_dir = args.out or (default_cases_dir() / "results")
+    _check_out_dir(out_dir)
     skipped: list[dict[str, Any]] = []
 
     cases = []
@@ -124,12 +164,12 @@ def _run(args: argparse.Namespace) -> int:
         module = load_suite(name, cases_dir)
         if module is None:
             if suite != "all":
-                raise SystemExit(f"lipschitz-bench: no suite file {cases_dir}/bench_{name}.py")
+                raise _UsageError(f"lipschitz-bench: no suite file {cases_dir}/bench_{name}.py")
             skipped.append({"what": f"suite {name}", "reason": f"no bench_{name}.py in {cases_dir}"})
             continue
         cases += [c for c in module.cases(cfg) if args.filter in c.label]
     if not cases:
-        raise SystemExit("lipschitz-bench: no cases selected")
+        raise _UsageError("lipschitz-bench: no cases selected")
 
     torch.manual_seed(cfg.seed)
     print(f"lipschitz-bench: {len(cases)} cases on {device}, torch {torch.__version__}, "
