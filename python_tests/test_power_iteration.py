@@ -322,3 +322,21 @@ def test_meta_warm_start_next_to_a_cpu_matrix_is_refused(call, arg):
         call(W, torch.empty(8, device="meta"))
     with pytest.raises(ValueError, match=f"argument '{arg}' must be on W's device"):
         call(W.to("meta"), torch.randn(8))
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 17), (2, 17, 40), (1, 64)])
+def test_certified_at_most_matches_the_svd(shape):
+    """The caps' one-factorization test: True exactly when sigma_max < t (away from rounding)."""
+    from lipschitz_ext.ops import certified_at_most
+
+    torch.manual_seed(0)
+    W = torch.randn(*shape) * torch.tensor(3e5)
+    s = torch.linalg.matrix_norm(W.double(), ord=2)
+    for f, want in ((1.001, True), (0.999, False)):
+        for b in range(s.numel()):
+            got = certified_at_most(W, float(s.reshape(-1)[b]) * f)
+            assert bool(got.reshape(-1)[b]) is want
+    bad = W.clone().reshape(-1, *W.shape[-2:])
+    bad[0, 0, 0] = float("nan")
+    assert not bool(certified_at_most(bad, 1e30).reshape(-1)[0])
+    assert bool(certified_at_most(torch.zeros(2, 3, 4), 1e-30).all())

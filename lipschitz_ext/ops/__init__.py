@@ -13,6 +13,7 @@ from .orthogonalize import COEFFICIENT_SETS, ns_max_gain, ns_polynomial, orthogo
 from .power_iteration import (
     power_iteration,
     spectral_hammer,
+    certified_at_most,
     spectral_norm_bound,
     spectral_normalize,
     spectral_weight_decay,
@@ -42,6 +43,7 @@ __all__ = [
     "soft_cap_alpha",
     "spectral_hammer",
     "spectral_hard_cap",
+    "certified_at_most",
     "spectral_norm_bound",
     "spectral_normalize",
     "spectral_soft_cap",

@@ -141,6 +141,30 @@ def spectral_weight_decay(
 _BOUND_FACTORS = (1.0 + 1e-6, 1.0 + 1e-4, 1.003, 1.03, 1.3)
 
 
+def certified_at_most(W: torch.Tensor, t: float) -> torch.Tensor:
+    """Whether ``sigma_max(W) < t`` is certified, per matrix of ``W [..., m, n]`` (bool ``[...]``).
+
+    One float64 small-side Gram matrix ``A`` of ``W / max|W|`` and one Cholesky factorization
+    of ``t^2 I - A`` (positive definite exactly when ``sigma_max < t``): the cheap first test
+    the caps run every step, so the full :func:`spectral_norm_bound` (a power iteration and
+    six more factorizations) is paid only where this one fails. False for a non-finite
+    matrix; True for a zero matrix when ``t > 0``.
+    """
+    batch, (m, n) = W.shape[:-2], W.shape[-2:]
+    if W.numel() == 0:
+        return torch.ones(batch, dtype=torch.bool, device=W.device)
+    X = W.reshape(-1, m, n).double()
+    mx = X.abs().amax(dim=(-2, -1), keepdim=True)
+    finite = torch.isfinite(mx).reshape(-1)
+    s = torch.where((mx > 0) & torch.isfinite(mx), mx, torch.ones_like(mx))
+    Y = torch.where(torch.isfinite(mx), X / s, torch.zeros_like(X))
+    A = Y.mT @ Y if m >= n else Y @ Y.mT
+    r = A.shape[-1]
+    M = (float(t) / s.reshape(-1, 1, 1)).square() * torch.eye(r, dtype=torch.float64, device=W.device) - A
+    ok = (torch.linalg.cholesky_ex(M).info == 0) & finite & (float(t) > 0)
+    return ok.reshape(batch)
+
+
 def spectral_norm_bound(W: torch.Tensor, target: Optional[float] = None, iters: int = 64) -> torch.Tensor:
     """A certified upper bound on ``sigma_max`` of every matrix of ``W [..., m, n]``.
 

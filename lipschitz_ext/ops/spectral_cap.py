@@ -15,7 +15,7 @@ from typing import Union
 import torch
 
 from ._checks import check_same_device
-from .power_iteration import spectral_norm_bound
+from .power_iteration import certified_at_most, spectral_norm_bound
 
 __all__ = [
     "spectral_soft_cap",
@@ -152,15 +152,25 @@ def spectral_hard_cap(
     """
     if isinstance(W, torch.Tensor) and W.dim() >= 2 and W.dtype.is_floating_point and W.numel() > 0 \
             and method == "polynomial" and math.isfinite(float(sigma_max)) and float(sigma_max) > 0:
-        # the op's own pre-scale uses power iteration (a lower bound): a certified bound first
-        ub = spectral_norm_bound(W, target=POLYNOMIAL_PRESCALE * float(sigma_max))
-        W = _scale_matrices(W, POLYNOMIAL_PRESCALE * float(sigma_max) / ub)
+        # the op's own pre-scale uses power iteration (a lower bound): a certified bound first,
+        # paid in full only when the one-factorization test cannot certify the range
+        if not _all_certified_at_most(W, POLYNOMIAL_PRESCALE * float(sigma_max)):
+            ub = spectral_norm_bound(W, target=POLYNOMIAL_PRESCALE * float(sigma_max))
+            W = _scale_matrices(W, POLYNOMIAL_PRESCALE * float(sigma_max) / ub)
     out = torch.ops.lipschitz.spectral_hard_cap.default(W, float(sigma_max), str(method), int(steps), int(iters))
     return _guard_cap(out, float(sigma_max), _HARD_CAP_SLACK.get(method, 0.0))
 
 
 #: the documented accuracy of each method: the guard leaves outputs within it untouched
 _HARD_CAP_SLACK = {"eigh": 1e-3, "msign": 5e-3, "polynomial": 0.011}
+
+
+def _all_certified_at_most(W: torch.Tensor, t: float) -> bool:
+    """The host-side fast test: every matrix certified under ``t`` (False while tracing or on
+    meta tensors, which keep the branch-free full bound)."""
+    if torch.compiler.is_compiling() or W.device.type == "meta":
+        return False
+    return bool(certified_at_most(W, t).all())
 
 
 def _scale_matrices(W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -176,6 +186,10 @@ def _guard_cap(out: torch.Tensor, cap: float, slack: float) -> torch.Tensor:
     out-of-range inputs, where float32 rounding defeats the method) are brought under the cap.
     """
     if out.numel() == 0 or cap == 0:
+        return out
+    # the common case (a training step's output within the cap) costs one Gram + one Cholesky;
+    # the host-side test keeps the full bound off that path (traced code keeps the branch-free one)
+    if _all_certified_at_most(out, cap * (1.0 + slack)):
         return out
     ub = spectral_norm_bound(out, target=cap * (1.0 + slack))
     return _scale_matrices(out, torch.where(ub <= cap * (1.0 + slack), torch.ones_like(ub), cap / ub))
