@@ -36,7 +36,7 @@ import torch
 from . import data as data_mod
 from .config import TrainConfig, build_model
 
-__all__ = ["CheckpointError", "RunFolderError", "LoadedRun", "prepare_out_dir", "is_run_folder", "resolve_data_path",
+__all__ = ["CheckpointError", "RunFolderError", "LoadedRun", "run_data", "prepare_out_dir", "is_run_folder", "resolve_data_path",
            "remove_stale_temporaries", "load_run", "load_run_data", "read_checkpoint", "checkpoint_dict",
            "atomic_torch_save", "atomic_write_text", "read_metrics", "append_metric", "truncate_metrics",
            "write_json", "read_json", "default_out_dir", "format_summary", "CHECKPOINT_KEYS"]
@@ -324,10 +324,18 @@ def load_run_data(run_dir: str, which: str = "best", device: str | torch.device 
     (same train/val split). Raises :class:`CheckpointError` when the data no longer has
     the checkpoint's vocabulary."""
     run = load_run(run_dir, which, device, arg)
+    cfg, data = run_data(run, run_dir, arg)
+    return run.model, cfg, data
+
+
+def run_data(run: LoadedRun, run_dir: str, arg: str | None = None):
+    """``(cfg, data)`` of a loaded run: its config with the data path resolved, and the data
+    (same train/val split). Raises :class:`CheckpointError` when the data no longer has the
+    checkpoint's vocabulary."""
     cfg = dataclasses.replace(run.config, data=resolve_data_path(run.config.data, run_dir))
     data = data_mod.load_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.vocab_size)
     if data.tokenizer.to_dict() != run.tokenizer.to_dict():
         who = f"{arg} {run_dir}" if arg else str(run_dir)
         raise CheckpointError(f"{who}: its data ({cfg.data or 'built-in corpus'}) no longer matches the "
                               "checkpoint's vocabulary")
-    return run.model, cfg, data
+    return cfg, data

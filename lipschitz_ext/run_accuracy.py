@@ -9,7 +9,7 @@ import torch
 from . import certify as certify_mod
 from .evaluate import loss_logit_scale
 from .protocols import EVAL_PROTOCOLS, PROTOCOL_HELP, evaluate_protocols
-from .run import load_run, load_run_data
+from .run import load_run, run_data
 
 __all__ = ["run_accuracy", "format_run_accuracy"]
 
@@ -33,7 +33,9 @@ def run_accuracy(run_dir: str, protocols: tuple[str, ...] = EVAL_PROTOCOLS, whic
     bad = [p for p in protocols if p not in EVAL_PROTOCOLS]
     if bad or not protocols:
         raise ValueError(f"protocols must be among {', '.join(EVAL_PROTOCOLS)}, got {', '.join(bad) or 'none'}")
-    model, cfg, data = load_run_data(run_dir, which, device, arg=None)
+    run = load_run(run_dir, which, device)
+    model = run.model
+    cfg, data = run_data(run, run_dir)
     scores = evaluate_protocols(model, data.val, cfg.seq_len, protocols, device, loss_logit_scale(cfg),
                                 min(cfg.batch_size, 64), cfg.eval_batches)
     bound = paper = None
@@ -41,8 +43,7 @@ def run_accuracy(run_dir: str, protocols: tuple[str, ...] = EVAL_PROTOCOLS, whic
         m = model.cpu()
         bound = float(certify_mod.certify(m, input_rms=m.input_rms()).bound)
         paper = float(certify_mod.paper_bound(m))
-    meta = load_run(run_dir, which)  # the checkpoint file and step it read
-    return {"run": run_dir, "checkpoint": meta.path, "step": meta.step, "seq_len": cfg.seq_len,
+    return {"run": run_dir, "checkpoint": run.path, "step": run.step, "seq_len": cfg.seq_len,
             "protocols": scores, "certified_bound": bound, "paper_bound": paper}
 
 

@@ -141,6 +141,20 @@ def spectral_weight_decay(
 _BOUND_FACTORS = (1.0 + 1e-6, 1.0 + 1e-4, 1.003, 1.03, 1.3)
 
 
+def _scaled_gram(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, Y, s, finite)``: the float64 small-side Gram matrix ``A`` of ``Y = W / s`` per matrix
+    (``s = max|W|``, 1 for zero or non-finite matrices, whose ``Y`` is 0), ``s`` and ``finite``
+    flattened to ``[B]``. The scaling keeps every entry of ``Y`` in ``[-1, 1]``: no overflow or
+    underflow for any finite input."""
+    m, n = W.shape[-2:]
+    X = W.reshape(-1, m, n).double()
+    mx = X.abs().amax(dim=(-2, -1), keepdim=True)
+    fin = torch.isfinite(mx)
+    s = torch.where((mx > 0) & fin, mx, torch.ones_like(mx))
+    Y = torch.where(fin, X / s, torch.zeros_like(X))
+    return (Y.mT @ Y if m >= n else Y @ Y.mT), Y, s.reshape(-1), fin.reshape(-1)
+
+
 def certified_at_most(W: torch.Tensor, t: float) -> torch.Tensor:
     """Whether ``sigma_max(W) < t`` is certified, per matrix of ``W [..., m, n]`` (bool ``[...]``).
 
@@ -150,17 +164,12 @@ def certified_at_most(W: torch.Tensor, t: float) -> torch.Tensor:
     six more factorizations) is paid only where this one fails. False for a non-finite
     matrix; True for a zero matrix when ``t > 0``.
     """
-    batch, (m, n) = W.shape[:-2], W.shape[-2:]
+    batch = W.shape[:-2]
     if W.numel() == 0:
         return torch.ones(batch, dtype=torch.bool, device=W.device)
-    X = W.reshape(-1, m, n).double()
-    mx = X.abs().amax(dim=(-2, -1), keepdim=True)
-    finite = torch.isfinite(mx).reshape(-1)
-    s = torch.where((mx > 0) & torch.isfinite(mx), mx, torch.ones_like(mx))
-    Y = torch.where(torch.isfinite(mx), X / s, torch.zeros_like(X))
-    A = Y.mT @ Y if m >= n else Y @ Y.mT
+    A, _, s, finite = _scaled_gram(W)
     r = A.shape[-1]
-    M = (float(t) / s.reshape(-1, 1, 1)).square() * torch.eye(r, dtype=torch.float64, device=W.device) - A
+    M = (float(t) / s).square()[:, None, None] * torch.eye(r, dtype=torch.float64, device=W.device) - A
     ok = (torch.linalg.cholesky_ex(M).info == 0) & finite & (float(t) > 0)
     return ok.reshape(batch)
 
@@ -191,31 +200,25 @@ def spectral_norm_bound(W: torch.Tensor, target: Optional[float] = None, iters: 
     if target is not None and not (float(target) >= 0 and float(target) < float("inf")):
         raise ValueError(f"spectral_norm_bound: argument 'target' must be finite and >= 0, got {target}")
     batch = W.shape[:-2]
-    m, n = W.shape[-2:]
     if W.numel() == 0:
         return W.new_zeros(batch, dtype=torch.float64)
-    X = W.reshape(-1, m, n).double()
-    mx = X.abs().amax(dim=(-2, -1), keepdim=True)
-    finite = torch.isfinite(mx)
-    s = torch.where((mx > 0) & finite, mx, torch.ones_like(mx))
-    Y = torch.where(finite, X / s, torch.zeros_like(X))
-    A = Y.mT @ Y if m >= n else Y @ Y.mT
+    A, Y, s, finite = _scaled_gram(W)
     r = A.shape[-1]
     fro = torch.linalg.matrix_norm(Y)
     safe = torch.minimum(fro, (Y.abs().sum(-2).amax(-1) * Y.abs().sum(-1).amax(-1)).sqrt())
-    v = torch.ones(X.shape[0], r, 1, dtype=torch.float64, device=X.device)
+    v = torch.ones(A.shape[0], r, 1, dtype=torch.float64, device=A.device)
     for _ in range(int(iters)):
         v = A @ v
         v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(1e-300)
     est = (v.mT @ A @ v).reshape(-1).clamp_min(0).sqrt()  # a lower bound on sigma_max(Y)
     cands = [est * f for f in _BOUND_FACTORS]
     if target is not None:
-        cands.insert(0, torch.full_like(est, float(target)) / s.reshape(-1))
+        cands.insert(0, torch.full_like(est, float(target)) / s)
     C = torch.stack(cands)  # [K, B]
-    eye = torch.eye(r, dtype=torch.float64, device=X.device)
+    eye = torch.eye(r, dtype=torch.float64, device=A.device)
     M = C.square()[..., None, None] * eye - A
     ok = torch.linalg.cholesky_ex(M.reshape(-1, r, r)).info.reshape(C.shape) == 0
     certified = torch.where(ok & (C > 0), C, torch.full_like(C, float("inf"))).amin(0)
-    ub = torch.minimum(safe, certified) * s.reshape(-1)
-    ub = torch.where(finite.reshape(-1), ub, torch.full_like(ub, float("nan")))
+    ub = torch.minimum(safe, certified) * s
+    ub = torch.where(finite, ub, torch.full_like(ub, float("nan")))
     return ub.reshape(batch)
