@@ -14,6 +14,7 @@
 #include "checks.h"
 #include "newton_schulz.h"
 #include "ns_coefficients.h"
+#include "ns_symmetric.h"
 
 namespace lipschitz {
 namespace {
@@ -104,6 +105,9 @@ at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_vi
   check_nonnegative(eps, "orthogonalize", "eps");
   const NSPlan plan = make_ns_plan(steps, coefficients, custom, "orthogonalize");
   if (G.numel() == 0) return at::empty(G.sizes(), G.options());
+  // LIPSCHITZ_NS_BACKEND=symmetric (off by default): csrc/cuda/ns_symmetric.cu; float64 stays here
+  if (ns_backend_from_env() == NSBackend::kSymmetric && G.scalar_type() != at::kDouble)
+    return orthogonalize_symmetric_cuda(G, plan, eps);
 
   const c10::cuda::CUDAGuard guard(G.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
