@@ -19,7 +19,7 @@ from .protocols import EVAL_PROTOCOLS
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "preset_override_notes", "validate", "field_help",
            "gpt_config", "build_model", "apply_target_bound", "TARGET_BOUND_MARGIN", "CAPPING_CONSTRAINTS",
-           "AUTOCAST_CHOICES"]
+           "AUTOCAST_CHOICES", "COMPILE_CHOICES"]
 
 
 def _f(default: Any, help: str) -> Any:
@@ -29,6 +29,9 @@ def _f(default: Any, help: str) -> Any:
 
 #: ``--autocast`` values (``auto`` resolves per device: lipschitz_ext.runtime.resolve_autocast).
 AUTOCAST_CHOICES = ("none", "bf16", "auto")
+
+#: ``--compile`` values (``auto`` resolves per device and run length: lipschitz_ext.runtime.resolve_compile).
+COMPILE_CHOICES = ("auto", "none", "model")
 
 #: Every --constraint choice, and those that keep every singular value at or under its cap
 #: after each step (what --target-bound's worst case assumes): the constraints' own facts.
@@ -114,6 +117,11 @@ class TrainConfig:
     autocast: str = _f("none", "none | bf16 | auto: precision of the training forward's matmuls and attention; "
                                "auto = bf16 where the hardware multiplies bf16 natively (CUDA, AVX512-BF16 or AMX "
                                "CPUs), else none. Evaluation, certification and sampling always run in float32")
+    compile: str = _f("auto", "auto | none | model: model = the training forward+backward (model and loss) through "
+                              "torch.compile, compiled once at the first step (tens of seconds on a CPU); auto = "
+                              "model where it pays: runs of at least 2000 steps (and, with a --time-budget, of at "
+                              "least 300 s), not with --attention fp8; none = eager. Evaluation, certification and "
+                              "sampling always run the uncompiled model")
 
 
 def field_help(name: str) -> str:
@@ -238,6 +246,11 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.pos_bias in POS_BIAS_KINDS, f"--pos-bias must be one of {', '.join(POS_BIAS_KINDS)}, got {cfg.pos_bias!r}"),
         (cfg.autocast in AUTOCAST_CHOICES,
          f"--autocast must be one of {', '.join(AUTOCAST_CHOICES)}, got {cfg.autocast!r}"),
+        (cfg.compile in COMPILE_CHOICES,
+         f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {cfg.compile!r}"),
+        (not (cfg.compile == "model" and cfg.attention == "fp8"),
+         "--compile model does not support --attention fp8: its static scales are reset at every evaluation, "
+         "which would recompile the step; use --compile none (or auto) with it"),
         (math.isfinite(cfg.softmax_scale) and cfg.softmax_scale >= 0,
          f"--softmax-scale must be finite and >= 0 (0 = positional attention), got {cfg.softmax_scale}"),
         (not (cfg.softmax_scale == 0 and cfg.attention == "fp8"),

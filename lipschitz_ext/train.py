@@ -9,6 +9,13 @@ Read top to bottom: :func:`train` sets a run up (:func:`setup`: config, device, 
 model, optimizer, checkpoint to resume from), runs the loop (:func:`loop`: one optimizer
 step per batch, logging, evaluation and checkpoints), and finishes it (:func:`finish`:
 final evaluation, sample, summary, plot). The run folder is :mod:`lipschitz_ext.run`'s.
+
+With ``--compile model`` (or ``auto`` where it pays: :func:`lipschitz_ext.runtime.resolve_compile`)
+the training loss, the model's forward and cross-entropy under autocast, goes through
+``torch.compile`` once (static shapes: every step has the same ``[batch, seq_len]``) and its
+backward through AOTAutograd; the optimizer step stays eager. ``Run.model``, what is saved,
+evaluated, certified and sampled, is always the uncompiled module, so checkpoints carry no
+``_orig_mod.`` prefix and evaluation gives the eager float32 numbers.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,13 +39,16 @@ from .plots import plot_curves
 from .run import (CHECKPOINT_KEYS, CheckpointError, append_metric, atomic_torch_save, atomic_write_text,
                   checkpoint_dict, default_out_dir, format_summary, prepare_out_dir, read_checkpoint, read_metrics,
                   resolve_data_path, truncate_metrics, write_json)
-from .runtime import Dist, StopRequest, init_distributed, resolve_autocast, resolve_device, training_autocast
+from .runtime import (Dist, StopRequest, compile_counters, init_distributed, resolve_autocast, resolve_compile,
+                      resolve_device, training_autocast)
 from .sampling import generate
 
-__all__ = ["train", "setup", "loop", "finish", "Run", "RESUME_OVERRIDES", "EXIT_CODES", "main"]
+__all__ = ["train", "setup", "loop", "finish", "Run", "RESUME_OVERRIDES", "EXIT_CODES", "main", "training_loss_fn",
+           "ns_dtype_of"]
 
-#: What may change when a run is resumed (everything else comes from its checkpoint).
-RESUME_OVERRIDES = ("steps", "time_budget", "stop_after", "device", "threads", "eval_every", "log_every")
+#: What may change when a run is resumed (everything else comes from its checkpoint). A
+#: changed --compile (like --device) keeps the run going but not bit for bit.
+RESUME_OVERRIDES = ("steps", "time_budget", "stop_after", "device", "threads", "eval_every", "log_every", "compile")
 
 #: Process exit status of ``lipschitz-train`` per final run status.
 EXIT_CODES = {"completed": 0, "time_budget": 0, "paused": 0, "interrupted": 130, "diverged": 1}
@@ -57,6 +68,8 @@ class Run:
     sampler: data_mod.BatchSampler
     out: str
     amp: str  # the resolved --autocast mode
+    compile: str = "none"  # the resolved --compile mode
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (x, y) -> training loss
     step: int = 0
     best_val: float = math.inf
     elapsed0: float = 0.0  # seconds trained before this invocation (resume)
@@ -64,6 +77,8 @@ class Run:
     t_start: float = field(default_factory=time.time)
     last_eval: dict = field(default_factory=dict)
     last_eval_step: int = -1
+    # torch.compile's work in this invocation: frames/graphs/graph_breaks, first_step_seconds
+    compile_stats: dict = field(default_factory=dict)
 
     @property
     def metrics_path(self) -> str:
@@ -118,7 +133,8 @@ def _resumed_config(resume: str, overrides: dict | None) -> tuple[TrainConfig, d
             print(f"note: --resume {resume}: moved the unusable latest.pt to {aside}", file=sys.stderr)
         except FileNotFoundError:  # another rank of this torchrun moved it first
             pass
-    cfg = TrainConfig(**{**ckpt["config"], "stop_after": 0, **(overrides or {})})
+    # a run saved before --compile existed ran eager: resume it eager (bit-exact), unless told otherwise
+    cfg = TrainConfig(**{"compile": "none", **ckpt["config"], "stop_after": 0, **(overrides or {})})
     cfg.out = resume
     cfg.data = resolve_data_path(cfg.data, resume)  # older run folders stored it as typed
     return cfg, ckpt
@@ -170,7 +186,9 @@ def setup(cfg: TrainConfig | None = None, resume: str | None = None, overrides: 
     if dist.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    run = Run(cfg, device, dist, data, model, train_model, opt, sampler, cfg.out, resolve_autocast(cfg, device))
+    run = Run(cfg, device, dist, data, model, train_model, opt, sampler, cfg.out, resolve_autocast(cfg, device),
+              resolve_compile(cfg, device))
+    run.loss_fn = training_loss_fn(train_model, cfg, run.amp, device, compiled=run.compile == "model")
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -192,6 +210,48 @@ def setup(cfg: TrainConfig | None = None, resume: str | None = None, overrides: 
     if ckpt is None:
         run.checkpoint("latest.pt")  # a run always has a checkpoint to fall back to
     return run
+
+
+def training_loss_fn(train_model: torch.nn.Module, cfg: TrainConfig, amp: str, device: torch.device,
+                     compiled: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss(x [B, T] long, y [B, T] long) -> scalar``: the mean next-token cross-entropy of
+    ``loss_logit_scale(cfg) * train_model(x)`` (forward under the resolved autocast ``amp``,
+    loss in float32), as one function so that ``compiled=True`` puts the forward and the
+    loss (and, through AOTAutograd, their backward) in one ``torch.compile`` graph.
+
+    Compiled with ``dynamic=False``: the training batches all have one shape, so the graph is
+    built once at the first call; a different shape would compile a second static graph (the
+    run's summary counts the frames compiled, 1 expected). ``train_model`` itself is left
+    as it is (no ``_orig_mod`` wrapper on what is saved)."""
+    scale = loss_logit_scale(cfg)
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with training_autocast(amp, device):
+            logits = train_model(x)
+        return F.cross_entropy(scale * logits.flatten(0, 1).float(), y.flatten())
+
+    return torch.compile(loss, dynamic=False) if compiled else loss
+
+
+def ns_dtype_of(opt) -> str | None:
+    """The Newton-Schulz compute dtype of the Muon optimizers of ``opt`` (a build_optimizer
+    result), as a name (``"float32"``, ``"bfloat16"``); None when no optimizer orthogonalizes
+    (the baseline's AdamW). Read from the optimizer's ``ns_dtype_resolved`` (or ``ns_dtype``)
+    attribute where it has one, else ``"float32"`` (the Muon of lipschitz_ext.optim before it
+    had the option); several dtypes are joined with ``+``."""
+    from .optim import Muon
+
+    found = []
+    for o in getattr(opt, "optimizers", [opt]):
+        if not isinstance(o, Muon):
+            continue
+        value = next((getattr(o, a) for a in ("ns_dtype_resolved", "ns_dtype") if getattr(o, a, None) is not None),
+                     "float32")
+        for v in value.values() if isinstance(value, dict) else [value]:
+            name = str(v).removeprefix("torch.")
+            if name not in found:
+                found.append(name)
+    return "+".join(found) if found else None
 
 
 def _restore_last_eval(run: Run) -> None:
@@ -219,6 +279,7 @@ def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
     status, message = "completed", ""
     run.t_start = time.time()
     run.model.train()
+    counted = compile_counters()
     with StopRequest() as stop:
         while run.step < cfg.steps:
             if 0 < cfg.stop_after <= run.step:
@@ -232,15 +293,17 @@ def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
 
             set_lrs(run.opt, lr_multiplier(cfg, run.step, now))
             x, y = run.sampler.next(device)
-            with training_autocast(run.amp, device):
-                logits = run.train_model(x)
-            loss = F.cross_entropy(loss_logit_scale(cfg) * logits.flatten(0, 1).float(), y.flatten())
+            t_step = time.time()
+            loss = run.loss_fn(x, y)
             if not torch.isfinite(loss):
                 status = "diverged"
                 message = (f"non-finite loss ({loss.item()}) at step {run.step}: stopping; the last good "
                            f"checkpoint is {os.path.join(run.out, 'latest.pt')}")
                 break
             loss.backward()
+            if run.compile == "model" and "first_step_seconds" not in run.compile_stats:
+                # the compilation happens in the first forward and backward
+                run.compile_stats["first_step_seconds"] = time.time() - t_step
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
             run.step += 1
@@ -268,6 +331,9 @@ def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
                 run.checkpoint("latest.pt")
                 break
     bar.close()
+    now_counted = compile_counters()
+    for k, v in now_counted.items():
+        run.compile_stats[k] = run.compile_stats.get(k, 0) + v - counted[k]
     return status, message
 
 
@@ -302,6 +368,9 @@ def finish(run: Run, status: str, message: str, quiet: bool = False) -> dict:
         "model": cfg.model, "preset": cfg.preset, "params": sum(p.numel() for p in run.model.parameters()),
         "data": data.source, "vocab_size": data.vocab_size,
         "autocast": run.amp,  # the precision the training forward ran in
+        # requested and resolved --compile, and what dynamo compiled in this invocation
+        "compile": {"requested": cfg.compile, "resolved": run.compile, **run.compile_stats},
+        "ns_dtype": ns_dtype_of(run.opt),  # Newton-Schulz compute dtype of the Muon steps (None: AdamW)
         "eval_protocol": cfg.eval_protocol,  # the windows of val_accuracy / val_loss above
     }
     if status in ("completed", "time_budget") and dist.main:
