@@ -20,7 +20,7 @@ TORCH_LIBRARY(lipschitz, m) {
   // Muon's msign by Newton-Schulz; see csrc/cpu/orthogonalize.cpp.
   m.def(
       "orthogonalize(Tensor G, int steps=5, str coefficients=\"polar_express\", "
-      "float[] custom=[], float eps=1e-07) -> Tensor");
+      "float[] custom=[], float eps=1e-07, ScalarType? compute_dtype=None) -> Tensor");
   // The composite scalar polynomial of those steps, elementwise (no
   // normalization): s -> p(s). For update-norm bounds (p_max) and tests.
   m.def(

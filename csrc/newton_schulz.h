@@ -6,9 +6,24 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "ns_coefficients.h"
 
 namespace lipschitz {
+
+// The dtype the Newton-Schulz GEMMs run in: `requested` when given (bfloat16,
+// float32 or float64; bf16 GEMMs accumulate in fp32), else the device default
+// `fallback` (float64 input stays float64).
+inline at::ScalarType ns_compute_dtype(at::ScalarType input, std::optional<at::ScalarType> requested,
+                                       at::ScalarType fallback) {
+  if (!requested.has_value()) return input == at::kDouble ? at::kDouble : fallback;
+  const at::ScalarType t = *requested;
+  TORCH_CHECK(t == at::kBFloat16 || t == at::kFloat || t == at::kDouble,
+              "orthogonalize: argument 'compute_dtype' must be bfloat16, float32 or float64 "
+              "(or None for the device default), got ", t);
+  return t;
+}
 
 // Works in the wide orientation without copying: for a tall X (m > n) the
 // Gram matrix is X^T X (n x n) and the update is X (a I + B).

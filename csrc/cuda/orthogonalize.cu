@@ -1,6 +1,6 @@
 // CUDA kernel of lipschitz::orthogonalize: one batched pipeline per call.
 //   1. per-matrix sum of squares (float64 accumulation, one pass over G),
-//   2. scale + cast to the compute dtype (bf16; float64 stays float64),
+//   2. scale + cast to the compute dtype (compute_dtype, default bf16; float64 stays float64),
 //   3. Newton-Schulz steps as batched cuBLAS GEMMs with fused epilogues
 //      (csrc/newton_schulz.h), Gram matrix on the small side.
 #include <ATen/ATen.h>
@@ -100,20 +100,22 @@ at::Tensor ns_polynomial_cuda(const at::Tensor& s, int64_t steps, c10::string_vi
 }
 
 at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
-                              at::ArrayRef<double> custom, double eps) {
+                              at::ArrayRef<double> custom, double eps,
+                              std::optional<at::ScalarType> compute_dtype) {
   check_matrix_batch(G, "orthogonalize", "G");
   check_nonnegative(eps, "orthogonalize", "eps");
   const NSPlan plan = make_ns_plan(steps, coefficients, custom, "orthogonalize");
+  // default bf16 (fp32 accumulation); float64 stays float64
+  const auto compute = ns_compute_dtype(G.scalar_type(), compute_dtype, at::kBFloat16);
   if (G.numel() == 0) return at::empty(G.sizes(), G.options());
-  // LIPSCHITZ_NS_BACKEND=symmetric (off by default): csrc/cuda/ns_symmetric.cu; float64 stays here
-  if (ns_backend_from_env() == NSBackend::kSymmetric && G.scalar_type() != at::kDouble)
+  // LIPSCHITZ_NS_BACKEND=symmetric (off by default): csrc/cuda/ns_symmetric.cu; bf16 compute only
+  if (ns_backend_from_env() == NSBackend::kSymmetric && compute == at::kBFloat16)
     return orthogonalize_symmetric_cuda(G, plan, eps);
 
   const c10::cuda::CUDAGuard guard(G.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor G3 = as_batch3d(G).contiguous();
   const int64_t batch = G3.size(0), per_matrix = G3.size(1) * G3.size(2);
-  const auto compute = G.scalar_type() == at::kDouble ? at::kDouble : at::kBFloat16;
 
   at::Tensor sumsq = at::zeros({batch}, G.options().dtype(at::kDouble));
   at::Tensor X = at::empty(G3.sizes(), G.options().dtype(compute));
@@ -133,6 +135,10 @@ at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_vi
       normalize_cast_kernel<scalar_t, double><<<cast_blocks, kThreads, 0, stream>>>(
           G3.data_ptr<scalar_t>(), per_matrix, total, sumsq.data_ptr<double>(), plan.norm_scale,
           eps, X.data_ptr<double>());
+    } else if (compute == at::kFloat) {
+      normalize_cast_kernel<scalar_t, float><<<cast_blocks, kThreads, 0, stream>>>(
+          G3.data_ptr<scalar_t>(), per_matrix, total, sumsq.data_ptr<double>(), plan.norm_scale,
+          eps, X.data_ptr<float>());
     } else {
       normalize_cast_kernel<scalar_t, at::BFloat16><<<cast_blocks, kThreads, 0, stream>>>(
           G3.data_ptr<scalar_t>(), per_matrix, total, sumsq.data_ptr<double>(), plan.norm_scale,

@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import functools
+import platform
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-__all__ = ["orthogonalize", "ns_polynomial", "ns_max_gain", "COEFFICIENT_SETS"]
+__all__ = ["orthogonalize", "ns_polynomial", "ns_max_gain", "COEFFICIENT_SETS", "COMPUTE_DTYPES",
+           "native_bf16_matmul"]
+
+#: ``compute_dtype`` values :func:`orthogonalize` accepts (besides None, the device default).
+COMPUTE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 
 #: Named Newton-Schulz coefficient sets understood by :func:`orthogonalize`.
 COEFFICIENT_SETS = ("jordan", "you", "jiacheng", "polar_express")
@@ -31,11 +37,61 @@ def _coefficient_args(coefficients: Coefficients) -> tuple[str, list[float]]:
     return "custom", flat
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):  # x86 / aarch64
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_matmul(device: Union[torch.device, str]) -> bool:
+    """Whether bf16 GEMMs (fp32 accumulation) run natively, faster than float32, on ``device``.
+
+    CUDA: always (tensor cores, or at worst cuBLAS's bf16 path). CPU: an x86 core
+    with AVX512-BF16 or AMX-BF16 (``/proc/cpuinfo`` flags; oneDNN then multiplies
+    bf16 natively) or an aarch64 core with the BF16 extension; without them
+    oneDNN emulates bf16 and float32 is faster. Other devices: False.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return True
+    if dev.type != "cpu":
+        return False
+    flags = _cpu_flags()
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags) and torch.backends.mkldnn.is_available()
+
+
+def _compute_dtype_arg(compute_dtype) -> Optional[torch.dtype]:
+    if compute_dtype is None:
+        return None
+    dt = compute_dtype
+    if isinstance(dt, str):
+        dt = getattr(torch, dt.removeprefix("torch."), None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"orthogonalize: argument 'compute_dtype' must be one of 'bfloat16', 'float32', "
+                             f"'float64', a torch dtype or None, got {compute_dtype!r}")
+    if not isinstance(dt, torch.dtype):
+        raise TypeError(f"orthogonalize: argument 'compute_dtype' must be a torch.dtype, a dtype name or None, "
+                        f"got {type(compute_dtype).__name__}")
+    if dt not in COMPUTE_DTYPES:
+        raise ValueError(f"orthogonalize: argument 'compute_dtype' must be bfloat16, float32 or float64, got {dt}")
+    return dt
+
+
 def orthogonalize(
     G: torch.Tensor,
     steps: int = 5,
     coefficients: Coefficients = "polar_express",
     eps: float = 1e-7,
+    compute_dtype: Union[torch.dtype, str, None] = None,
 ) -> torch.Tensor:
     """Muon's msign: approximately ``U V^T`` for ``G = U S V^T``, by Newton-Schulz.
 
@@ -48,20 +104,27 @@ def orthogonalize(
             ``(a, b, c)`` triples. Step ``i`` uses triple ``min(i, len - 1)``: past
             the end of a table the last triple repeats.
         eps: added to the normalizer ``||G||_F * (1.01 for polar_express else 1)``.
+        compute_dtype: the dtype of the Newton-Schulz GEMMs: ``torch.bfloat16``
+            (fp32 accumulation, bf16 rounding of each product: singular values land
+            within ~1e-2 of the composite polynomial's), ``torch.float32``,
+            ``torch.float64``, their names, or None (default) for the device
+            default: bf16 on CUDA, float32 on CPU, float64 for float64 input. The
+            Frobenius normalizer is always accumulated in float64.
+            :func:`native_bf16_matmul` says where bf16 pays.
 
     Returns:
         Tensor of G's shape and dtype. Each singular value ``s`` of ``G`` becomes
         ``p(s / (||G||_F * scale + eps))`` where ``p`` is the composite odd
-        polynomial of the steps (near 1 for Polar Express). Computed in bf16 with
-        fp32 accumulation on CUDA (float64 stays float64), in float32 (float64
-        for float64 input) on CPU. Non-finite input yields NaN output.
+        polynomial of the steps (near 1 for Polar Express), up to the rounding
+        of ``compute_dtype``. Non-finite input yields NaN output.
     """
     name, custom = _coefficient_args(coefficients)
-    return torch.ops.lipschitz.orthogonalize.default(G, int(steps), name, custom, float(eps))
+    return torch.ops.lipschitz.orthogonalize.default(G, int(steps), name, custom, float(eps),
+                                                      _compute_dtype_arg(compute_dtype))
 
 
 @torch.library.register_fake("lipschitz::orthogonalize")
-def _orthogonalize_fake(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7):
+def _orthogonalize_fake(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7, compute_dtype=None):
     torch._check(G.dim() >= 2, lambda: "orthogonalize: argument 'G' must have rank >= 2")
     torch._check(G.dtype.is_floating_point, lambda: "orthogonalize: argument 'G' must be floating")
     return G.new_empty(G.shape)
