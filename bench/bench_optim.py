@@ -17,6 +17,14 @@ Implementations (each one step = what the paper's training loop does per step):
   parameter dtype) Newton-Schulz, to separate batching from precision.
 All use 5 Newton-Schulz steps and the same coupled soft-cap alpha.
 
+``muon_step`` (issue 23): one Muon step over the ``shakespeare-cpu`` preset's hidden
+matrices (the README's main job), ours (``ns_dtype="auto"``: bf16 GEMMs where the
+hardware multiplies bf16 natively) against ``torch.optim.Muon`` (bf16
+Newton-Schulz, per-parameter loop) and ours forced to float32, in the same run;
+``muon_step_soft_cap`` the same with the soft cap (torch's step followed by the
+plain-PyTorch cap as its baseline). Their floor is the Newton-Schulz FLOPs at the
+measured peak of the dtype ours resolves to.
+
 Case definitions are plain functions (``model_shapes``, ``make_params``,
 ``make_step``) so a runner can import them; ``cases(cfg)`` exposes them to the
 shared runner (``lipschitz-bench --suite optim``), whose C++ loop times them and
@@ -126,6 +134,99 @@ def step_flops(model: str) -> float:
     return total
 
 
+def preset_hidden_shapes(preset: str = "shakespeare-cpu") -> list[tuple[int, int]]:
+    """The hidden (Muon, constrained) matrix shapes of a training preset's model."""
+    from lipschitz_ext import config
+
+    model = config.build_model(config.config_from_preset(preset), 65)
+    return [tuple(p.shape) for d in model.param_groups_spec() if d["kind"] == "hidden" for p in d["params"]]
+
+
+MUON_IMPLS = ("lipschitz_ext", "lipschitz_ext_float32", "torch_optim_muon")
+
+
+def make_muon_step(impl: str, params: list[torch.nn.Parameter], soft_cap: bool) -> Callable[[], None]:
+    """One Muon step of ``impl`` (see :data:`MUON_IMPLS`), then the soft cap if ``soft_cap``."""
+    lr, mom, steps = PARAMS["lr"], PARAMS["momentum"], PARAMS["ns_steps"]
+    alpha = soft_cap_alpha()
+    if impl in ("lipschitz_ext", "lipschitz_ext_float32"):
+        cap = constraints.SpectralSoftCap(PARAMS["sigma_max"], alpha=alpha) if soft_cap else None
+        opt = Muon(params, lr=lr, momentum=mom, ns_steps=steps, constraint=cap,
+                   ns_dtype="auto" if impl == "lipschitz_ext" else "float32")
+        return opt.step
+    if impl == "torch_optim_muon":
+        if not hasattr(torch.optim, "Muon"):
+            from lipschitz_ext.bench import Skip
+
+            raise Skip(f"torch {torch.__version__} has no torch.optim.Muon")
+        opt = torch.optim.Muon(params, lr=lr, momentum=mom, weight_decay=0.0, ns_steps=steps)
+        if not soft_cap:
+            return opt.step
+
+        def step():
+            opt.step()
+            with torch.no_grad():
+                for p in params:
+                    torch_soft_cap_(p, alpha)
+
+        return step
+    raise ValueError(f"bench_optim: unknown impl {impl!r}; choose from {MUON_IMPLS}")
+
+
+def ns_flops(shapes: list[tuple[int, int]]) -> float:
+    """Newton-Schulz FLOPs of one step over ``shapes`` (``4 s^2 l + 2 s^3`` per NS step)."""
+    total = 0.0
+    for m, n in shapes:
+        s, l = min(m, n), max(m, n)
+        total += PARAMS["ns_steps"] * (4 * s * s * l + 2 * s**3)
+    return total
+
+
+def _muon_factory(impl: str, shapes: list[tuple[int, int]], dtype: torch.dtype, device: str, soft_cap: bool):
+    from lipschitz_ext.bench import Setup
+
+    def build(n_sets: int) -> Setup:
+        g = torch.Generator().manual_seed(0)
+        params = []
+        for m, n in shapes:
+            W = torch.randn(m, n, generator=g) * (math.sqrt(m / n) / (math.sqrt(m) + math.sqrt(n)))
+            p = torch.nn.Parameter(W.to(device=device, dtype=dtype))
+            p.grad = torch.randn(m, n, generator=g).to(device=device, dtype=dtype)
+            params.append(p)
+        return Setup(make_muon_step(impl, params, soft_cap), [()])
+
+    return build
+
+
+def muon_cases(cfg) -> list:
+    """``muon_step`` / ``muon_step_soft_cap`` on the shakespeare-cpu hidden matrices
+    (smoke: two tiny matrices), ours vs torch.optim.Muon and ours in float32."""
+    from lipschitz_ext.bench import Case
+    from lipschitz_ext.optim import resolve_ns_dtype
+
+    device = str(cfg.device)
+    dtype = cfg.dtype or torch.float32
+    shapes = [(16, 16), (64, 16), (16, 64)] if cfg.smoke else preset_hidden_shapes()
+    ns = resolve_ns_dtype("auto", cfg.device, dtype)
+    out = []
+    for soft_cap in (False, True):
+        out.append(Case(
+            name="muon_step_soft_cap" if soft_cap else "muon_step",
+            shape=(len(shapes), max(max(s) for s in shapes)),
+            dtype=dtype,
+            params={"model": "smoke" if cfg.smoke else "shakespeare-cpu", "matrices": len(shapes),
+                    "shapes": [list(s) for s in shapes], "ns_dtype": str(ns).removeprefix("torch."),
+                    "constraint": "soft_cap" if soft_cap else "none",
+                    **{k: v for k, v in PARAMS.items() if k != "constraint"}},
+            ours=_muon_factory("lipschitz_ext", shapes, dtype, device, soft_cap),
+            baselines={impl: _muon_factory(impl, shapes, dtype, device, soft_cap) for impl in MUON_IMPLS[1:]},
+            flops=ns_flops(shapes),
+            bytes=5.0 * sum(m * n for m, n in shapes) * dtype.itemsize,
+            peak="bf16_tflops" if ns == torch.bfloat16 else "fp32_tflops" if ns == torch.float32 else None,
+        ))
+    return out
+
+
 def _factory(impl: str, model: str, dtype: torch.dtype, device: str):
     from lipschitz_ext.bench import Setup
 
@@ -166,7 +267,7 @@ def cases(cfg) -> list:
             bytes=5.0 * n_elem * dtype.itemsize,
             peak=None if cfg.is_cuda else "fp32_tflops",
         ))
-    return out
+    return out + muon_cases(cfg)
 
 
 if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite optim [its options]

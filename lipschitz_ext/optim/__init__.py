@@ -10,16 +10,18 @@
 """
 
 from .adam import ConstrainedAdam
-from .muon import UPDATE_SCALES, Muon, update_scale_factor
+from .muon import NS_DTYPES, UPDATE_SCALES, Muon, resolve_ns_dtype, update_scale_factor
 from .setup import OptimizerSet, ParamRole, build_optimizers, classify_parameters
 
 __all__ = [
     "ConstrainedAdam",
     "Muon",
+    "NS_DTYPES",
     "OptimizerSet",
     "ParamRole",
     "UPDATE_SCALES",
     "build_optimizers",
     "classify_parameters",
+    "resolve_ns_dtype",
     "update_scale_factor",
 ]

@@ -232,8 +232,8 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         update_norm_safety: multiplies the update-norm bound passed to the constraint
             (it also covers bf16 Newton-Schulz: singular values within ~1% of ``p_max``).
         nonfinite: what a non-finite gradient in a group does. The check runs on the
-            device (``max |g|`` per matrix, through a float64 sum: finite entries
-            never overflow it) and costs no host sync; a bad group's step is skipped
+            device (max and min per matrix: huge finite entries pass) and costs no
+            host sync; a bad group's step is skipped
             there -- momentum, weights and constraint state kept bit for bit (a
             first step's momentum buffer is created as zeros). ``"raise"``
             (default): the next ``step()`` raises RuntimeError naming the group and
@@ -325,6 +325,7 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         if c is not None and not callable(getattr(c, "apply_", None)):
             raise TypeError(f"Muon: constraint must have an apply_ method, got {type(c).__name__}")
         check_hyper(g, len(self.param_groups) - 1)
+        self.p_max(g["ns_steps"], g["coefficients"])  # a host computation: not inside step()
         for i, p in enumerate(g["params"]):
             if p.dim() < 2:
                 raise ValueError(
@@ -523,8 +524,9 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
             grads.append(b.gbuf)
         ok = None
         if gated:
-            # float64 sums: NaN/inf iff an entry is (finite float32 entries cannot overflow them)
-            finite = [torch.isfinite(g.sum(dim=(-2, -1), dtype=torch.float64)) for g in grads]
+            # per-matrix max and min (NaN propagates): finite iff every entry is, and
+            # no overflow of finite entries (unlike a 2-norm)
+            finite = [torch.isfinite(g.amax(dim=(-2, -1))) & torch.isfinite(g.amin(dim=(-2, -1))) for g in grads]
             dev0 = grads[0].device
             allfinite = torch.cat([x.to(dev0, non_blocking=True) for x in finite]) if len(finite) > 1 else finite[0]
             ok = allfinite.all()
@@ -557,9 +559,12 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
                 decay = 1.0 - lr * wd
                 fd = None if f is None else f if f.dtype in (torch.float32, torch.float64) else f.float()
                 torch._foreach_mul_(values, decay if fd is None else fd * (decay - 1.0) + 1.0)
-            if f is not None:
-                O = O.mul_(f)  # finite: a skipped step adds exactly zero
-            torch._foreach_add_(values, list(O.split(b.counts)), alpha=-lr * hyper["scale"])
+            alpha = -lr * hyper["scale"]
+            if f is None:
+                torch._foreach_add_(values, list(O.split(b.counts)), alpha=alpha)
+            else:
+                for v, o in zip(values, O.split(b.counts)):
+                    v.addcmul_(o, f, value=alpha)  # O finite: a skipped step adds exactly zero
             return
         states = [self.state[p] for p in b.params]
         pieces = overlaps(b.counts, 0, sum(b.counts))

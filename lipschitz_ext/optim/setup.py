@@ -160,6 +160,19 @@ class OptimizerSet:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
+    @property
+    def ns_dtype_resolved(self) -> Optional[str]:
+        """The Muon optimizer's resolved Newton-Schulz dtype (:attr:`Muon.ns_dtype_resolved`), None without one."""
+        muon = self.by_name.get("muon")
+        return None if muon is None else muon.ns_dtype_resolved
+
+    def check_nonfinite(self) -> None:
+        """Raise now for a skipped non-finite Muon step not yet reported (:meth:`Muon.check_nonfinite`)."""
+        for o in self.optimizers:
+            check = getattr(o, "check_nonfinite", None)
+            if check is not None:
+                check()
+
     def state_dict(self) -> dict[str, Any]:
         return {name: o.state_dict() for name, o in self.by_name.items()}
 
@@ -199,6 +212,7 @@ def build_optimizers(
     head_names: Optional[Iterable[str]] = None,
     embedding_names: Optional[Iterable[str]] = None,
     distributed: str = "auto",
+    ns_dtype: str = "auto",
 ) -> OptimizerSet:
     """Build Muon (hidden + head matrices) and Adam (embeddings + vectors) for ``model``.
 
@@ -207,7 +221,8 @@ def build_optimizers(
     Constraint specs: a name for ``lipschitz_ext.constraints.make_constraint`` (caps get
     ``sigma_max=``, ``"embedding_rms"`` gets ``max_rms=``), a constraint object, a
     callable ``sigma_max -> constraint``, or None. A role's ``sigma_max`` from
-    ``param_groups_spec()`` overrides the default cap of its kind.
+    ``param_groups_spec()`` overrides the default cap of its kind. ``ns_dtype``: Muon's
+    Newton-Schulz compute dtype (``"auto"``: bf16 where the hardware multiplies it natively).
 
     Returns:
         :class:`OptimizerSet` with ``"muon"`` and/or ``"adam"`` (only those with
@@ -235,7 +250,7 @@ def build_optimizers(
     if muon_groups:
         opts["muon"] = Muon(muon_groups, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                             coefficients=coefficients, weight_decay=weight_decay,
-                            update_scale=update_scale, distributed=distributed)
+                            update_scale=update_scale, distributed=distributed, ns_dtype=ns_dtype)
     if adam_groups:
         opts["adam"] = ConstrainedAdam(adam_groups, lr=embed_lr, betas=adam_betas, eps=adam_eps)
     if not opts:
