@@ -92,6 +92,23 @@ def _ns_loop(G: torch.Tensor, steps: int) -> torch.Tensor:
     return X.mT if G.shape[0] > G.shape[1] else X
 
 
+def _torch_muon_step(params: list[torch.nn.Parameter], soft_cap: bool) -> Callable[[], None]:
+    """``torch.optim.Muon``'s step (bf16 Newton-Schulz), then the plain-PyTorch soft cap if ``soft_cap``."""
+    opt = torch.optim.Muon(params, lr=PARAMS["lr"], momentum=PARAMS["momentum"], weight_decay=0.0,
+                           ns_steps=PARAMS["ns_steps"])
+    if not soft_cap:
+        return opt.step
+    alpha = soft_cap_alpha()
+
+    def step():
+        opt.step()
+        with torch.no_grad():
+            for p in params:
+                torch_soft_cap_(p, alpha)
+
+    return step
+
+
 def make_step(impl: str, params: list[torch.nn.Parameter]) -> Callable[[], None]:
     """A zero-argument callable doing one optimizer step of ``impl`` on ``params``."""
     lr, mom, steps = PARAMS["lr"], PARAMS["momentum"], PARAMS["ns_steps"]
@@ -101,15 +118,7 @@ def make_step(impl: str, params: list[torch.nn.Parameter]) -> Callable[[], None]
                    constraint=constraints.SpectralSoftCap(PARAMS["sigma_max"], alpha=alpha))
         return opt.step
     if impl == "torch_muon_softcap":
-        opt = torch.optim.Muon(params, lr=lr, momentum=mom, weight_decay=0.0, ns_steps=steps)
-
-        def step():
-            opt.step()
-            with torch.no_grad():
-                for p in params:
-                    torch_soft_cap_(p, alpha)
-
-        return step
+        return _torch_muon_step(params, soft_cap=True)
     if impl == "torch_fp32_loop_softcap":
         bufs = [torch.zeros_like(p) for p in params]
 
@@ -159,17 +168,7 @@ def make_muon_step(impl: str, params: list[torch.nn.Parameter], soft_cap: bool) 
             from lipschitz_ext.bench import Skip
 
             raise Skip(f"torch {torch.__version__} has no torch.optim.Muon")
-        opt = torch.optim.Muon(params, lr=lr, momentum=mom, weight_decay=0.0, ns_steps=steps)
-        if not soft_cap:
-            return opt.step
-
-        def step():
-            opt.step()
-            with torch.no_grad():
-                for p in params:
-                    torch_soft_cap_(p, alpha)
-
-        return step
+        return _torch_muon_step(params, soft_cap)
     raise ValueError(f"bench_optim: unknown impl {impl!r}; choose from {MUON_IMPLS}")
 
 

@@ -347,9 +347,17 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         check_hyper(group, gi)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as ``torch.optim.Optimizer`` does; the buckets are prepared again at the next step."""
+        """Load as ``torch.optim.Optimizer`` does; the buckets are prepared again at the next step.
+
+        Momentum buffers are copied now (a live optimizer's state dict shares its
+        tensors) and go into fresh stacked buffers at the next step.
+        """
         super().load_state_dict(state_dict)
         self._plans.clear()
+        for st in self.state.values():
+            buf = st.get("momentum_buffer")
+            if isinstance(buf, torch.Tensor) and not _dist.is_dtensor(buf):
+                st["momentum_buffer"] = buf.clone()
 
     def p_max(self, ns_steps: int, coefficients) -> float:
         """Cached :func:`lipschitz_ext.ops.ns_max_gain` for a group's settings."""
