@@ -35,11 +35,16 @@ POLYNOMIAL_PRESCALE = 3.0
 
 
 def spectral_soft_cap(W: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
-    """Spectral soft cap: ``W <- W (I - a W^T W)`` then ``W <- W (I + a W^T W)``.
+    """Spectral soft cap: ``W <- W (I - a W^T W)`` then ``W <- W (I + a W^T W)``, as one update.
 
     Every singular value ``s`` becomes ``f(s) = s1 + a s1^3`` with ``s1 = s - a s^3``
-    (singular vectors unchanged). Four batched GEMMs; the Gram matrix is formed on
-    the small side. Choose ``a`` with :func:`soft_cap_alpha`.
+    (singular vectors unchanged). The two rounds compose into ``W' = W (I - 3 x^2 +
+    3 x^3 - x^4)``, ``x = a G``, ``G = W^T W`` on the small side (``W W^T``, multiplied
+    from the left, for wide ``W``), computed as ``H = x^2``, ``P = H (H - 3 x + 3 I)``,
+    ``W' = W - W P``: four batched GEMMs, two of them on the small side only, and one
+    rounding of ``W`` (derivation: docs/soft_cap.md;
+    :func:`soft_cap_two_round_reference` is the two-round form). Choose ``a`` with
+    :func:`soft_cap_alpha`.
 
     Args:
         W: ``[..., m, n]`` floating tensor.
@@ -52,6 +57,38 @@ def spectral_soft_cap(W: torch.Tensor, alpha: Union[float, torch.Tensor]) -> tor
     if isinstance(alpha, torch.Tensor):
         return torch.ops.lipschitz.spectral_soft_cap.per_matrix(W, alpha)
     return torch.ops.lipschitz.spectral_soft_cap.default(W, float(alpha))
+
+
+def soft_cap_two_round_reference(W: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
+    """The soft cap as the two rounds the op ran before issue 21 (kept as the reference).
+
+    ``W <- W + (-a) W G`` with ``G = W^T W``, then ``W <- W + a W G`` with the new ``G``
+    (small side: ``G = W W^T`` and ``G W`` for wide ``W``), by the same ATen calls the
+    C++ op made (``bmm`` for the Gram matrix, ``baddbmm`` with the residual fused), in
+    float32 (float64 for float64 input): four batched GEMMs and two roundings of ``W``.
+    Mathematically equal to :func:`spectral_soft_cap` (docs/soft_cap.md); the
+    benchmark times both in one run and the tests compare them.
+
+    Args:
+        W: ``[..., m, n]`` floating tensor.
+        alpha: a float, or a tensor of shape ``W.shape[:-2]`` or 0-d (one ``a`` per matrix).
+
+    Returns:
+        A new tensor of W's shape and dtype.
+    """
+    *batch, m, n = W.shape
+    st = torch.float64 if W.dtype == torch.float64 else torch.float32
+    X = W.reshape(-1, m, n).to(st)
+    tall = m > n
+    per_matrix = isinstance(alpha, torch.Tensor)
+    a3 = alpha.to(st).reshape(-1, 1, 1).expand(X.shape[0], 1, 1) if per_matrix else None
+    for sign in (-1.0, 1.0):
+        A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
+        c = sign if per_matrix else sign * float(alpha)
+        if per_matrix:
+            A = A * a3
+        X = torch.baddbmm(X, X, A, beta=1.0, alpha=c) if tall else torch.baddbmm(X, A, X, beta=1.0, alpha=c)
+    return X.reshape(W.shape).to(W.dtype)
 
 
 def _soft_cap_map(s: float, a: float) -> float:
