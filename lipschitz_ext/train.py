@@ -294,13 +294,12 @@ def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
             set_lrs(run.opt, lr_multiplier(cfg, run.step, now))
             x, y = run.sampler.next(device)
             t_step = time.time()
-            loss = run.loss_fn(x, y)
-            if not torch.isfinite(loss):
+            loss, finite = _loss_and_backward(run, x, y)
+            if not finite:
                 status = "diverged"
                 message = (f"non-finite loss ({loss.item()}) at step {run.step}: stopping; the last good "
                            f"checkpoint is {os.path.join(run.out, 'latest.pt')}")
                 break
-            loss.backward()
             if run.compile == "model" and "first_step_seconds" not in run.compile_stats:
                 # the compilation happens in the first forward and backward
                 run.compile_stats["first_step_seconds"] = time.time() - t_step
@@ -331,10 +330,36 @@ def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
                 run.checkpoint("latest.pt")
                 break
     bar.close()
+    check = getattr(run.opt, "check_nonfinite", None)  # Muon defers its non-finite report (no host sync)
+    if check is not None and status != "diverged":
+        check()
     now_counted = compile_counters()
     for k, v in now_counted.items():
         run.compile_stats[k] = run.compile_stats.get(k, 0) + v - counted[k]
     return status, message
+
+
+def _loss_and_backward(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The training loss of batch ``x, y`` and whether it is finite; gradients accumulated
+    when it is. Under ``--compile auto`` a first compiled step that fails (no C++ compiler
+    for CPU inductor, no Triton for CUDA) is redone eager, and the run stays eager, with a
+    note on stderr; ``--compile model`` lets the error through."""
+    try:
+        loss = run.loss_fn(x, y)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+        return loss, finite
+    except Exception as exc:  # noqa: BLE001 - only a failed first compilation is caught
+        first = run.compile == "model" and "first_step_seconds" not in run.compile_stats
+        if not (first and run.cfg.compile == "auto"):
+            raise
+        print(f"note: --compile auto: torch.compile failed ({type(exc).__name__}: "
+              f"{(str(exc).strip().splitlines() or [''])[0][:200]}); training eager", file=sys.stderr)
+    run.compile, run.compile_stats["fallback"] = "none", True
+    run.loss_fn = training_loss_fn(run.train_model, run.cfg, run.amp, run.device, compiled=False)
+    run.opt.zero_grad(set_to_none=True)
+    return _loss_and_backward(run, x, y)
 
 
 def _progress(loss: float, last_eval: dict) -> dict[str, str]:

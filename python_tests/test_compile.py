@@ -164,3 +164,30 @@ def test_compiled_loss_and_gradients_match_float64(compiled_runs):
         assert p.grad is not None, name
         err = (p.grad.double() - p64.grad).abs().max().item()
         assert err <= 1e-4 * p64.grad.abs().max().item() + 1e-7, (name, err)
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(tmp_path, monkeypatch, capsys):
+    """No C++ compiler / Triton: --compile auto trains eager (saying so), --compile model fails."""
+    def broken_compile(fn, **kw):
+        def compiled(*a, **k):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    corpus = write_corpus(tmp_path)
+    long_run = {**TINY, "steps": AUTO_COMPILE_MIN_STEPS, "eval_every": 10**6, "stop_after": 2}
+    summary = T.train(C.config_from_preset("shakespeare-cpu", data=corpus, out=str(tmp_path / "auto"),
+                                           **long_run), quiet=True)
+    assert summary["status"] == "paused" and summary["steps"] == 2
+    assert summary["compile"]["requested"] == "auto" and summary["compile"]["resolved"] == "none"
+    assert summary["compile"]["fallback"] is True
+    assert "torch.compile failed (RuntimeError: InductorError: no working C++ compiler" in capsys.readouterr().err
+    eager = T.train(C.config_from_preset("shakespeare-cpu", data=corpus, out=str(tmp_path / "eager"),
+                                         **{**long_run, "compile": "none"}), quiet=True)
+    a = torch.load(tmp_path / "auto" / "latest.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "eager" / "latest.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the failed attempt left no trace
+    assert eager["compile"]["resolved"] == "none"
+    with pytest.raises(RuntimeError, match="no working C\\+\\+ compiler"):
+        T.train(C.config_from_preset("shakespeare-cpu", data=corpus, out=str(tmp_path / "model"),
+                                     **{**long_run, "compile": "model"}), quiet=True)
