@@ -36,7 +36,6 @@ def test_ns_dtype_resolution_and_validation():
     assert resolve_ns_dtype("auto", "cpu", torch.float64) == torch.float64
     assert resolve_ns_dtype("float32", "cpu", torch.float64) == torch.float32
     assert resolve_ns_dtype("bfloat16", "cpu") == torch.bfloat16
-    assert resolve_ns_dtype("auto", "cuda") == torch.bfloat16
     p = _params([(4, 6)])
     assert Muon(p).ns_dtype_resolved == ("bfloat16" if bf16_cpu else "float32")
     assert Muon(p, ns_dtype="float32").ns_dtype_resolved == "float32"
@@ -54,14 +53,11 @@ def test_ns_dtype_resolution_and_validation():
         resolve_ns_dtype("float16")
 
 
-def test_native_bf16_detection_follows_the_cpu_flags():
-    import sys
-
-    O = sys.modules["lipschitz_ext.ops.orthogonalize"]  # the module (the package exports the function)
-    flags = O._cpu_flags()
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
-        assert native_bf16_matmul("cpu") == torch.backends.mkldnn.is_available()
-    elif O.platform.machine().lower() not in ("aarch64", "arm64"):
+def test_native_bf16_detection_follows_the_cpu_probes():
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    if " avx512_bf16" in flags or " amx_bf16" in flags:
+        assert native_bf16_matmul("cpu")
+    elif flags and __import__("platform").machine() == "x86_64":
         assert not native_bf16_matmul("cpu")
     assert not native_bf16_matmul("meta")
 
@@ -238,11 +234,16 @@ def test_cuda_step_has_no_host_sync():
     opt = Muon(p, lr=0.03)
     _set_grads(p, 0)
     opt.step()  # prepares the buckets
+    grads = []
+    for s in range(1, 3):  # made before the guarded region (a pageable copy would sync)
+        _set_grads(p, s)
+        grads.append([q.grad for q in p])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for s in range(1, 3):
-            _set_grads(p, s)
+        for gs in grads:
+            for q, g in zip(p, gs):
+                q.grad = g
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")

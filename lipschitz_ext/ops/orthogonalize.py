@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import functools
-import platform
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -37,36 +35,21 @@ def _coefficient_args(coefficients: Coefficients) -> tuple[str, list[float]]:
     return "custom", flat
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_flags() -> frozenset:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):  # x86 / aarch64
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def native_bf16_matmul(device: Union[torch.device, str]) -> bool:
     """Whether bf16 GEMMs (fp32 accumulation) run natively, faster than float32, on ``device``.
 
-    CUDA: always (tensor cores, or at worst cuBLAS's bf16 path). CPU: an x86 core
-    with AVX512-BF16 or AMX-BF16 (``/proc/cpuinfo`` flags; oneDNN then multiplies
-    bf16 natively) or an aarch64 core with the BF16 extension; without them
-    oneDNN emulates bf16 and float32 is faster. Other devices: False.
+    CUDA: where ``torch.cuda.is_bf16_supported()``. CPU: an x86 core with AVX512-BF16
+    or AMX (torch's ``torch.cpu`` probes; oneDNN then multiplies bf16 natively);
+    without them oneDNN emulates bf16 and float32 is faster. Other devices: False.
+    (The same test as ``lipschitz_ext.runtime.native_bf16``, which picks autocast.)
     """
     dev = torch.device(device)
     if dev.type == "cuda":
-        return True
-    if dev.type != "cpu":
-        return False
-    flags = _cpu_flags()
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return "bf16" in flags
-    return bool({"avx512_bf16", "amx_bf16"} & flags) and torch.backends.mkldnn.is_available()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return False
 
 
 def _compute_dtype_arg(compute_dtype) -> Optional[torch.dtype]:
