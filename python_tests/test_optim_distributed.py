@@ -189,3 +189,39 @@ def _fsdp_worker(rank: int, port: int) -> None:
 
 def test_fsdp2_matches_single_process():
     _spawn(_fsdp_worker)
+
+
+def _nonfinite_worker(rank: int, port: int) -> None:
+    import lipschitz_ext  # noqa: F401
+
+    _init(rank, port)
+    try:
+        torch.manual_seed(0)
+        shapes = [(6, 10), (10, 6), (5, 5)]
+        params = [torch.nn.Parameter(torch.randn(*s) * 0.3) for s in shapes]
+        opt = Muon(params, lr=0.05, constraint=PowerNormalize(0.7))
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+        snap = [p.detach().clone() for p in params]
+        state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        if rank == 1:
+            params[1].grad[0, 0] = float("nan")  # one rank's gradient: both ranks skip (flag all-reduced)
+        opt.step()
+        assert all(torch.equal(p, s) for p, s in zip(params, snap)), rank
+        assert all(torch.equal(opt.state[p][k], v) for p, st in zip(params, state) for k, v in st.items())
+        try:
+            opt.step()
+            message = None
+        except RuntimeError as exc:
+            message = str(exc)
+        assert message is not None and "non-finite gradient in param group 0" in message, (rank, message)
+        assert ("(10, 6)" in message) == (rank == 1) and ("on another rank" in message) == (rank == 0), message
+    finally:
+        _finish()
+
+
+def test_replicated_nonfinite_gradient_skips_on_every_rank():
+    _spawn(_nonfinite_worker)

@@ -404,10 +404,13 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         if nf.bad is not None and nf.plan is not None:
             flags = iter(nf.bad.tolist())
             shapes = []
-            for b in nf.plan.buckets:
-                for p, c in zip(b.params, b.counts):
-                    if any([next(flags) for _ in range(c)]):
-                        shapes.append(f"{tuple(p.shape)}")
+            if nf.plan.local:  # one flag per stacked matrix, bucket by bucket
+                for b in nf.plan.buckets:
+                    for p, c in zip(b.params, b.counts):
+                        if any([next(flags) for _ in range(c)]):
+                            shapes.append(f"{tuple(p.shape)}")
+            else:  # one flag per parameter
+                shapes = [f"{tuple(p.shape)}" for p, bad in zip(nf.plan.params, flags) if bad]
             where = shapes or where
         raise RuntimeError(
             f"Muon: non-finite gradient in param group {gi} "
@@ -597,7 +600,7 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         ok = None
         if gated:
             ok, bad = self._grads_finite(params, grads, modes)
-            self._record(gi, group, plan, ok, None, capturing)
+            self._record(gi, group, plan, ok, bad, capturing)
             grads = [torch.nan_to_num(g, 0.0, 0.0, 0.0) for g in grads]
         mom = float(group["momentum"])
         bufs = []
