@@ -12,6 +12,7 @@ runner's (one C++ timing loop for every suite).
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from typing import Callable
@@ -269,7 +270,64 @@ def cases(cfg) -> list:
     return out
 
 
+def soft_cap_ab(shapes=((24, 3072, 768), (48, 768, 768)), repeats: int = 15, alpha: float = 0.132,
+                seed: int = 0) -> dict:
+    """The one-update soft cap against its two-round form and one small-side Gram pass,
+    float32 on CPU, one call at a time in the runner's C++ loop, interleaved in one process (the order alternates every repeat, so a
+    neighbour's load falls on both alike): medians of ``repeats`` calls per shape, the
+    speedup ``two_round / one_update``, the measured Gram passes of each, and the
+    error of each against float64 (the two-round form in float64; tests check it
+    against an SVD) as ``max |out - ref| / max |ref|`` and in the Frobenius norm.
+
+    Returns the JSON-ready dict ``{"device", "torch", "threads", "cases": [...]}``.
+    """
+    import statistics
+
+    from lipschitz_ext import _bench  # the runner's C++ timing loop, one untimed-warm-up-free call
+
+    fns = {
+        "one_update": lambda W: ops.spectral_soft_cap(W, alpha),
+        "two_round": lambda W: soft_cap_two_round_reference(W, alpha),
+        "one_gemm_pass": small_side_gram,
+    }
+    out = {"device": f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "alpha": alpha, "repeats": repeats, "cases": []}
+    for shape in shapes:
+        W = make_input(tuple(shape), torch.float32, "cpu", seed)
+        for fn in fns.values():  # warm-up
+            fn(W)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        names = list(fns)
+        for r in range(repeats):
+            for k in names if r % 2 == 0 else names[::-1]:
+                times[k].append(_bench.time_callable(fns[k], [(W,)], 0, 1, -1, 1)[0])  # ms
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ref = soft_cap_two_round_reference(W.double(), alpha)
+        err = {}
+        for k in ("one_update", "two_round"):
+            d = fns[k](W).double() - ref
+            err[k] = {"max_rel": (d.abs().max() / ref.abs().max()).item(),
+                      "fro_rel": (torch.linalg.vector_norm(d) / torch.linalg.vector_norm(ref)).item()}
+        out["cases"].append({
+            "shape": list(shape), "dtype": "float32", "median_ms": med,
+            "min_ms": {k: min(v) for k, v in times.items()},
+            "speedup_one_update_vs_two_round": med["two_round"] / med["one_update"],
+            "measured_gemm_passes": {k: med[k] / med["one_gemm_pass"] for k in ("one_update", "two_round")},
+            "flop_gemm_passes": {"one_update": gemm_passes("spectral_soft_cap", shape),
+                                 "two_round": gemm_passes("spectral_soft_cap_two_round", shape)},
+            "error_vs_float64": err,
+        })
+        print(json.dumps(out["cases"][-1]), flush=True)
+    return out
+
+
 if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite constraints [its options]
+    if sys.argv[1:2] == ["soft-cap-ab"]:  # python bench/bench_constraints.py soft-cap-ab [REPEATS] [OUT.json]
+        result = soft_cap_ab(repeats=int(sys.argv[2]) if len(sys.argv) > 2 else 15)
+        if len(sys.argv) > 3:
+            with open(sys.argv[3], "w") as f:
+                json.dump(result, f, indent=1)
+        sys.exit(0)
     from lipschitz_ext.bench.cli import main
 
     sys.exit(main(["--suite", "constraints", *sys.argv[1:]]))

@@ -1,10 +1,10 @@
 // CUDA kernels of the spectral caps (soft cap, hard cap, orthogonal projection,
 // exact SVD clip). GEMM-heavy ops run their batched cuBLAS GEMMs on bf16
-// operands with fp32 accumulation. bf16 input keeps a bf16 iterate (the soft
-// cap is then 4 GEMMs with fused epilogues, nothing else); float32/float16
-// input keeps an fp32 iterate and the residual update X + coef * P of each
-// soft-cap step is one fused pass reading the bf16 GEMM output (float64 input
-// stays float64 throughout). svd_cap uses
+// operands with fp32 accumulation. The soft cap is one update (csrc/spectral_cap.h:
+// Gram, H = A A, P = H R, W - W P). bf16 input keeps a bf16 iterate (4 GEMMs, the
+// residual in the last one's epilogue); float32/float16 input keeps an fp32 iterate
+// and the residual update X - W P is one fused pass reading the bf16 GEMM output
+// (float64 input stays float64 throughout). svd_cap uses
 // at::linalg_svd (cuSOLVER) in fp32/fp64: it is the slow exact baseline.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -60,7 +60,7 @@ at::ScalarType bf16_or_double(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kBFloat16;
 }
 
-// bf16 input stays bf16 (the soft cap is then four GEMMs with fused epilogues);
+// bf16 input stays bf16 (the soft cap is then four GEMMs, the residual fused);
 // float32/float16 input keeps an fp32 iterate next to the bf16 GEMM operands.
 at::ScalarType cuda_state(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : (t == at::kBFloat16 ? at::kBFloat16 : at::kFloat);
