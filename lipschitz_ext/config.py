@@ -19,7 +19,7 @@ from .protocols import EVAL_PROTOCOLS
 
 __all__ = ["TrainConfig", "PRESETS", "config_from_preset", "preset_override_notes", "validate", "field_help",
            "gpt_config", "build_model", "apply_target_bound", "TARGET_BOUND_MARGIN", "CAPPING_CONSTRAINTS",
-           "AUTOCAST_CHOICES", "COMPILE_CHOICES"]
+           "AUTOCAST_CHOICES", "COMPILE_CHOICES", "NS_DTYPE_CHOICES"]
 
 
 def _f(default: Any, help: str) -> Any:
@@ -29,6 +29,9 @@ def _f(default: Any, help: str) -> Any:
 
 #: ``--autocast`` values (``auto`` resolves per device: lipschitz_ext.runtime.resolve_autocast).
 AUTOCAST_CHOICES = ("none", "bf16", "auto")
+
+#: ``--ns-dtype`` values (Muon's Newton-Schulz GEMMs; ``auto``: lipschitz_ext.optimizers.build_optimizer).
+NS_DTYPE_CHOICES = ("auto", "bfloat16", "float32")
 
 #: ``--compile`` values (``auto`` resolves per device and run length: lipschitz_ext.runtime.resolve_compile).
 COMPILE_CHOICES = ("auto", "none", "model")
@@ -117,6 +120,10 @@ class TrainConfig:
     autocast: str = _f("none", "none | bf16 | auto: precision of the training forward's matmuls and attention; "
                                "auto = bf16 where the hardware multiplies bf16 natively (CUDA, AVX512-BF16 or AMX "
                                "CPUs), else none. Evaluation, certification and sampling always run in float32")
+    ns_dtype: str = _f("auto", "auto | bfloat16 | float32: dtype of the Newton-Schulz GEMMs of Muon's updates "
+                               "(float32 accumulation); auto = bfloat16 where the hardware multiplies bf16 natively "
+                               "(CUDA, AVX512-BF16 or AMX CPUs), except a CPU run with --autocast none, which stays "
+                               "float32 throughout; the constraints keep their own precision")
     compile: str = _f("auto", "auto | none | model: model = the training forward+backward (model and loss) through "
                               "torch.compile, compiled once at the first step (tens of seconds on a CPU); auto = "
                               "model where it pays: runs of at least 2000 steps (and, with a --time-budget, of at "
@@ -248,6 +255,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.pos_bias in POS_BIAS_KINDS, f"--pos-bias must be one of {', '.join(POS_BIAS_KINDS)}, got {cfg.pos_bias!r}"),
         (cfg.autocast in AUTOCAST_CHOICES,
          f"--autocast must be one of {', '.join(AUTOCAST_CHOICES)}, got {cfg.autocast!r}"),
+        (cfg.ns_dtype in NS_DTYPE_CHOICES,
+         f"--ns-dtype must be one of {', '.join(NS_DTYPE_CHOICES)}, got {cfg.ns_dtype!r}"),
         (cfg.compile in COMPILE_CHOICES,
          f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {cfg.compile!r}"),
         (not (cfg.compile == "model" and cfg.attention == "fp8"),

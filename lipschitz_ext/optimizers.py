@@ -59,11 +59,12 @@ def build_optimizer(model: torch.nn.Module, cfg: "TrainConfig"):
     # A CPU run without autocast stays float32 throughout, Newton-Schulz included (as before
     # issue 23); elsewhere Muon's "auto" runs it in bf16 where the hardware multiplies bf16.
     cpu_fp32 = cfg.autocast == "none" and next(model.parameters()).device.type == "cpu"
+    ns_dtype = ("float32" if cpu_fp32 else "auto") if cfg.ns_dtype == "auto" else cfg.ns_dtype
     return build_optimizers(
         model, lr=cfg.lr, head_lr=cfg.head_lr, embed_lr=cfg.embed_lr, vector_lr=cfg.embed_lr,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, hidden_constraint=constraint,
         head_constraint=constraint, hidden_sigma_max=cfg.sigma_max, head_sigma_max=cfg.head_sigma_max,
-        embed_max_rms=cfg.embed_max_rms, ns_dtype="float32" if cpu_fp32 else "auto",
+        embed_max_rms=cfg.embed_max_rms, ns_dtype=ns_dtype,
     )
 
 

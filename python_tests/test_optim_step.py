@@ -298,3 +298,25 @@ def test_cuda_graph_captures_and_replays_a_step(nonfinite):
     else:
         with pytest.raises(RuntimeError, match="non-finite gradient in param group 0"):
             opt.check_nonfinite()
+
+
+@pytest.mark.parametrize("ns_dtype, autocast, expected", [
+    ("float32", "bf16", "float32"),  # forced
+    ("auto", "none", "float32"),  # a float32 CPU run stays float32 throughout
+    ("bfloat16", "none", "bfloat16"),
+])
+def test_train_config_ns_dtype_reaches_muon(ns_dtype, autocast, expected):
+    from lipschitz_ext import config as TC
+    from lipschitz_ext.optimizers import build_optimizer
+
+    cfg = TC.config_from_preset("shakespeare-cpu", d_model=32, n_layers=2, mlp_ratio=2, seq_len=16,
+                                ns_dtype=ns_dtype, autocast=autocast)
+    model = TC.build_model(cfg, 11)
+    assert build_optimizer(model, cfg).ns_dtype_resolved == expected
+
+
+def test_train_config_refuses_a_bad_ns_dtype():
+    from lipschitz_ext import config as TC
+
+    with pytest.raises(ValueError, match="--ns-dtype must be one of auto, bfloat16, float32"):
+        TC.config_from_preset("shakespeare-cpu", ns_dtype="fp16")
