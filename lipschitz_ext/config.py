@@ -126,8 +126,8 @@ class TrainConfig:
                                "float32 throughout; the constraints keep their own precision")
     compile: str = _f("auto", "auto | none | model: model = the training forward+backward (model and loss) through "
                               "torch.compile, compiled once at the first step (tens of seconds on a CPU); auto = "
-                              "model where it pays: runs of at least 2000 steps (and, with a --time-budget, of at "
-                              "least 300 s), not with --attention fp8; none = eager. Evaluation, certification and "
+                              "model where it pays: CUDA runs of at least 2000 steps (and, with a --time-budget, of "
+                              "at least 300 s), not with --attention fp8 (on CPU it did not pay: eager); none = eager. Evaluation, certification and "
                               "sampling always run the uncompiled model")
 
 
@@ -138,16 +138,15 @@ def field_help(name: str) -> str:
 
 # Presets: only the fields that differ from the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Under 10 minutes on 2 CPU cores: 6000 steps with the training step compiled
-    # (--compile auto resolves to model: ~31 s of compilation, then ~84 ms a step in bf16
-    # autocast on the 2-core dev VM, whose AVX512-BF16 matmuls run ~2.3x float32's; eager it
-    # was 5500 steps of ~0.115 s, 11 minutes). The recipe of
+    # ~11 minutes on 2 CPU cores (5500 steps of ~0.125 s in bf16 autocast, eager: compiling
+    # the step did not make whole steps faster on the 2-core dev VM, runtime.AUTO_COMPILE_DEVICES;
+    # its AVX512-BF16 matmuls run ~2.3x float32's). The recipe of
     # docs/results.md: learned positional bias and MLP activation scale (both free in the
     # certificate), residual scale 2, hard cap, loss temperature 16, and the bound spent
     # where the accuracy is: positional attention (softmax scale 0: the learned bias mixes
     # the values, no W_q, W_k, no query/key terms in the bound, 1.7x faster steps),
     # attention caps 1.5, MLP caps 2, and the time saved spent on an MLP of width 8d.
-    "shakespeare-cpu": dict(d_model=128, n_layers=2, n_heads=4, seq_len=128, batch_size=32, steps=6000,
+    "shakespeare-cpu": dict(d_model=128, n_layers=2, n_heads=4, seq_len=128, batch_size=32, steps=5500,
                             autocast="auto", eval_every=500, eval_batches=10, constraint="hard_cap",
                             head_sigma_max=1.0, lr=0.05, head_lr=0.1, embed_lr=0.05, pos_bias="learned",
                             residual_scale=2.0, mlp_act_scale=8.0, logit_scale=16.0, softmax_scale=0.0,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 __all__ = ["AUTOCAST_DTYPES", "native_bf16", "resolve_autocast", "training_autocast", "AUTO_COMPILE_MIN_STEPS",
-           "AUTO_COMPILE_MIN_SECONDS", "resolve_compile", "compile_counters", "Dist", "init_distributed",
+           "AUTO_COMPILE_MIN_SECONDS", "AUTO_COMPILE_DEVICES", "resolve_compile", "compile_counters", "Dist", "init_distributed",
            "resolve_device", "StopRequest"]
 
 
@@ -49,30 +49,31 @@ def training_autocast(mode: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-#: ``--compile auto`` compiles runs of at least this many planned steps. Measured on the
-#: 2-core dev VM (shakespeare-cpu, bf16, batch 32 x 128): compiling the forward+backward
-#: costs ~31 s once and saves ~31 ms of a ~91 ms forward+backward, so it breaks even near
-#: 1000 steps; the threshold keeps a 2x margin (bigger models take longer to compile).
+#: ``--compile auto`` compiles CUDA runs of at least this many planned steps (a compilation
+#: of tens of seconds against launch-bound small-model steps, the modded-nanogpt setting).
 AUTO_COMPILE_MIN_STEPS = 2000
-#: ... and, when a ``--time-budget`` is set, at least this many seconds of it (the compile
-#: time is spent out of the budget: ~10% of 300 s, against a ~1/3 faster step).
+#: ... and, when a ``--time-budget`` is set, at least this many seconds of it.
 AUTO_COMPILE_MIN_SECONDS = 300.0
+#: Devices on which ``--compile auto`` may compile. Not the CPU: on the 2-core dev VM
+#: (shakespeare-cpu, bf16 autocast, 2 threads) the compiled forward+backward alone is ~1.17x
+#: faster, but whole training steps are not (7.71 compiled vs 7.96 eager steps/s over
+#: 500 steps of the CLI; 112.8 vs 104.0 ms in ``lipschitz-bench --suite train``):
+#: docs/results.md, "Training speed".
+AUTO_COMPILE_DEVICES = ("cuda",)
 
 
 def resolve_compile(cfg, device: torch.device) -> str:
     """``cfg.compile`` (a TrainConfig's) with ``"auto"`` resolved: ``"model"`` or ``"none"``.
 
-    ``auto`` compiles where it pays: a run planned for at least
-    :data:`AUTO_COMPILE_MIN_STEPS` steps and, under a ``--time-budget``, at least
-    :data:`AUTO_COMPILE_MIN_SECONDS` seconds, on any device (CPU inductor needs a C++
-    compiler, CUDA inductor Triton); never with the fp8 attention backend (its static scales
-    change at every evaluation, which would recompile). The rule reads only the config, not
-    the remaining steps, so a resumed run resolves as it did when it started (bit-exact
-    resume needs the same compiled or eager step)."""
-    del device  # the same rule on CPU and CUDA (see AUTO_COMPILE_MIN_STEPS for the measurement)
+    ``auto`` compiles where it pays: on a device of :data:`AUTO_COMPILE_DEVICES`, a run
+    planned for at least :data:`AUTO_COMPILE_MIN_STEPS` steps and, under a ``--time-budget``,
+    at least :data:`AUTO_COMPILE_MIN_SECONDS` seconds; never with the fp8 attention backend
+    (its static scales change at every evaluation, which would recompile). The rule reads
+    only the config and the device, not the remaining steps, so a resumed run resolves as it
+    did when it started (bit-exact resume needs the same compiled or eager step)."""
     if cfg.compile != "auto":
         return cfg.compile
-    if cfg.attention == "fp8":
+    if cfg.attention == "fp8" or torch.device(device).type not in AUTO_COMPILE_DEVICES:
         return "none"
     long_enough = cfg.steps >= AUTO_COMPILE_MIN_STEPS and (
         cfg.time_budget == 0 or cfg.time_budget >= AUTO_COMPILE_MIN_SECONDS)
