@@ -22,14 +22,12 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bf
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices natively (faster than float32): CUDA
-    with bf16 support, or a CPU with AVX512-BF16 or AMX. Without it, CPU bf16 matmuls
-    are emulated and slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
-        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-    return False
+    with bf16 support, or a CPU with AVX512-BF16 or AMX. The one probe
+    (:func:`lipschitz_ext.ops.orthogonalize.native_bf16_matmul`) that also picks Muon's
+    Newton-Schulz dtype, so autocast and the optimizer always agree."""
+    from .ops.orthogonalize import native_bf16_matmul
+
+    return native_bf16_matmul(device)
 
 
 def resolve_autocast(cfg, device: torch.device) -> str:
