@@ -26,13 +26,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cub/block/block_reduce.cuh>
 #include <cuda_bf16.h>
 #include <mma.h>
 
 #include "checks.h"
 #include "ns_coefficients.h"
 #include "ns_symmetric.h"
+#include "sum_squares.cuh"
 #include "triangle_tiles.h"
 
 namespace lipschitz {
@@ -220,17 +220,7 @@ __global__ void norm_factor_kernel(const T* __restrict__ x, int64_t per_matrix, 
                                    double norm_scale, double eps, double* __restrict__ sumsq,
                                    unsigned int* __restrict__ done, float* __restrict__ factor) {
   const int64_t b = blockIdx.x / blocks_per_matrix;
-  const int64_t part = blockIdx.x % blocks_per_matrix;
-  const T* xb = x + b * per_matrix;
-  double acc = 0.0;
-  for (int64_t i = part * kThreads + threadIdx.x; i < per_matrix;
-       i += static_cast<int64_t>(blocks_per_matrix) * kThreads) {
-    const double v = static_cast<double>(xb[i]);
-    acc += v * v;
-  }
-  using BlockReduce = cub::BlockReduce<double, kThreads>;
-  __shared__ typename BlockReduce::TempStorage tmp;
-  const double s = BlockReduce(tmp).Sum(acc);
+  const double s = lipschitz::block_sum_squares<kThreads>(x, per_matrix, blocks_per_matrix);
   if (threadIdx.x == 0) {
     atomicAdd(sumsq + b, s);
     __threadfence();  // this block's sum is visible before it counts itself done

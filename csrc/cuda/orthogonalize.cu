@@ -8,12 +8,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cub/block/block_reduce.cuh>
 #include <torch/library.h>
 
 #include "checks.h"
 #include "newton_schulz.h"
 #include "ns_coefficients.h"
+#include "sum_squares.cuh"
 #include "ns_symmetric.h"
 
 namespace lipschitz {
@@ -26,19 +26,8 @@ constexpr int kThreads = 256;
 template <typename T>
 __global__ void sum_squares_kernel(const T* __restrict__ x, int64_t per_matrix,
                                    int blocks_per_matrix, double* __restrict__ out) {
-  const int64_t b = blockIdx.x / blocks_per_matrix;
-  const int64_t j = blockIdx.x % blocks_per_matrix;
-  const T* xb = x + b * per_matrix;
-  double acc = 0.0;
-  for (int64_t i = j * kThreads + threadIdx.x; i < per_matrix;
-       i += static_cast<int64_t>(blocks_per_matrix) * kThreads) {
-    const double v = static_cast<double>(xb[i]);
-    acc += v * v;
-  }
-  using BlockReduce = cub::BlockReduce<double, kThreads>;
-  __shared__ typename BlockReduce::TempStorage tmp;
-  const double s = BlockReduce(tmp).Sum(acc);
-  if (threadIdx.x == 0) atomicAdd(out + b, s);
+  const double s = lipschitz::block_sum_squares<kThreads>(x, per_matrix, blocks_per_matrix);
+  if (threadIdx.x == 0) atomicAdd(out + blockIdx.x / blocks_per_matrix, s);
 }
 
 // y = x / (sqrt(sumsq[b]) * norm_scale + eps), cast to the compute type.
