@@ -6,6 +6,10 @@
 // Forward, per batch-head, for q, k, v bf16 [N, d]:
 //   q8 = e4m3(clamp(q * (1/q_scale), +-448))     (likewise k8, v8; the product is
 //        a float32 multiply by the float32 reciprocal, rounded to nearest even)
+// q, k, v may instead all be float8_e4m3fn, already quantized (q = q8 * q_scale):
+// then q8, k8, v8 are the inputs themselves and the rest is unchanged, so
+// quantizing bf16 inputs by the rule above and passing the e4m3 tensors with the
+// same scales gives the same result bit for bit.
 //   t  = (q8 k8^T) * c,  c = float32(q_scale * k_scale * softmax_scale * log2(e))
 //   masked (causal j > i, or j >= N) entries of t are -inf
 //   keys are taken in tiles of kKeyTile = 128 (tile starts 0, 128, ...); per tile:
@@ -20,7 +24,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -43,8 +50,15 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     TORCH_CHECK(t.defined(), op, ": argument '", names[i], "' is undefined");
     TORCH_CHECK(t.dim() == 4, op, ": argument '", names[i],
                 "' must have rank 4 (shape [B, H, N, d]), got shape ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == at::kBFloat16, op, ": argument '", names[i],
-                "' must be bfloat16, got ", t.scalar_type());
+    if (i == 0) {
+      TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat8_e4m3fn, op,
+                  ": argument 'q' must be bfloat16 or float8_e4m3fn (already quantized, with its static "
+                  "q_scale), got ", t.scalar_type());
+    } else {
+      TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": argument '", names[i], "' must be ",
+                  q.scalar_type() == at::kBFloat16 ? "bfloat16" : "float8_e4m3fn", " like 'q', got ",
+                  t.scalar_type());
+    }
     TORCH_CHECK(t.layout() == at::kStrided, op, ": argument '", names[i], "' must be a dense tensor");
     TORCH_CHECK(t.device() == q.device(), op, ": argument '", names[i], "' is on ", t.device(),
                 " but 'q' is on ", q.device());
@@ -87,8 +101,12 @@ inline Constants constants(double softmax_scale, double q_scale, double k_scale,
           static_cast<float>(v_scale / kPScale)};
 }
 
-// e4m3 values of x * inv (float32 product, clamped, round-to-nearest-even), as float32.
+inline bool is_fp8(const at::Tensor& t) { return t.scalar_type() == at::kFloat8_e4m3fn; }
+
+// e4m3 values of x * inv (float32 product, clamped, round-to-nearest-even), as
+// float32; an e4m3 x is already quantized and only widened.
 inline at::Tensor quantize_e4m3(const at::Tensor& x, float inv) {
+  if (is_fp8(x)) return x.to(at::kFloat);
   return x.to(at::kFloat)
       .mul(static_cast<double>(inv))
       .clamp(-kE4M3Max, kE4M3Max)
@@ -102,6 +120,7 @@ inline at::Tensor flat_heads(const at::Tensor& t) {
 }
 
 // The fp8 forward emulated with ATen ops (CPU kernel, and CUDA fallback).
+// q, k, v: all bf16, or all e4m3 (quantized with these scales).
 // Returns (out bf16 [B, H, N, d], lse float32 [B, H, N]).
 inline std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, bool causal,
@@ -110,7 +129,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, 
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
   const Constants c = constants(softmax_scale, q_scale, k_scale, v_scale);
   const auto fopts = q.options().dtype(at::kFloat);
-  if (B * H == 0) return {at::empty_like(q), at::empty({B, H, N}, fopts)};
+  if (B * H == 0) return {at::empty(q.sizes(), q.options().dtype(at::kBFloat16)), at::empty({B, H, N}, fopts)};
   const at::Tensor q8 = quantize_e4m3(flat_heads(q), c.inv_q);
   const at::Tensor k8 = quantize_e4m3(flat_heads(k), c.inv_k);
   const at::Tensor v8 = quantize_e4m3(flat_heads(v), c.inv_v);
@@ -145,6 +164,8 @@ inline void check_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, cons
                            const at::Tensor& v, const std::optional<at::Tensor>& out,
                            const std::optional<at::Tensor>& lse, double softmax_scale, const char* op) {
   check_qkv(q, k, v, op);
+  TORCH_CHECK(!is_fp8(q), op, ": arguments 'q', 'k', 'v' must be bfloat16: the gradient is taken at the "
+              "bf16 values (straight-through for the quantization), not at e4m3 inputs");
   check_scale(softmax_scale, op, "softmax_scale");
   TORCH_CHECK(grad_out.defined() && grad_out.sizes() == q.sizes() && grad_out.device() == q.device(),
               op, ": argument 'grad_out' must match q's shape and device, got ",
@@ -158,6 +179,52 @@ inline void check_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, cons
                 op, ": argument 'lse' must be float32 [B, H, N] on q's device, got ", lse->sizes(), " ",
                 lse->scalar_type());
   }
+}
+
+// Which kernel computes fp8_attention_bwd. The setting is the environment
+// variable LIPSCHITZ_FP8_ATTN_BWD, read at every call: unset, "" or "flash" ->
+// PyTorch's FlashAttention-2 backward (the default); "cudnn" -> cuDNN's SDPA
+// backward where it is available, FlashAttention-2 elsewhere. Without a GPU of
+// compute capability >= 8 (or on empty input) the ATen math below runs.
+enum class BwdSetting { kFlash, kCudnn };
+enum class BwdPath { kMath, kFlash, kCudnn };
+// cuDNN's fused SDPA backward, as PyTorch calls it, needs cuDNN 9 (version 90000+).
+constexpr long kMinCudnnSdpaVersion = 90000;
+
+// Anything but the two names is refused: a typo must not benchmark the wrong path.
+inline BwdSetting parse_bwd_setting(c10::string_view value) {
+  if (value.empty() || value == "flash") return BwdSetting::kFlash;
+  if (value == "cudnn") return BwdSetting::kCudnn;
+  TORCH_CHECK(false, "environment variable LIPSCHITZ_FP8_ATTN_BWD must be 'flash' or 'cudnn', got '",
+              std::string(value), "'");
+}
+
+inline BwdSetting bwd_setting_from_env() {
+  const char* v = std::getenv("LIPSCHITZ_FP8_ATTN_BWD");
+  return parse_bwd_setting(v == nullptr ? c10::string_view() : c10::string_view(v));
+}
+
+inline const char* bwd_setting_name(BwdSetting s) { return s == BwdSetting::kCudnn ? "cudnn" : "flash"; }
+
+inline const char* bwd_path_name(BwdPath p) {
+  return p == BwdPath::kCudnn ? "cudnn" : (p == BwdPath::kFlash ? "flash" : "math");
+}
+
+// Backward calls that fell back from cuDNN to FlashAttention-2 in this process
+// (fp8_attention_bwd_cudnn_fallbacks); the warning is printed once only.
+inline std::atomic<int64_t> cudnn_fallbacks{0};
+
+// compute_major: the GPU's compute capability major (0 for the CPU);
+// cudnn_version: cudnnGetVersion() of the loaded cuDNN (0 when torch has none);
+// cudnn_sdp_enabled: torch.backends.cuda.cudnn_sdp_enabled(). A cuDNN call that
+// still fails at run time falls back to FlashAttention-2 (csrc/cuda/fp8_attention.cu).
+inline BwdPath choose_bwd_path(BwdSetting setting, int64_t compute_major, int64_t cudnn_version,
+                               bool cudnn_sdp_enabled, bool empty) {
+  if (empty || compute_major < 8) return BwdPath::kMath;
+  if (setting == BwdSetting::kCudnn && cudnn_sdp_enabled && cudnn_version >= kMinCudnnSdpaVersion) {
+    return BwdPath::kCudnn;
+  }
+  return BwdPath::kFlash;
 }
 
 // Gradient of softmax attention at the bf16 (q, k, v), in float32 with results

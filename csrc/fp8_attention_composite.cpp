@@ -2,12 +2,16 @@
 // softmax scale and calls lipschitz::fp8_attention_fwd through the dispatcher, so
 // the device kernels (csrc/cpu/fp8_attention.cpp, csrc/cuda/fp8_attention.cu) and
 // the autograd formula registered in lipschitz_ext/ops/fp8_attention.py apply.
+// Also the backward-path selection, as ops the tests and benchmarks can query.
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "fp8_attention.h"
 
 namespace lipschitz {
 namespace {
@@ -27,7 +31,29 @@ at::Tensor fp8_attention_composite(const at::Tensor& q, const at::Tensor& k, con
   return std::get<0>(fwd.call(q, k, v, causal, scale, q_scale, k_scale, v_scale, backward));
 }
 
+// The setting LIPSCHITZ_FP8_ATTN_BWD selects now ("flash" or "cudnn").
+std::string fp8_attention_bwd_setting() { return fp8attn::bwd_setting_name(fp8attn::bwd_setting_from_env()); }
+
+// The kernel fp8_attention_bwd runs for this setting and device ("math", "flash", "cudnn").
+std::string fp8_attention_bwd_path(c10::string_view setting, int64_t compute_major, int64_t cudnn_version,
+                                   bool cudnn_sdp_enabled, bool empty) {
+  return fp8attn::bwd_path_name(fp8attn::choose_bwd_path(fp8attn::parse_bwd_setting(setting), compute_major,
+                                                         cudnn_version, cudnn_sdp_enabled, empty));
+}
+
+int64_t fp8_attention_bwd_cudnn_fallbacks() { return fp8attn::cudnn_fallbacks.load(); }
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lipschitz, m) {
+  m.def("fp8_attention_bwd_setting() -> str", &fp8_attention_bwd_setting);
+  // How many backward calls fell back from cuDNN to FlashAttention-2 so far.
+  m.def("fp8_attention_bwd_cudnn_fallbacks() -> int", &fp8_attention_bwd_cudnn_fallbacks);
+  m.def(
+      "fp8_attention_bwd_path(str setting, int compute_major, int cudnn_version, bool cudnn_sdp_enabled=True, "
+      "bool empty=False) -> str",
+      &fp8_attention_bwd_path);
+}
 
 TORCH_LIBRARY_IMPL(lipschitz, CompositeImplicitAutograd, m) {
   m.impl("fp8_attention", &fp8_attention_composite);

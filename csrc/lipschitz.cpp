@@ -49,8 +49,9 @@ TORCH_LIBRARY(lipschitz, m) {
   m.def("orthogonal_project(Tensor W, float sigma_max=1.0, int steps=10) -> Tensor");
   m.def("svd_cap(Tensor W, float sigma_max=1.0) -> Tensor");
 
-  // fp8 (e4m3) attention forward with static scales, bf16 [B, H, N, d] in and
-  // out; see csrc/fp8_attention.h for the exact rounding it performs. The
+  // fp8 (e4m3) attention forward with static scales, bf16 [B, H, N, d] in (or
+  // float8_e4m3fn already quantized with those scales) and bf16 out; see
+  // csrc/fp8_attention.h for the exact rounding it performs. The
   // composite op calls fp8_attention_fwd, which carries the autograd formula
   // (registered in lipschitz_ext/ops/fp8_attention.py). `backward` picks the
   // gradient: "exact" (recomputed exact statistics) or "saved" (the forward's).
@@ -61,8 +62,9 @@ TORCH_LIBRARY(lipschitz, m) {
   m.def(
       "fp8_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
       "float q_scale, float k_scale, float v_scale, str backward=\"exact\") -> (Tensor, Tensor)");
-  // bf16 gradient of softmax attention at (q, k, v), straight-through for the
-  // fp8 quantization. Without (out, lse): exact attention's gradient. With
+  // bf16 gradient of softmax attention at bf16 (q, k, v), straight-through for the
+  // fp8 quantization; LIPSCHITZ_FP8_ATTN_BWD picks its CUDA kernel (fp8_attention_bwd_path
+  // in csrc/fp8_attention_composite.cpp). Without (out, lse): exact attention's gradient. With
   // them: FlashAttention's formulas fed with those statistics. -> (dq, dk, dv)
   m.def(
       "fp8_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? out, Tensor? lse, "

@@ -37,10 +37,13 @@ def emulate_fp8_attention(q, k, v, causal, scale, q_scale=1.0, k_scale=1.0, v_sc
 
     tile=128 follows the kernel's tile-wise online softmax; tile=None uses one
     tile (the exact row max before P's fp8 cast: the ideal per-row scaling).
+    q, k, v in float8_e4m3fn are taken as already quantized with the scales.
     """
     n = q.shape[-2]
     tile = n if tile is None else tile
-    q8, k8, v8 = (e4m3(x.float() * f32(1.0 / s)) for x, s in ((q, q_scale), (k, k_scale), (v, v_scale)))
+    # float8_e4m3fn inputs are already quantized with these scales: only widened.
+    q8, k8, v8 = (x.float() if x.dtype == torch.float8_e4m3fn else e4m3(x.float() * f32(1.0 / s))
+                  for x, s in ((q, q_scale), (k, k_scale), (v, v_scale)))
     c = f32(q_scale * k_scale * scale * math.log2(math.e))
     m = torch.full(q.shape[:-1] + (1,), float("-inf"))
     l = torch.zeros(q.shape[:-1] + (1,))
@@ -66,3 +69,40 @@ def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.double()
     err = out.double() - ref
     return 10.0 * math.log10(float(ref.pow(2).sum()) / max(float(err.pow(2).sum()), 1e-300))
+
+
+# Per-row accuracy (FlashAttention-3's criterion, row by row, so that a bug
+# confined to a few rows cannot hide behind the other rows' errors).
+#: bf16's unit roundoff: the floor of a row's baseline error, relative to the row.
+BF16_U = 2.0**-8
+
+
+def row_max_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """max over the head dim of |out - ref| in float64: one value per row [..., N]."""
+    return (out.double() - ref.double()).abs().amax(-1)
+
+
+def bad_rows(out, q, k, v, causal: bool, scale: float, q_scale=1.0, k_scale=1.0, v_scale=1.0,
+             ideal_factor: float = 3.0, bf16_factor: float = 32.0) -> torch.Tensor:
+    """Indices [n_bad, ndim - 1] of the rows of ``out`` that fail either per-row bound.
+
+    With ``ref`` exact float64 attention on the (bf16) q, k, v, each row's max
+    error must be at most
+      - ``ideal_factor`` x that of the ideal fp8 emulation (per-row scaling of P,
+        :func:`emulate_fp8_attention` with tile=None) + ``BF16_U / 2`` of the
+        row's max |ref| (the output's own bf16 rounding), and
+      - ``bf16_factor`` x that of a bf16 computation (float32 math on the bf16
+        inputs, output rounded to bf16), floored at ``BF16_U`` of the row's max
+        |ref| (a row whose bf16 result is exact, e.g. a single key).
+    Measured on the CPU emulation (N up to 2048): up to 2.14 for the first ratio
+    (the tile-wise P scaling), up to 22 for the second (fp8's 3 mantissa bits
+    against bf16's 7 predict ~16). ``q, k, v`` bf16 or
+    float32 (the scales quantize them as the kernels do).
+    """
+    ref = exact_attention(q, k, v, causal, scale)
+    ideal, _ = emulate_fp8_attention(q, k, v, causal, scale, q_scale, k_scale, v_scale, tile=None)
+    bf16 = exact_attention(q.float(), k.float(), v.float(), causal, scale).float().bfloat16()
+    err, row_scale = row_max_error(out, ref), ref.abs().amax(-1)
+    ok_ideal = err <= ideal_factor * row_max_error(ideal, ref) + 0.5 * BF16_U * row_scale
+    ok_bf16 = err <= bf16_factor * torch.maximum(row_max_error(bf16, ref), BF16_U * row_scale)
+    return (~(ok_ideal & ok_bf16)).nonzero()

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lipschitz_ext
 from lipschitz_ext.fp8_scales import configure_fp8_attention, fp8_scales_from_certificate
@@ -20,7 +21,7 @@ def model(attention: str, **kw) -> LipschitzGPT:
 def _reset_backend():
     def reset():
         FP8_BACKEND.scales, FP8_BACKEND.count_saturation, FP8_BACKEND.saturated = (1.0, 1.0, 1.0), False, 0
-        FP8_BACKEND.backward = "exact"
+        FP8_BACKEND.backward, FP8_BACKEND.inputs = "exact", "bf16"
 
     reset()
     yield
@@ -127,3 +128,52 @@ def test_two_models_keep_separate_scales():
         fp8_backend_of("model")
     with pytest.raises(ValueError, match="does not use the 'fp8' attention backend"):
         configure_fp8_attention(model("sdpa"))
+
+
+class _RecordFp8Inputs(TorchDispatchMode):
+    """Records the dtype of q at each call of lipschitz::fp8_attention_fwd."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.lipschitz.fp8_attention_fwd.default:
+            self.q_dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backward", ["exact", "saved"])
+def test_fp8_inputs_switch_quantizes_in_the_projections(backward):
+    # inputs="fp8": the projections end in e4m3 with the certified scales and the
+    # op gets e4m3 tensors; output and gradients equal the default path bit for bit.
+    torch.manual_seed(4)
+    old = model("fp8", sigma_max=2.0)
+    new = model("fp8", sigma_max=2.0)
+    new.load_state_dict(old.state_dict())
+    scales = configure_fp8_attention(old)
+    assert configure_fp8_attention(new) == scales
+    fp8_backend_of(new).inputs = "fp8"
+    for m in (old, new):
+        fp8_backend_of(m).backward = backward
+    idx = torch.randint(0, 65, (2, 40))
+    seen = {}
+    for name, m in (("bf16", old), ("fp8", new)):
+        with _RecordFp8Inputs() as rec:
+            out = m(idx)
+        seen[name] = (out, rec.q_dtypes)
+        out.square().mean().backward()
+    assert seen["bf16"][1] == [torch.bfloat16] * 2 and seen["fp8"][1] == [torch.float8_e4m3fn] * 2
+    assert torch.equal(seen["bf16"][0], seen["fp8"][0])
+    for (name, a), b in zip(old.named_parameters(), new.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
+def test_fp8_inputs_switch_is_checked_and_reset():
+    m = model("fp8")
+    fp8 = fp8_backend_of(m)
+    assert fp8.inputs == "bf16"  # today's path stays the default
+    fp8.inputs = "e4m3"
+    with pytest.raises(ValueError, match="attribute 'inputs' must be 'bf16' or 'fp8', got 'e4m3'"):
+        m(torch.randint(0, 65, (1, 10)))
+    assert fp8.new_instance().inputs == "bf16"

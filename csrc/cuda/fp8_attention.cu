@@ -9,9 +9,14 @@
 //   online softmax    float32 registers, exp2 domain, tile-wise rescaling
 //   O += P V          wgmma m64n{d}k32, P from registers (e4m3 of p * 2^8), V^T from shared memory
 // The arithmetic is the one csrc/fp8_attention.h specifies (and emulates).
+// e4m3 inputs (already quantized by the caller, e.g. in its projections) skip the
+// q/k pre-pass and only get V^T's byte transpose.
 // Other GPUs: that ATen emulation. Backward: PyTorch's FlashAttention backward
-// (by default after a bf16 recompute of exact statistics).
+// (by default after a bf16 recompute of exact statistics), or cuDNN's SDPA
+// backward when LIPSCHITZ_FP8_ATTN_BWD=cudnn (csrc/fp8_attention.h, choose_bwd_path).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -59,10 +64,12 @@ __global__ void quantize_kernel(const uint16_t* __restrict__ x, uint16_t* __rest
 #endif
 }
 
-// v: [BH, N, d] bf16 -> vt: [BH, d, Npad] e4m3 of v * inv, keys permuted per
-// 32-key chunk (vt_key_of_position), zero past N. Four bytes per thread.
-__global__ void transpose_v_kernel(const uint16_t* __restrict__ v, uint32_t* __restrict__ vt, int N,
-                                   int Npad, int d, int64_t words, float inv) {
+// v: [BH, N, d] -> vt: [BH, d, Npad] e4m3 bytes, keys permuted per 32-key chunk
+// (vt_key_of_position), zero past N. Four bytes per thread. kE4M3: v is already
+// e4m3 (a byte copy); otherwise bf16, quantized as v * inv.
+template <bool kE4M3>
+__global__ void transpose_v_kernel(const void* __restrict__ v, uint32_t* __restrict__ vt, int N, int Npad, int d,
+                                   int64_t words, float inv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   const int words_per_row = Npad / 4;
   for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < words;
@@ -72,13 +79,25 @@ __global__ void transpose_v_kernel(const uint16_t* __restrict__ v, uint32_t* __r
     const int col = static_cast<int>(row % d);
     const int64_t bh = row / d;
     const int chunk0 = pos & ~31;
-    float x[4];
+    int64_t src[4];  // element of v for each byte, -1 past N
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int key = chunk0 + vt_key_of_position((pos & 31) + j);
-      x[j] = key < N ? bf16_bits_to_float(v[(bh * N + key) * d + col]) * inv : 0.0f;
+      src[j] = key < N ? (bh * N + key) * d + col : -1;
     }
-    vt[w] = sm90::e4m3x4(x[0], x[1], x[2], x[3]);
+    if constexpr (kE4M3) {
+      const uint8_t* v8 = static_cast<const uint8_t*>(v);
+      uint32_t word = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) word |= (src[j] >= 0 ? uint32_t{v8[src[j]]} : 0u) << (8 * j);
+      vt[w] = word;
+    } else {
+      const uint16_t* vb = static_cast<const uint16_t*>(v);
+      float x[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) x[j] = src[j] >= 0 ? bf16_bits_to_float(vb[src[j]]) * inv : 0.0f;
+      vt[w] = sm90::e4m3x4(x[0], x[1], x[2], x[3]);
+    }
   }
 #endif
 }
@@ -336,32 +355,45 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_fwd_cuda(const at::Tensor& q, c
   }
   TORCH_CHECK(N < (int64_t{1} << 30), "fp8_attention: sequence length too large: ", N);
   const fp8attn::Constants c = fp8attn::constants(softmax_scale, q_scale, k_scale, v_scale);
-  // The pre-pass reads bf16 pairs as 32-bit words: dense rows, 4-byte aligned.
-  auto dense = [](const at::Tensor& t) {
+  // Dense rows with the base aligned to `align` bytes: the bf16 pre-pass reads
+  // pairs as 32-bit words; the kernel's cp.async reads e4m3 q, k rows in 16 bytes.
+  auto dense = [](const at::Tensor& t, uintptr_t align) {
     at::Tensor c = t.contiguous();
-    return reinterpret_cast<uintptr_t>(c.data_ptr()) % 4 == 0 ? c : c.clone();
+    return reinterpret_cast<uintptr_t>(c.data_ptr()) % align == 0 ? c : c.clone();
   };
-  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   const int64_t Npad = (N + kBlockN - 1) / kBlockN * kBlockN;
   const auto bytes = q.options().dtype(at::kByte);
-  at::Tensor q8 = at::empty({BH, N, d}, bytes), k8 = at::empty({BH, N, d}, bytes);
   at::Tensor vt8 = at::empty({BH, d, Npad}, bytes);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t pairs = BH * N * d / 2, words = BH * d * Npad / 4;
-  quantize_kernel<<<launch_blocks(pairs, 256), 256, 0, stream>>>(
-      reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>()),
-      reinterpret_cast<uint16_t*>(q8.data_ptr<uint8_t>()), pairs, c.inv_q);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  quantize_kernel<<<launch_blocks(pairs, 256), 256, 0, stream>>>(
-      reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>()),
-      reinterpret_cast<uint16_t*>(k8.data_ptr<uint8_t>()), pairs, c.inv_k);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  transpose_v_kernel<<<launch_blocks(words, 256), 256, 0, stream>>>(
-      reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>()),
-      reinterpret_cast<uint32_t*>(vt8.data_ptr<uint8_t>()), static_cast<int>(N), static_cast<int>(Npad),
-      static_cast<int>(d), words, c.inv_v);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor out = at::empty({B, H, N, d}, q.options());
+  at::Tensor q8, k8;
+  if (fp8attn::is_fp8(q)) {
+    q8 = dense(q, 16).view(at::kByte).reshape({BH, N, d});
+    k8 = dense(k, 16).view(at::kByte).reshape({BH, N, d});
+    const at::Tensor v8 = v.contiguous().view(at::kByte);
+    transpose_v_kernel<true><<<launch_blocks(words, 256), 256, 0, stream>>>(
+        v8.data_ptr<uint8_t>(), reinterpret_cast<uint32_t*>(vt8.data_ptr<uint8_t>()), static_cast<int>(N),
+        static_cast<int>(Npad), static_cast<int>(d), words, 1.0f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    const at::Tensor qc = dense(q, 4), kc = dense(k, 4), vc = dense(v, 4);
+    q8 = at::empty({BH, N, d}, bytes);
+    k8 = at::empty({BH, N, d}, bytes);
+    quantize_kernel<<<launch_blocks(pairs, 256), 256, 0, stream>>>(
+        reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>()),
+        reinterpret_cast<uint16_t*>(q8.data_ptr<uint8_t>()), pairs, c.inv_q);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    quantize_kernel<<<launch_blocks(pairs, 256), 256, 0, stream>>>(
+        reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>()),
+        reinterpret_cast<uint16_t*>(k8.data_ptr<uint8_t>()), pairs, c.inv_k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    transpose_v_kernel<false><<<launch_blocks(words, 256), 256, 0, stream>>>(
+        vc.data_ptr<at::BFloat16>(),
+        reinterpret_cast<uint32_t*>(vt8.data_ptr<uint8_t>()), static_cast<int>(N), static_cast<int>(Npad),
+        static_cast<int>(d), words, c.inv_v);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::Tensor out = at::empty({B, H, N, d}, q.options().dtype(at::kBFloat16));
   at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   if (d == 64) {
     launch_fwd_sm90<64>(q8, k8, vt8, out, lse, BH, static_cast<int>(N), static_cast<int>(Npad), c.score,
@@ -373,34 +405,88 @@ std::tuple<at::Tensor, at::Tensor> fp8_attention_fwd_cuda(const at::Tensor& q, c
   return {out, lse};
 }
 
-// The gradient in bf16 by PyTorch's FlashAttention backward (sm_80+), fed with
+// The gradient in bf16 by PyTorch's FlashAttention-2 backward (sm_80+), fed with
 // the given (out, lse) or, by default, with exact ones from its bf16 forward:
 // the fp8 forward's own statistics put fp8-sized errors into D = rowsum(dO * out)
 // and P = exp(S - lse); the recompute keeps the gradient at bf16 accuracy.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_backward(const at::Tensor& go, const at::Tensor& qc,
+                                                              const at::Tensor& kc, const at::Tensor& vc,
+                                                              const std::optional<at::Tensor>& out,
+                                                              const std::optional<at::Tensor>& lse, bool causal,
+                                                              double softmax_scale) {
+  const int64_t N = qc.size(2);
+  if (out.has_value()) {
+    // Dropout is off, so the RNG state tensors are never read.
+    const auto longs = qc.options().dtype(at::kLong);
+    return at::_scaled_dot_product_flash_attention_backward(go, qc, kc, vc, out->contiguous(), lse->contiguous(),
+                                                            at::Tensor(), at::Tensor(), N, N, 0.0, causal,
+                                                            at::zeros({}, longs), at::zeros({}, longs),
+                                                            softmax_scale);
+  }
+  const auto fwd = at::_scaled_dot_product_flash_attention(qc, kc, vc, 0.0, causal, false, softmax_scale);
+  return at::_scaled_dot_product_flash_attention_backward(
+      go, qc, kc, vc, std::get<0>(fwd), std::get<1>(fwd), std::get<2>(fwd), std::get<3>(fwd), N, N, 0.0, causal,
+      std::get<6>(fwd), std::get<7>(fwd), softmax_scale);
+}
+
+// The same gradient by cuDNN's SDPA backward. Its layout requirements (to be
+// confirmed on a GPU, docs/kernels.md): q, k, v, out and dO dense [B, H, N, d]
+// with one stride order (all contiguous here), the statistics float32
+// [B, H, N, 1] natural-log log-sum-exp, which is FlashAttention's [B, H, N]
+// with a unit dim appended.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_backward(const at::Tensor& go, const at::Tensor& qc,
+                                                              const at::Tensor& kc, const at::Tensor& vc,
+                                                              const std::optional<at::Tensor>& out,
+                                                              const std::optional<at::Tensor>& lse, bool causal,
+                                                              double softmax_scale) {
+  const int64_t N = qc.size(2);
+  const auto longs = qc.options().dtype(at::kLong);
+  at::Tensor o, stats, seed = at::zeros({}, longs), offset = at::zeros({}, longs);
+  if (out.has_value()) {
+    o = out->contiguous();
+    stats = lse->unsqueeze(-1).contiguous();
+  } else {
+    auto fwd = at::_scaled_dot_product_cudnn_attention(qc, kc, vc, std::nullopt, /*compute_log_sumexp=*/true,
+                                                       0.0, causal, false, softmax_scale);
+    o = std::get<0>(fwd).contiguous();
+    stats = std::get<1>(fwd);
+    seed = std::get<6>(fwd);
+    offset = std::get<7>(fwd);
+  }
+  return at::_scaled_dot_product_cudnn_attention_backward(go, qc, kc, vc, o, stats, seed, offset,
+                                                          /*attn_bias=*/at::Tensor(), at::Tensor(), at::Tensor(),
+                                                          N, N, 0.0, causal, softmax_scale);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse, bool causal,
     double softmax_scale) {
   fp8attn::check_bwd_args(grad_out, q, k, v, out, lse, softmax_scale, "fp8_attention_bwd");
+  const fp8attn::BwdSetting setting = fp8attn::bwd_setting_from_env();
   const c10::cuda::CUDAGuard guard(q.device());
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
-  if (major < 8 || q.size(0) * q.size(1) == 0) {
+  const auto& hooks = at::detail::getCUDAHooks();
+  const int64_t cudnn_version = hooks.compiledWithCuDNN() ? hooks.versionCuDNN() : 0;
+  const fp8attn::BwdPath path = fp8attn::choose_bwd_path(setting, major, cudnn_version,
+                                                         at::globalContext().userEnabledCuDNNSDP(),
+                                                         q.size(0) * q.size(1) == 0);
+  if (path == fp8attn::BwdPath::kMath) {
     return fp8attn::backward_math(grad_out, q, k, v, out, lse, causal, softmax_scale);
   }
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const int64_t N = q.size(2);
-  if (out.has_value()) {
-    // Dropout is off, so the RNG state tensors are never read.
-    const auto longs = q.options().dtype(at::kLong);
-    return at::_scaled_dot_product_flash_attention_backward(
-        grad_out.contiguous(), qc, kc, vc, out->contiguous(), lse->contiguous(), at::Tensor(), at::Tensor(),
-        N, N, 0.0, causal, at::zeros({}, longs), at::zeros({}, longs), softmax_scale);
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), go = grad_out.contiguous();
+  if (path == fp8attn::BwdPath::kCudnn) {
+    try {
+      return cudnn_backward(go, qc, kc, vc, out, lse, causal, softmax_scale);
+    } catch (const c10::Error& e) {
+      // cuDNN refuses some configurations only when it builds its graph: keep training on FA2.
+      fp8attn::cudnn_fallbacks.fetch_add(1);
+      TORCH_WARN_ONCE("fp8_attention_bwd: cuDNN's SDPA backward failed (", e.what_without_backtrace(),
+                      "); using FlashAttention-2 instead");
+    }
   }
-  const auto fwd = at::_scaled_dot_product_flash_attention(qc, kc, vc, 0.0, causal, false, softmax_scale);
-  return at::_scaled_dot_product_flash_attention_backward(
-      grad_out.contiguous(), qc, kc, vc, std::get<0>(fwd), std::get<1>(fwd), std::get<2>(fwd), std::get<3>(fwd),
-      N, N, 0.0, causal, std::get<6>(fwd), std::get<7>(fwd), softmax_scale);
+  return flash_backward(go, qc, kc, vc, out, lse, causal, softmax_scale);
 }
 
 }  // namespace

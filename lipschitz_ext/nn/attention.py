@@ -10,6 +10,9 @@ module has a positional bias; they live in
 A registered backend object with a ``new_instance()`` method carries state (the fp8
 backend's static scales): each module then calls it once and keeps its own instance
 (``LipschitzGPT`` shares one per model), so two models never share that state.
+The ``"fp8"`` backend (:mod:`lipschitz_ext.nn.fp8`) can end the q/k/v projections
+(after RoPE) in e4m3 with its certified static scales, so its kernel receives fp8
+inputs (its ``inputs = "fp8"`` switch; bit-identical to the default ``"bf16"``).
 """
 
 from __future__ import annotations

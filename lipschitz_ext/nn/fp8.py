@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import fp8_attention, fp8_saturation_count
+from ..ops.fp8_attention import fp8_attention_e4m3_inputs
 from .attention import LipschitzAttention, register_attention_backend
 
 __all__ = ["Fp8AttentionBackend", "FP8_BACKEND", "fp8_backend_of"]
@@ -31,6 +32,16 @@ class Fp8AttentionBackend:
         saturated: the running count.
         backward: the gradient mode of :func:`lipschitz_ext.ops.fp8_attention`,
             ``"exact"`` (default) or ``"saved"`` (faster, fp8-sized gradient error).
+        inputs: where q, k, v become e4m3. ``"bf16"`` (default): the op
+            quantizes its bf16 inputs itself (on sm_90a, three pre-pass launches).
+            ``"fp8"``: the projections end in the quantization: q, k, v are
+            quantized as soon as they leave the projections and RoPE
+            (:func:`lipschitz_ext.ops.fp8_attention.quantize_e4m3`, with these
+            certified scales, ATen elementwise ops that ``torch.compile`` fuses
+            with RoPE) and the op receives e4m3 tensors
+            (:func:`lipschitz_ext.ops.fp8_attention.fp8_attention_e4m3_inputs`).
+            The two give the same output and gradient bit for bit; the backward
+            still saves the bf16 q, k, v.
     """
 
     def __init__(self) -> None:
@@ -38,9 +49,10 @@ class Fp8AttentionBackend:
         self.count_saturation = False
         self.saturated = 0
         self.backward = "exact"
+        self.inputs = "bf16"
 
     def new_instance(self) -> "Fp8AttentionBackend":
-        """A fresh backend (scales (1, 1, 1), no counting, ``backward="exact"``) for one model."""
+        """A fresh backend (scales (1, 1, 1), no counting, ``backward="exact"``, ``inputs="bf16"``) for one model."""
         return type(self)()
 
     def __call__(
@@ -52,7 +64,13 @@ class Fp8AttentionBackend:
         qs, ks, vs = self.scales
         if self.count_saturation:
             self.saturated += fp8_saturation_count(q, k, v, qs, ks, vs)
-        out = fp8_attention(
+        if self.inputs == "bf16":
+            attend = fp8_attention
+        elif self.inputs == "fp8":
+            attend = fp8_attention_e4m3_inputs
+        else:
+            raise ValueError(f"Fp8AttentionBackend: attribute 'inputs' must be 'bf16' or 'fp8', got {self.inputs!r}")
+        out = attend(
             q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True,
             softmax_scale=softmax_scale / q.shape[-1], q_scale=qs, k_scale=ks, v_scale=vs,
             backward=self.backward,

@@ -10,6 +10,14 @@ result is ``acc * v_scale / (256 * rowsum(p))`` in bf16. On sm_90a both GEMMs ru
 on fp8 tensor cores (wgmma); other GPUs use an ATen emulation of the same
 rounding; the CPU kernel is that emulation (the reference for tests).
 
+fp8 inputs: q, k, v may be given already in ``float8_e4m3fn`` (``q = q8 *
+q_scale``), e.g. quantized by :func:`quantize_e4m3` where they are produced; the
+op then skips its quantization (on sm_90a only V's byte transpose remains) and
+the result is bit for bit that of the bf16 inputs quantized with the same scales.
+e4m3 tensors cannot carry useful gradients (autograd would round them to e4m3):
+for training, :func:`fp8_attention_e4m3_inputs` quantizes bf16 inputs itself and
+takes the gradient at the bf16 values.
+
 Backward (straight-through for the quantization: a gradient of softmax
 attention at the bf16 ``q, k, v``), FlashAttention's formulas in bf16 on CUDA
 (PyTorch's kernels), in float32 ATen on CPU (chunked over query rows):
@@ -20,20 +28,73 @@ attention at the bf16 ``q, k, v``), FlashAttention's formulas in bf16 on CUDA
   no recompute (faster) but fp8-sized gradient errors, since D = rowsum(dO * out)
   and P = exp(S - lse) inherit them (~7% of max|dq| at N=300, causal, d=64,
   where "exact" stays at bf16 rounding).
+
+On CUDA the environment variable ``LIPSCHITZ_FP8_ATTN_BWD`` picks the backward
+kernel at every call: unset / ``"flash"`` (default) PyTorch's FlashAttention-2
+backward, ``"cudnn"`` cuDNN's SDPA backward where available (cuDNN >= 9,
+``torch.backends.cuda.cudnn_sdp_enabled()``, compute capability >= 8), falling
+back to FlashAttention-2 otherwise; :func:`fp8_attention_bwd_path` says which.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from ._checks import check_same_device
 
-__all__ = ["fp8_attention", "fp8_saturation_count", "E4M3_MAX"]
+__all__ = [
+    "fp8_attention",
+    "fp8_attention_e4m3_inputs",
+    "fp8_attention_bwd_path",
+    "fp8_saturation_count",
+    "quantize_e4m3",
+    "E4M3_MAX",
+]
 
 #: Largest finite float8 e4m3 value; quantized inputs are clamped to +-E4M3_MAX.
 E4M3_MAX = 448.0
+
+_FP8 = torch.float8_e4m3fn
+
+
+def _f32(x: float) -> float:
+    # x rounded to float32, as the kernels hold their constants.
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _check_scale(op: str, name: str, s: float) -> float:
+    s = float(s)
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"{op}: argument '{name}' must be finite and > 0, got {s}")
+    return s
+
+
+def quantize_e4m3(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``e4m3(clamp(x * float32(1/scale), +-448))``: the quantization the fp8 kernels apply.
+
+    The product is a float32 multiply by the float32 reciprocal, rounded to
+    nearest even and clamped (a raw e4m3 cast would turn overflow into NaN). Pass
+    the result with the same ``scale`` to :func:`fp8_attention`: the output equals
+    that of the unquantized ``x`` (for bf16 ``x``, bit for bit). ATen elementwise
+    ops, so ``torch.compile`` fuses it with whatever produced ``x`` (a projection's
+    RoPE). Not differentiable (see :func:`fp8_attention_e4m3_inputs`).
+
+    Args:
+        x: a floating tensor (bf16 for the op's bit-for-bit equality).
+        scale: finite, > 0; powers of two make ``1/scale`` exact.
+
+    Returns:
+        ``float8_e4m3fn`` tensor of ``x``'s shape.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"quantize_e4m3: argument 'x' must be a floating tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    inv = _f32(1.0 / _check_scale("quantize_e4m3", "scale", scale))
+    # A float32 copy (never x itself, even when x is float32), scaled in place.
+    return x.detach().to(torch.float32, copy=True).mul_(inv).clamp_(-E4M3_MAX, E4M3_MAX).to(_FP8)
 
 
 def fp8_attention(
@@ -52,7 +113,9 @@ def fp8_attention(
 
     Args:
         q, k, v: bfloat16 ``[B, H, N, d]`` with ``d`` in {64, 128}, same shape
-            and device (self-attention: queries and keys share ``N``).
+            and device (self-attention: queries and keys share ``N``); or all
+            three ``float8_e4m3fn``, already quantized with the scales below
+            (:func:`quantize_e4m3`; not differentiable).
         causal: mask keys after the query (top-left aligned).
         softmax_scale: multiplies ``q k^T``; default ``1/d`` (the Lipschitz
             transformer's convention, not ``1/sqrt(d)``).
@@ -66,8 +129,14 @@ def fp8_attention(
 
     Returns:
         bfloat16 ``[B, H, N, d]``: ``softmax(softmax_scale * q k^T) v`` up to fp8
-        rounding. Differentiable in q, k, v (bf16 straight-through backward).
+        rounding. Differentiable in bf16 q, k, v (bf16 straight-through backward).
     """
+    if torch.is_grad_enabled():
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if isinstance(t, torch.Tensor) and t.dtype == _FP8 and t.requires_grad:
+                raise ValueError(
+                    f"fp8_attention: argument '{name}' is float8_e4m3fn and requires grad; e4m3 inputs are "
+                    "not differentiable: pass bf16 tensors to fp8_attention_e4m3_inputs for training")
     return torch.ops.lipschitz.fp8_attention.default(
         q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale),
         float(q_scale), float(k_scale), float(v_scale), str(backward),
@@ -102,9 +171,12 @@ def fp8_saturation_count(
 def _fp8_attention_fwd_fake(q, k, v, causal, softmax_scale, q_scale, k_scale, v_scale, backward="exact"):
     check_same_device("fp8_attention", "q", {"q": q, "k": k, "v": v})
     torch._check(q.dim() == 4, lambda: "fp8_attention: argument 'q' must have rank 4")
-    torch._check(q.dtype == torch.bfloat16, lambda: "fp8_attention: argument 'q' must be bfloat16")
+    torch._check(q.dtype in (torch.bfloat16, _FP8),
+                 lambda: f"fp8_attention: argument 'q' must be bfloat16 or float8_e4m3fn, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        torch._check(t.dtype == q.dtype, lambda: f"fp8_attention: argument '{name}' must have q's dtype {q.dtype}")
     B, H, N, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, N), dtype=torch.float32)
+    return q.new_empty(q.shape, dtype=torch.bfloat16), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @torch.library.register_fake("lipschitz::fp8_attention_bwd")
@@ -128,6 +200,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     # lse is an auxiliary output (marked non-differentiable): its gradient is ignored.
     q, k, v, *stats = ctx.saved_tensors
+    if q.dtype == _FP8:
+        raise RuntimeError("fp8_attention: e4m3 inputs are not differentiable (autograd would round their "
+                           "gradient to e4m3): use fp8_attention_e4m3_inputs for training")
     out, lse = stats if ctx.saved_stats else (None, None)
     dq, dk, dv = torch.ops.lipschitz.fp8_attention_bwd.default(
         grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.softmax_scale
@@ -138,3 +213,97 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd(
     "lipschitz::fp8_attention_fwd", _backward, setup_context=_setup_context
 )
+
+
+class _E4M3InputAttention(torch.autograd.Function):
+    """Forward on e4m3 inputs quantized here; backward at the bf16 inputs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, q_scale, k_scale, v_scale, backward):
+        q8, k8, v8 = quantize_e4m3(q, q_scale), quantize_e4m3(k, k_scale), quantize_e4m3(v, v_scale)
+        out, lse = torch.ops.lipschitz.fp8_attention_fwd.default(
+            q8, k8, v8, causal, softmax_scale, q_scale, k_scale, v_scale, backward)
+        ctx.saved_stats = backward == "saved"
+        ctx.save_for_backward(q, k, v, *((out, lse) if ctx.saved_stats else ()))
+        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, *stats = ctx.saved_tensors
+        out, lse = stats if ctx.saved_stats else (None, None)
+        dq, dk, dv = torch.ops.lipschitz.fp8_attention_bwd.default(
+            grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def fp8_attention_e4m3_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    q_scale: float = 1.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    backward: str = "exact",
+) -> torch.Tensor:
+    """:func:`fp8_attention` with the quantization moved out of the op, differentiably.
+
+    Quantizes bf16 ``q, k, v`` with :func:`quantize_e4m3` (ATen elementwise ops:
+    a caller under ``torch.compile`` gets them fused into the kernel that
+    produces ``q, k, v``, e.g. a projection's RoPE) and runs the op on the e4m3
+    tensors, which skips the op's own quantization. Output and gradient equal
+    :func:`fp8_attention` on the same bf16 inputs bit for bit (the gradient is
+    taken at the bf16 values, saved for the backward as there).
+
+    Args:
+        q, k, v: bfloat16 ``[B, H, N, d]``, ``d`` in {64, 128}.
+        causal, softmax_scale, q_scale, k_scale, v_scale, backward: as in
+            :func:`fp8_attention`.
+
+    Returns:
+        bfloat16 ``[B, H, N, d]``, differentiable in q, k, v.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16:
+            raise TypeError(f"fp8_attention_e4m3_inputs: argument '{name}' must be a bfloat16 tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"fp8_attention_e4m3_inputs: argument 'q' must have rank 4 (shape [B, H, N, d]), "
+                         f"got shape {tuple(q.shape)}")
+    op = "fp8_attention_e4m3_inputs"
+    scales = [_check_scale(op, n, s) for n, s in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale))]
+    scale = 1.0 / q.shape[-1] if softmax_scale is None else float(softmax_scale)
+    return _E4M3InputAttention.apply(q, k, v, bool(causal), scale, *scales, str(backward))
+
+
+def fp8_attention_bwd_path(
+    setting: Optional[str] = None,
+    compute_major: Optional[int] = None,
+    cudnn_version: Optional[int] = None,
+    cudnn_sdp_enabled: Optional[bool] = None,
+    empty: bool = False,
+) -> str:
+    """The kernel ``fp8_attention``'s backward runs: ``"math"``, ``"flash"`` or ``"cudnn"``.
+
+    Each argument defaults to this process's state: ``setting`` to
+    ``LIPSCHITZ_FP8_ATTN_BWD`` (``"flash"`` when unset), ``compute_major`` to the
+    current CUDA device's compute capability major (0 without CUDA),
+    ``cudnn_version`` to ``torch.backends.cudnn.version()`` (0 without cuDNN),
+    ``cudnn_sdp_enabled`` to ``torch.backends.cuda.cudnn_sdp_enabled()``. The rule
+    is the one the CUDA kernel applies (``csrc/fp8_attention.h``,
+    ``choose_bwd_path``); a cuDNN call that fails at run time still falls back
+    to FlashAttention-2 with a warning.
+    """
+    if setting is None:
+        setting = torch.ops.lipschitz.fp8_attention_bwd_setting()
+    if compute_major is None:
+        compute_major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
+    if cudnn_version is None:
+        cudnn_version = (torch.backends.cudnn.version() or 0) if torch.backends.cudnn.is_available() else 0
+    if cudnn_sdp_enabled is None:
+        cudnn_sdp_enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    return torch.ops.lipschitz.fp8_attention_bwd_path(
+        str(setting), int(compute_major), int(cudnn_version), bool(cudnn_sdp_enabled), bool(empty))
