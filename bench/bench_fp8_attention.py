@@ -8,7 +8,15 @@ PyTorch's own choice; a backend that cannot run here is skipped with its reason.
 FLOPs: forward ``4 B H N^2 d`` (half when causal); forward + backward 3.5x that
 (the backward's 2.5x, REFERENCE.md section 7), whatever each implementation
 recomputes. Forward + backward runs in both gradient modes of ``fp8_attention``:
-"exact" (a bf16 forward recomputes the statistics) and "saved" (the fp8 ones).
+"exact" (a bf16 forward recomputes the statistics) and "saved" (the fp8 ones);
+its ``params.bwd_path`` records the backward kernel ``LIPSCHITZ_FP8_ATTN_BWD``
+selected ("flash" by default, "cudnn" with ``LIPSCHITZ_FP8_ATTN_BWD=cudnn``).
+
+The forward is timed twice, reported as separate cases: ``fp8_attention_fwd``
+with bf16 inputs (``params.inputs = "bf16"``, the op's quantization included) and
+``fp8_attention_fwd_e4m3_inputs`` with inputs already in float8_e4m3fn
+(``"fp8"``, quantized before timing, as a model that quantizes in its projections
+hands them over); the SDPA baselines run on the bf16 inputs in both.
 
 Plain functions (``attention_flops``, ``make_inputs``, ``fp8_forward``,
 ``sdpa_forward``, ``forward_backward``) are importable on their own; ``cases(cfg)``
@@ -25,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lipschitz_ext.ops import fp8_attention
+from lipschitz_ext.ops.fp8_attention import fp8_attention_bwd_path, quantize_e4m3
 
 GPU_CONFIGS = [(4, 16, n, d) for d in (64, 128) for n in (1024, 4096, 16384)]
 CPU_CONFIGS = [(1, 2, 256, 64)]
@@ -58,6 +67,11 @@ def fp8_forward(q, k, v, causal: bool, statistics: str = "exact") -> torch.Tenso
     return fp8_attention(q, k, v, causal=causal, backward=statistics)
 
 
+def fp8_forward_e4m3_inputs(q8, k8, v8, causal: bool) -> torch.Tensor:
+    """Ours on inputs already in e4m3 (unit static scales, as :func:`fp8_forward`)."""
+    return fp8_attention(q8, k8, v8, causal=causal)
+
+
 def sdpa_forward(q, k, v, causal: bool, backend: Optional[str] = None) -> torch.Tensor:
     """bf16 SDPA with scale 1/d; ``backend`` forces one SDPBackend member by name."""
     if backend is None:
@@ -74,10 +88,13 @@ def forward_backward(forward: Callable[..., torch.Tensor], q, k, v, grad_out, ca
     return torch.autograd.grad(out, (q, k, v), grad_out)
 
 
-def _setup(fn, config, causal: bool, backward: bool, device, seed: int, n_sets: int, probe: bool, **kw):
+def _setup(fn, config, causal: bool, backward: bool, device, seed: int, n_sets: int, probe: bool,
+           e4m3: bool = False, **kw):
     from lipschitz_ext.bench import Setup, Skip
 
     sets = [make_inputs(*config, device, seed + i, requires_grad=backward) for i in range(n_sets)]
+    if e4m3:  # quantized once here, outside the timed call (unit scales)
+        sets = [tuple(quantize_e4m3(t, 1.0) for t in s) for s in sets]
     call = functools.partial(forward_backward, fn, causal=causal, **kw) if backward else \
         functools.partial(fn, causal=causal, **kw)
     if probe:  # a forced SDPA backend may refuse these inputs: skip it with the reason
@@ -93,26 +110,40 @@ def cases(cfg) -> list:
     from lipschitz_ext.bench import Case
 
     configs = SMOKE_CONFIGS if cfg.smoke else (GPU_CONFIGS if cfg.is_cuda else CPU_CONFIGS)
+    # The backward kernel this process's LIPSCHITZ_FP8_ATTN_BWD selects, on this device.
+    major = torch.cuda.get_device_capability(cfg.device)[0] if cfg.is_cuda else 0
+    bwd_path = fp8_attention_bwd_path(compute_major=major)
     out = []
     for i, config in enumerate(configs):
         B, H, N, d = config
         for causal in (True, False):
-            for backward, mode in ((False, "exact"), (True, "exact"), (True, "saved")):
+            # (backward, statistics mode, inputs)
+            for backward, mode, inputs in ((False, "exact", "bf16"), (False, "exact", "fp8"),
+                                           (True, "exact", "bf16"), (True, "saved", "bf16")):
                 args = (config, causal, backward, cfg.device, cfg.seed + 97 * i)
                 baselines = {"sdpa_default": functools.partial(_setup, sdpa_forward, *args, probe=False)}
                 if cfg.is_cuda:
                     for name, backend in SDPA_BACKENDS.items():
                         baselines[name] = functools.partial(_setup, sdpa_forward, *args, probe=True, backend=backend)
+                if inputs == "fp8":
+                    name = "fp8_attention_fwd_e4m3_inputs"
+                    ours = functools.partial(_setup, fp8_forward_e4m3_inputs, *args, probe=False, e4m3=True)
+                else:
+                    name = "fp8_attention_fwd_bwd" if backward else "fp8_attention_fwd"
+                    ours = functools.partial(_setup, fp8_forward, *args, probe=False, statistics=mode)
+                # Minimal traffic: q, k, v (2 bytes each in bf16, 1 in e4m3) in, out (bf16) out;
+                # with the backward also dO, out, lse in and dq, dk, dv out.
+                traffic = (5.0 if inputs == "fp8" else 8.0) if not backward else 22.0
                 out.append(Case(
-                    name="fp8_attention_fwd_bwd" if backward else "fp8_attention_fwd",
+                    name=name,
                     shape=config,
-                    dtype=torch.bfloat16,
-                    params={"causal": causal, "softmax_scale": 1.0 / d, "backward": backward,
-                            **({"statistics": mode} if backward else {})},
-                    ours=functools.partial(_setup, fp8_forward, *args, probe=False, statistics=mode),
+                    dtype=torch.float8_e4m3fn if inputs == "fp8" else torch.bfloat16,
+                    params={"causal": causal, "softmax_scale": 1.0 / d, "backward": backward, "inputs": inputs,
+                            **({"statistics": mode, "bwd_path": bwd_path} if backward else {})},
+                    ours=ours,
                     baselines=baselines,
                     flops=attention_flops(B, H, N, d, causal, backward),
-                    bytes=(4.0 if not backward else 11.0) * B * H * N * d * 2,
+                    bytes=traffic * B * H * N * d,
                     # The fp8 forward is bounded by the fp8 peak; with the bf16 backward, by bf16's.
                     peak=("bf16_tflops" if backward else "fp8_tflops") if cfg.is_cuda else "fp32_tflops",
                 ))
