@@ -187,3 +187,18 @@ def test_mlp_domain_step_uses_the_activation_divisor():
         y = torch.lerp(x, mlp(x), 0.5)
         dom.mlp(0.5, mlp.act_divisor, mlp.fc_in.weight, mlp.fc_out.weight)
         assert sequence_norm(y[:, None]).max() <= dom.radius() * SLACK
+
+
+def test_structured_attack_is_never_below_the_plain_one_and_below_the_bound():
+    """``structured=True`` starts with the plain search on the same generator, so it can only find more;
+    like it, it evaluates only pairs inside the domain (never above the certificate)."""
+    torch.manual_seed(2)
+    cfg = lnn.GPTConfig(vocab_size=5, d_model=8, n_layers=2, n_heads=2, seq_len=4, softmax_scale=2.0,
+                        mlp_ratio=2, attention="reference", zero_init_out=False, pos_bias="learned")
+    model = build_at_caps(cfg, 1.5, "orthogonal", torch.Generator().manual_seed(2))
+    plain = attack_lipschitz(model, 1.2, steps=12, restarts=2, generator=torch.Generator().manual_seed(4))
+    strong = attack_lipschitz(model, 1.2, steps=12, restarts=2, generator=torch.Generator().manual_seed(4),
+                              structured=True)
+    assert plain <= strong <= certify(model, input_rms=1.2).bound * SLACK
+    with pytest.raises(ValueError, match="restarts"):
+        attack_lipschitz(model, 1.2, restarts=0, structured=True)
