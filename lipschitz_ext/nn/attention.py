@@ -250,9 +250,8 @@ class LipschitzAttention(nn.Module):
             # one [H, T, T] mixing matrix for the whole batch, softmaxed in >= float32
             logits = self._positional_logits(T, x.device).to(torch.promote_types(v.dtype, torch.float32))
             weights = torch.softmax(logits, dim=-1).to(v.dtype)
-            # one GEMM per head over the batch ([T, T] x [T, B d_head]) rather than a matmul
-            # broadcast over B x H small ones: ~2x faster forward+backward on CPU, and the
-            # bias gradient is reduced inside the GEMM instead of over a [B, H, T, T] tensor
+            # one GEMM per head over the batch ([T, T] x [T, B d_head]) rather than B x H small
+            # ones, so the bias gradient is reduced inside the GEMM, not over a [B, H, T, T] tensor
             out = torch.einsum("hts,bshd->bthd", weights, v.view(B, T, self.n_heads, self.d_head))
             return self.o(out.reshape(B, T, self.d_model), scale=self.out_factor)
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
