@@ -296,7 +296,8 @@ class LoadedRun:
 
 def load_run(run_dir: str, which: str = "best", device: str | torch.device = "cpu",
              arg: str | None = None) -> LoadedRun:
-    """Rebuild the model of a ``lipschitz-train`` run folder from its checkpoint.
+    """Rebuild the model of a ``lipschitz-train`` run folder from its checkpoint (of a
+    ``lipschitz-classify`` run: ``lipschitz_ext.classify.load_classifier_run``'s result).
 
     ``which``: ``"best"`` (lowest validation loss) or ``"latest"``; when that file is
     missing or unusable the other is used, with a ``note:`` on stderr (:func:`read_checkpoint`). The model is in eval mode on ``device``; the data is not read (the
@@ -305,6 +306,10 @@ def load_run(run_dir: str, which: str = "best", device: str | torch.device = "cp
     """
     if which not in ("best", "latest"):
         raise ValueError(f"load_run: which must be 'best' or 'latest', got {which!r}")
+    from .classify import is_classifier_run, load_classifier_run  # lazy: classify imports this module
+
+    if is_classifier_run(run_dir):  # a lipschitz-classify run: its model, config and checkpoint
+        return load_classifier_run(run_dir, which, device, arg)
     ckpt, cfg, path = read_checkpoint(run_dir, ("best", "latest") if which == "best" else ("latest", "best"), arg)
     who = f"{arg} {run_dir}" if arg else str(run_dir)
     try:
