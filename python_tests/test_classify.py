@@ -346,3 +346,54 @@ def test_sweep_writes_frontier(idx_dir, tmp_path):
     assert len(rows) == 4 and os.path.exists(os.path.join(out, "frontier.png"))
     assert {(r["optimizer"], r["constraint"]) for r in rows} == {("muon", "hard_cap"), ("muon", "weight_decay"),
                                                                 ("adamw", "hard_cap"), ("adamw", "weight_decay")}
+
+
+def test_paper_cifar10_preset_on_generated_files(tmp_path):
+    d = tmp_path / "cifar-10-batches-bin"
+    d.mkdir()
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        x, y = _cifar_records(8, i)
+        (d / f"{name}.bin").write_bytes(np.concatenate([y[:, None], x], axis=1).tobytes())
+    cfg = classify_config("paper-cifar10", data=str(tmp_path), out=str(tmp_path / "run"), steps=2, batch_size=8,
+                          attack_examples=0)
+    assert (cfg.dataset, cfg.widths, cfg.bias, cfg.activation, cfg.init, cfg.center) == \
+        ("cifar10", [256, 256], False, "relu", "paper", False)
+    s = train_classifier(cfg, quiet=True)
+    run = lipschitz_ext.load_run(str(tmp_path / "run"))
+    assert run.model.in_features == 3072 and s["steps"] == 2
+    # the paper's init: first layer zero, the others orthogonal scaled by sqrt(fan_out / fan_in)
+    m = build_classifier(cfg, 3072, 10)
+    assert float(m.layers[0].weight.abs().max()) == 0.0
+    sv = torch.linalg.svdvals(m.layers[2].weight.double())
+    assert torch.allclose(sv, torch.full_like(sv, math.sqrt(10 / 256)), rtol=1e-5)
+
+
+def _peer_module():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "peer_torchlip.py")
+    spec = importlib.util.spec_from_file_location("peer_torchlip", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_peer_skips_without_torchlip(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deel", None)  # import deel.torchlip now fails
+    assert _peer_module().main(["--out", str(tmp_path / "p"), "--time-budget", "1"]) == 0
+    assert "not installed; skipped" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "p")
+
+
+def test_peer_conversion_keeps_the_logits():
+    torchlip = pytest.importorskip("deel.torchlip")
+    torch.manual_seed(0)
+    net = torchlip.Sequential(torchlip.SpectralLinear(784, 16), torchlip.GroupSort2(),
+                              torchlip.SpectralLinear(16, 8), torchlip.GroupSort2(), torchlip.SpectralLinear(8, 10))
+    vanilla = net.vanilla_export().eval()
+    mean = torch.rand(784)
+    model = _peer_module()._convert(vanilla, mean)
+    x = torch.rand(20, 784)
+    assert torch.allclose(vanilla(x - mean), model(x), atol=1e-5)

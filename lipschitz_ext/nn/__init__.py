@@ -18,6 +18,7 @@ from .attention import (
     sdpa_attention,
 )
 from .baseline import BaselineGPT
+from .classifier import LipschitzMLPClassifier, MaxMin
 from .config import GPTConfig
 from .embedding import LipschitzEmbedding
 from .fp8 import FP8_BACKEND, Fp8AttentionBackend, fp8_backend_of
@@ -32,6 +33,8 @@ __all__ = [
     "FP8_BACKEND",
     "Fp8AttentionBackend",
     "BaselineGPT",
+    "LipschitzMLPClassifier",
+    "MaxMin",
     "GELU_MAX_SLOPE",
     "GELU_MIN_SLOPE",
     "GPTConfig",
