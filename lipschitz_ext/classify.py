@@ -336,6 +336,9 @@ def train_classifier(cfg: ClassifyConfig | None = None, *, resume: str | None = 
     from .runtime import StopRequest
 
     if resume is not None:
+        if not is_classifier_run(resume):
+            raise CheckpointError(f"--resume {resume}: not a lipschitz-classify run folder (no config.json with "
+                                  "task classify)")
         out = prepare_out_dir(resume, resume=True)
         saved = read_json(os.path.join(out, "config.json"))
         bad = sorted(set(overrides or {}) - set(RESUME_OVERRIDES))
@@ -494,9 +497,9 @@ def sweep_classifiers(base: dict, grid: list[dict], out: str, *, jobs: int = 1, 
         if os.path.exists(os.path.join(run_dir, "summary.json")):
             continue
         cfg = {**base, **point, "out": run_dir}
-        cmd = [sys.executable, "-m", "lipschitz_ext.cli_classify", "train", "--config-json", json.dumps(cfg)]
+        cmd = [sys.executable, "-m", "lipschitz_ext.cli_classify", "train", "--quiet", "--config-json", json.dumps(cfg)]
         if os.path.exists(os.path.join(run_dir, "latest.pt")):
-            cmd = [sys.executable, "-m", "lipschitz_ext.cli_classify", "train", "--resume", run_dir]
+            cmd = [sys.executable, "-m", "lipschitz_ext.cli_classify", "train", "--quiet", "--resume", run_dir]
         elif os.path.isdir(run_dir):  # an earlier attempt that never checkpointed
             for f in os.listdir(run_dir):
                 os.remove(os.path.join(run_dir, f))
@@ -545,8 +548,10 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def write_frontier(rows: list[dict], out: str) -> None:
-    """``out/frontier.png`` (test accuracy vs certified bound, each method x optimizer's
-    best-so-far front over its runs), ``out/frontier.json`` and ``out/frontier.md``."""
+    """``out/frontier.png`` (test accuracy vs certified bound: every run faint, and each
+    optimizer x constraint's front -- its runs not beaten by one of a lower bound -- as a
+    line; colour by constraint, solid Muon, dashed AdamW), ``out/frontier.json`` and
+    ``out/frontier.md``."""
     from .plots import pyplot, save_figure
 
     write_json(os.path.join(out, "frontier.json"), rows)
@@ -560,12 +565,14 @@ def write_frontier(rows: list[dict], out: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     methods = dict.fromkeys((r["optimizer"], r["constraint"]) for r in rows)
-    for i, (o, c) in enumerate(methods):
+    colors = {c: f"C{i % 10}" for i, c in enumerate(dict.fromkeys(c for _, c in methods))}
+    for o, c in sorted(methods, key=lambda m: (m[1], m[0])):  # colour: constraint; line: optimizer
         pts = [(r["certified_bound"], 100 * r["clean_accuracy"]) for r in rows
                if (r["optimizer"], r["constraint"]) == (o, c)]
-        color = f"C{i % 10}"
-        ax.scatter(*zip(*pts), color=color, alpha=0.35, s=14, marker="o" if o == "muon" else "s")
-        ax.plot(*zip(*_pareto(pts)), "-" if o == "muon" else "--", color=color, label=f"{o} + {c}")
+        marker = "o" if o == "muon" else "s"
+        ax.scatter(*zip(*pts), color=colors[c], alpha=0.3, s=14, marker=marker)
+        ax.plot(*zip(*_pareto(pts)), "-" if o == "muon" else "--", marker=marker, color=colors[c],
+                label=f"{o} + {c}")
     ax.set_xscale("log")
     ax.set(xlabel="certified l2 Lipschitz bound (pixel space)", ylabel="test accuracy (%)",
            title="accuracy vs certified bound (front of each method)")

@@ -333,6 +333,8 @@ def test_cli_errors(tmp_path, capsys):
     assert "--constraint" in capsys.readouterr().err
     assert classify_main(["certify", str(tmp_path)]) == 2
     assert "not a lipschitz-classify run" in capsys.readouterr().err
+    assert classify_main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a lipschitz-classify run" in capsys.readouterr().err
 
 
 def test_sweep_writes_frontier(idx_dir, tmp_path):
@@ -363,7 +365,7 @@ def test_paper_cifar10_preset_on_generated_files(tmp_path):
     assert run.model.in_features == 3072 and s["steps"] == 2
     # the paper's init: first layer zero, the others orthogonal scaled by sqrt(fan_out / fan_in)
     m = build_classifier(cfg, 3072, 10)
-    assert float(m.layers[0].weight.abs().max()) == 0.0
+    assert float(m.layers[0].weight.detach().abs().max()) == 0.0
     sv = torch.linalg.svdvals(m.layers[2].weight.double())
     assert torch.allclose(sv, torch.full_like(sv, math.sqrt(10 / 256)), rtol=1e-5)
 
