@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--optimizers", type=_strs, default=["adamw", "muon"])
     s.add_argument("--constraints", type=_strs, default=["weight_decay", "normalize", "soft_cap", "hard_cap"])
     s.add_argument("--caps", type=_floats, default=[1.0, 2.0])
-    s.add_argument("--muon-lrs", type=_floats, default=[0.02, 0.05, 0.1])
+    s.add_argument("--muon-lrs", type=_floats, default=[0.05, 0.1, 0.2])
     s.add_argument("--adamw-lrs", type=_floats, default=[3e-4, 1e-3, 3e-3])
     s.add_argument("--weight-decays", type=_floats, default=[0.1, 1.0],
                    help="weight decays of the weight_decay method (it takes no cap)")
