@@ -399,3 +399,14 @@ def test_peer_conversion_keeps_the_logits():
     model = _peer_module()._convert(vanilla, mean)
     x = torch.rand(20, 784)
     assert torch.allclose(vanilla(x - mean), model(x), atol=1e-5)
+
+
+def test_distribution_folder_is_the_default(idx_dir, monkeypatch):
+    from lipschitz_ext import image_data
+
+    monkeypatch.setitem(image_data.DEFAULT_DIRS, "fashion-mnist", idx_dir)
+    assert image_data.default_data_dir("fashion-mnist") == idx_dir
+    assert load_image_data("fashion-mnist").train_x.shape[0] == 512
+    monkeypatch.setitem(image_data.DEFAULT_DIRS, "fashion-mnist", idx_dir + "-absent")
+    with pytest.raises(ImageDataError, match="no --data folder given"):
+        load_image_data("fashion-mnist")
