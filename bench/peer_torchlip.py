@@ -24,7 +24,6 @@ Writes ``OUT/result.json`` and ``OUT/model.pt`` (the converted weights).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform

@@ -40,7 +40,7 @@ from .classifier_certify import DEFAULT_RADII, evaluate_classifier, l2_bound, pi
 from .image_data import DATASETS, ImageData, load_image_data
 from .nn.classifier import ACTIVATIONS, INITS, LipschitzMLPClassifier
 from .optimizers import set_lrs
-from .run import (CheckpointError, append_metric, atomic_torch_save, prepare_out_dir, read_json, read_metrics,
+from .run import (CheckpointError, append_metric, atomic_torch_save, prepare_out_dir, read_json,
                   truncate_metrics, write_json)
 
 __all__ = ["ClassifyConfig", "CLASSIFY_PRESETS", "OPTIMIZERS", "LOSSES", "TASK", "classify_config",
@@ -282,7 +282,7 @@ class _LipschitzEstimate:
 # ---------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------
-def _environment(cfg: ClassifyConfig) -> dict:
+def _environment() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
             platform.machine(), "python": platform.python_version()}
 
@@ -433,7 +433,7 @@ def train_classifier(cfg: ClassifyConfig | None = None, *, resume: str | None = 
                "config": {k: getattr(cfg, k) for k in ("dataset", "optimizer", "constraint", "cap", "cap_frame",
                                                        "lr", "weight_decay", "loss", "margin_eps", "activation",
                                                        "widths", "batch_size", "time_budget", "seed")},
-               "environment": _environment(cfg)}
+               "environment": _environment()}
     write_json(os.path.join(out, "summary.json"), summary)
     plot_curves(out)
     return summary
