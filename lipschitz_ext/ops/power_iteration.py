@@ -10,6 +10,7 @@ from typing import Optional, Union, overload
 
 import torch
 
+from . import _recompute as R
 from ._checks import check_same_device
 
 __all__ = ["power_iteration", "spectral_normalize", "spectral_hammer", "spectral_weight_decay", "spectral_norm_bound"]
@@ -72,6 +73,49 @@ def _rank1_fake_for(name: str):
 for _name in ("spectral_normalize", "spectral_hammer", "spectral_weight_decay"):
     torch.library.register_fake(f"lipschitz::{_name}")(_rank1_fake_for(_name))
 
+
+
+# autograd: the backward reruns these mirrors of the kernels (csrc/power_iteration.h) and
+# takes their vjp (lipschitz_ext/ops/_recompute.py): the gradient through every iteration,
+# of sigma and of the returned vectors, w.r.t. W and the warm start u.
+
+
+def _power_iteration_mirror(W, iters=16, u=None):
+    st = R.float_or_double(W.dtype)
+    batch = W.shape[:-2]
+    m, n = W.shape[-2:]
+    if W.numel() == 0:
+        return W.new_zeros(batch, dtype=st), W.new_zeros(W.shape[:-1], dtype=st), W.new_zeros(batch + (n,), dtype=st)
+    sigma, uu, vv = R.power_iteration_batched(W.reshape(-1, m, n).to(st), iters, u)
+    return sigma.reshape(batch), uu.reshape(W.shape[:-1]), vv.reshape(batch + (n,))
+
+
+def _rank1_coefficients(kind: str, param: float, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "spectral_normalize":
+        return R.scalar_div(param, torch.maximum(sigma, torch.full_like(sigma, param)).clamp_min(1e-30)), torch.zeros_like(sigma)
+    if kind == "spectral_hammer":
+        return torch.ones_like(sigma), param - sigma
+    return torch.ones_like(sigma), -param * sigma
+
+
+def _rank1_mirror_for(kind: str):
+    def mirror(W, param=1.0, iters=16, u=None):
+        st = R.float_or_double(W.dtype)
+        if W.numel() == 0:
+            return W.new_zeros(W.shape), W.new_zeros(W.shape[:-1], dtype=st)
+        W3 = W.reshape(-1, *W.shape[-2:])
+        sigma, uu, vv = R.power_iteration_batched(W3.to(st), iters, u)
+        scale, coef = _rank1_coefficients(kind, param, sigma)
+        out = torch.baddbmm(W3.to(st) * scale.reshape(-1, 1, 1), (uu * coef.unsqueeze(-1)).unsqueeze(-1),
+                            vv.unsqueeze(-2))
+        return out.reshape(W.shape).to(W.dtype), uu.reshape(W.shape[:-1])
+
+    return mirror
+
+
+R.register_recompute_autograd("lipschitz::power_iteration", _power_iteration_mirror)
+for _name in ("spectral_normalize", "spectral_hammer", "spectral_weight_decay"):
+    R.register_recompute_autograd(f"lipschitz::{_name}", _rank1_mirror_for(_name))
 
 Result = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
