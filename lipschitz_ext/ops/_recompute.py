@@ -27,12 +27,17 @@ _DOUBLE = torch.float64
 # the autograd registration shared by every recomputed op
 
 
+#: op name ("lipschitz::orthogonalize", "lipschitz::spectral_soft_cap.per_matrix") -> its mirror
+MIRRORS: dict[str, Callable[..., object]] = {}
+
+
 def register_recompute_autograd(op: str, mirror: Callable[..., object]) -> None:
     """``torch.library.register_autograd(op)`` with the backward "rerun ``mirror``, take its vjp".
 
     ``mirror`` takes the op's arguments (in schema order, defaults filled) and returns
     what the op returns, computed by differentiable torch ops.
     """
+    MIRRORS[op] = mirror
 
     def setup_context(ctx, inputs, output):
         ctx.args = tuple(None if isinstance(x, torch.Tensor) else x for x in inputs)
