@@ -92,7 +92,8 @@ def _power_iteration_mirror(W, iters=16, u=None):
 
 def _rank1_coefficients(kind: str, param: float, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if kind == "spectral_normalize":
-        return R.scalar_div(param, torch.maximum(sigma, torch.full_like(sigma, param)).clamp_min(1e-30)), torch.zeros_like(sigma)
+        scale = R.scalar_div(param, torch.maximum(sigma, torch.full_like(sigma, param)).clamp_min(1e-30))
+        return scale, torch.zeros_like(sigma)
     if kind == "spectral_hammer":
         return torch.ones_like(sigma), param - sigma
     return torch.ones_like(sigma), -param * sigma
