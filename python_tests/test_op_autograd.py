@@ -66,6 +66,22 @@ def test_gradcheck_float64(case):
             assert torch.autograd.gradgradcheck(f, tensors)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradient_finite_at_any_magnitude(case, dtype):
+    """Zero, tiny and huge inputs: wherever the output is finite the gradient is too (no
+    0 * inf from a branch the forward did not take)."""
+    for scale in (0.0, 1e-30, 1e30):
+        args = list(sample_inputs(case, dtype, requires_grad=False)[0])
+        args[0] = args[0] * scale
+        f, tensors = as_function(case, tuple(args))
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = _outputs(f(*leaves))
+        if all(torch.isfinite(o).all() for o in out):
+            for g in torch.autograd.grad(_loss(out), leaves, allow_unused=True):
+                assert g is None or torch.isfinite(g).all(), (case, scale)
+
+
 @pytest.mark.parametrize("case", FIRST_ORDER_ONLY)
 def test_second_derivative_of_the_exact_caps_raises(case):
     f, tensors = as_function(case, sample_inputs(case)[0])

@@ -320,7 +320,11 @@ def _hard_cap_msign(X, b, steps, gemm):
 def _hard_cap_polynomial(X, b, iters, gemm):
     Y = X / b
     sigma, _, _ = R.power_iteration_batched(Y.to(R.float_or_double(Y.dtype)), iters, None)
-    c = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, sigma.clamp_min(1e-30)))
+    sigma = sigma.clamp_min(1e-30)
+    # min(1, 3 / sigma), with sigma <= 3 replaced by 3 (the same value: 1) so the unused
+    # branch's derivative -3 / sigma^2 cannot overflow to inf for tiny sigma (0 * inf = NaN)
+    big = torch.where(sigma > POLYNOMIAL_PRESCALE, sigma, torch.full_like(sigma, POLYNOMIAL_PRESCALE))
+    c = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, big))
     Y = (Y * c.reshape(-1, 1, 1)).to(gemm)
     return R.newton_schulz_steps(Y, R.hard_cap_polynomial_plan()[1]).to(X.dtype) * b
 
