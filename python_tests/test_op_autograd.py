@@ -66,6 +66,23 @@ def test_gradcheck_float64(case):
             assert torch.autograd.gradgradcheck(f, tensors)
 
 
+@pytest.mark.parametrize("name", ops.COEFFICIENT_SETS)
+def test_recompute_reads_the_kernels_coefficient_tables(name):
+    """The backward's plans come from the C++ ns_plan op: every named set and step count
+    (past the end of a table its last triple repeats) gives the kernel's polynomial."""
+    R = importlib.import_module("lipschitz_ext.ops._recompute")
+    x = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    for steps in (1, 5, 12):
+        flat = torch.ops.lipschitz.ns_plan(steps, name, [])
+        scale, triples = R.ns_plan(steps, name, [])
+        assert [scale, *(c for t in triples for c in t)] == flat and len(triples) == steps
+        assert scale == (1.01 if name == "polar_express" else 1.0)
+        mirror = R.MIRRORS["lipschitz::ns_polynomial"]
+        assert torch.equal(mirror(x, steps, name, []), ops.ns_polynomial(x, steps, name))
+    with pytest.raises(RuntimeError, match="ns_plan: argument 'coefficients' must be one of"):
+        torch.ops.lipschitz.ns_plan(5, "nope", [])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", list(CASES))
 def test_gradient_finite_at_any_magnitude(case, dtype):
