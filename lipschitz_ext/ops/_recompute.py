@@ -3,8 +3,8 @@
 The C++ kernels are forward-only. Each differentiable op registers (next to its fake
 kernel) a *mirror*: the same pipeline written with the same ATen calls in the same
 order, coefficients, iteration counts, branches and working dtypes (on CPU the
-mirror's output equals the kernel's bit for bit; ``python_tests/test_op_autograd.py``
-checks it). Its backward reruns the mirror under :func:`torch.enable_grad` and returns
+mirror's output equals the kernel's bit for bit, the exact caps below aside;
+``python_tests/test_op_autograd.py`` checks it). Its backward reruns the mirror under :func:`torch.enable_grad` and returns
 :func:`torch.autograd.grad` of it: the exact gradient of the function the op computes
 (the unrolled Newton-Schulz polynomial, power iteration, ...), at one extra forward
 plus its reverse pass. Under ``create_graph=True`` the recompute stays on the graph, so
