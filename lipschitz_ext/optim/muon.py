@@ -645,6 +645,9 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         scale = update_scale_factor(group["update_scale"], m, n)
         p_max = self.p_max(group["ns_steps"], group["coefficients"])
         mu = lr * p_max * (scale / math.sqrt(m / n)) * float(group["update_norm_safety"])
+        if not (math.isfinite(lr * scale) and math.isfinite(mu) and math.isfinite(lr * wd)):
+            raise ValueError(f"Muon: lr {lr:g} is too large: the step lr x update scale ({scale:g}) or its norm "
+                             f"bound overflows float64 for a {m}x{n} matrix")
         return dict(lr=lr, wd=wd, scale=scale, mu=mu, gate=None, ok=None)
 
     def direction(self, group: dict[str, Any], entries: list[Entry], pieces) -> torch.Tensor:
