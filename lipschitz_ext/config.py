@@ -277,7 +277,7 @@ def validate(cfg: TrainConfig) -> None:
 
 #: The largest learning rate accepted (each lr is the RMS size of a step: far above any useful one,
 #: far below where the step's arithmetic overflows).
-MAX_LR = 100.0
+MAX_LR = 1e6
 
 
 def _check_numbers(cfg: TrainConfig) -> None:

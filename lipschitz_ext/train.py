@@ -165,16 +165,20 @@ def _interrupted(run: Run) -> RunInterrupted:
             write_json(os.path.join(run.out, "summary.json"), summary)
         except (OSError, KeyboardInterrupt, ValueError):  # the message still says how to resume
             pass
-    run.dist.close()
+    # no dist.close() here: its barrier would wait forever for a rank that was not interrupted
     return RunInterrupted(message, summary)
 
 
 def _write_error(run: Run, exc: OSError) -> RunWriteError:
-    what = exc.filename or run.out
-    return RunWriteError(f"cannot write the run folder {run.out} ({what}: {exc.strerror or exc}) during the "
-                         f"{run.phase} at step {run.step}; the last complete checkpoint "
-                         f"{os.path.join(run.out, 'latest.pt')} is intact: make room or make the folder writable, "
-                         f"then {_resume_hint(run)}")
+    """An OSError mid-run as one line: what failed, and that the last checkpoint is intact."""
+    what = str(exc.filename or run.out)
+    latest = os.path.join(run.out, "latest.pt")
+    if os.path.abspath(what).startswith(os.path.abspath(run.out)):
+        return RunWriteError(f"cannot write the run folder {run.out} ({what}: {exc.strerror or exc}) during the "
+                             f"{run.phase} at step {run.step}; the last complete checkpoint {latest} is intact: "
+                             f"make room or make the folder writable, then {_resume_hint(run)}")
+    return RunWriteError(f"{what}: {exc.strerror or exc} during the {run.phase} at step {run.step}; the last "
+                         f"complete checkpoint {latest} is intact; {_resume_hint(run)}")
 
 
 def _resumed_config(resume: str, overrides: dict | None) -> tuple[TrainConfig, dict]:
