@@ -534,8 +534,14 @@ def check_weights_fit(cfg: TrainConfig, vocab_size: int, state: Any, who: str) -
     whose tensor names and shapes are not those of the model ``cfg`` describes, BEFORE that
     model is built: the model is laid out on the meta device (no memory), so a config that
     claims a huge model beside small weights costs nothing."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise CheckpointError(f"{who}: its model weights are not a dict of tensors")
+    # the block count first: even on the meta device, a million blocks would be a million modules
+    blocks = {k.split(".")[1] for k in state if k.startswith("blocks.") and k.count(".") >= 2}
+    if isinstance(cfg.n_layers, int) and cfg.n_layers != len(blocks):
+        raise CheckpointError(f"{who}: weights do not fit the model its config describes (config n_layers "
+                              f"{cfg.n_layers}, weights of {len(blocks)} blocks)")
     try:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_model(cfg, vocab_size).state_dict().items()}

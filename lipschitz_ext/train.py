@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from . import data as data_mod
 from .config import TrainConfig, apply_target_bound, build_model, validate
 from .evaluate import evaluate, final_protocol_scores, fp8_backend, loss_logit_scale, paper_bound_or_none
+from .optim import NonFiniteGradient
 from .optimizers import all_param_groups, build_optimizer, lr_multiplier, set_lrs
 from .plots import plot_curves
-from .protocols import protocol_batches
+from .protocols import EVAL_PROTOCOLS, protocol_batches
 from .run import (CHECKPOINT_KEYS, CheckpointError, RunFolderError, append_metric, atomic_torch_save,
                   atomic_write_text, check_weights_fit, checkpoint_dict, default_out_dir, format_summary,
                   held_run_locks, prepare_out_dir, read_checkpoint, read_metrics, release_run_folder,
@@ -201,7 +202,8 @@ def _resumed_config(resume: str, overrides: dict | None) -> tuple[TrainConfig, d
     cfg = TrainConfig(**{"compile": "none", **ckpt["config"], "stop_after": 0, **(overrides or {})})
     cfg.out = resume
     cfg.data = resolve_data_path(cfg.data, resume)  # older run folders stored it as typed
-    if "eval_protocol" in (overrides or {}) and cfg.eval_protocol != ckpt["config"].get("eval_protocol", "spread"):
+    if ("eval_protocol" in (overrides or {}) and cfg.eval_protocol in EVAL_PROTOCOLS
+            and cfg.eval_protocol != ckpt["config"].get("eval_protocol", "spread")):
         ckpt = {**ckpt, "best_val": math.inf}  # best.pt's losses were of other windows
         print(f"note: --resume {resume}: --eval-protocol {cfg.eval_protocol} from here on; best.pt is the best "
               "under it from now", file=sys.stderr)
@@ -402,7 +404,13 @@ def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
             if run.compile == "model" and "first_step_seconds" not in run.compile_stats:
                 # the compilation happens in the first forward and backward
                 run.compile_stats["first_step_seconds"] = time.time() - t_step
-            run.opt.step()
+            try:
+                run.opt.step()
+            except NonFiniteGradient as exc:  # a finite loss with a NaN/inf gradient: nothing was changed
+                status = "diverged"
+                message = (f"{exc} (step {run.step}): stopping; the last good checkpoint is "
+                           f"{os.path.join(run.out, 'latest.pt')}")
+                break
             run.opt.zero_grad(set_to_none=True)
             run.step += 1
             run.tokens += tok_per_step
@@ -431,7 +439,10 @@ def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
     bar.close()
     check = getattr(run.opt, "check_nonfinite", None)  # Muon defers its non-finite report (no host sync)
     if check is not None and status != "diverged":
-        check()
+        try:
+            check()
+        except NonFiniteGradient as exc:
+            status, message = "diverged", f"{exc}: stopping; the last good checkpoint is {run.out}/latest.pt"
     now_counted = compile_counters()
     for k, v in now_counted.items():
         run.compile_stats[k] = run.compile_stats.get(k, 0) + v - counted[k]

@@ -227,6 +227,13 @@ def test_config_is_checked_against_the_weights_before_the_model_is_built(finishe
     assert "weights do not fit" in capsys.readouterr().err
     assert _train(["--resume", run, "--quiet"]) == 2
     assert "weights do not fit" in capsys.readouterr().err
+    # a block count far beyond the weights' is refused before even a meta-device model is laid out
+    path = os.path.join(run, "best.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"].update(d_model=32, n_layers=10**7)
+    torch.save(ckpt, path)
+    with pytest.raises(run_mod.CheckpointError, match="config n_layers 10000000, weights of 1 blocks"):
+        run_mod.load_run(run)
 
 
 # ---------------------------------------------------------------------------
@@ -383,3 +390,22 @@ def test_normalize_keeps_its_cap_under_muon_at_lr_005():
         opt.step()
         worst = max(worst, math.sqrt(32 / 64) * float(torch.linalg.matrix_norm(W.detach().double(), 2)))
     assert 0.99 < worst <= 1.0 + 1e-5, worst
+
+
+def test_nan_gradient_with_a_finite_loss_stops_the_run_cleanly(corpus, tmp_path, monkeypatch, capsys):
+    original = T._loss_and_backward
+
+    def poisoned(run, x, y):
+        loss, finite = original(run, x, y)
+        if run.step == 3:
+            run.model.embed.weight.grad[0, 0] = float("nan")
+        return loss, finite
+
+    monkeypatch.setattr(T, "_loss_and_backward", poisoned)
+    out = str(tmp_path / "run")
+    assert _train(["--data", corpus, "--out", out, "--quiet", *_flags({**TINY, "steps": 8, "eval_every": 2})]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite gradient" in err and "the last good checkpoint" in err and "Traceback" not in err, err
+    assert _strict_json(os.path.join(out, "summary.json"))["status"] == "diverged"
+    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
+    assert ckpt["step"] == 2 and all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values())

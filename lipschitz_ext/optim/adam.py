@@ -10,7 +10,7 @@ import torch
 
 from .bucket import gather_cstate, overlaps, scatter_cstate
 from .distributed import is_dtensor, local_tensor
-from .muon import NONFINITE_POLICIES
+from .muon import NONFINITE_POLICIES, NonFiniteGradient
 from .state import ConstraintGroupsMixin
 
 __all__ = ["ConstrainedAdam", "nonfinite_grads", "describe_nonfinite"]
@@ -59,8 +59,8 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
 
     ``nonfinite``: what a non-finite (NaN/inf) gradient does, as in
     :class:`~lipschitz_ext.optim.Muon`: ``"raise"`` (default) skips the whole step --
-    weights, moments and step counts kept exactly -- and raises RuntimeError naming the
-    group and shapes; ``"skip"`` skips it silently (:attr:`skipped_steps` counts it);
+    weights, moments and step counts kept exactly -- and raises :class:`~lipschitz_ext.optim.muon.NonFiniteGradient` (a RuntimeError) naming
+    the group and shapes; ``"skip"`` skips it silently (:attr:`skipped_steps` counts it);
     ``"ignore"`` does no check (NaNs reach the weights). The check costs one host sync.
 
     ``update_norm`` is passed as 0 (Adam's step has no spectral bound), ``decay`` as
@@ -142,7 +142,7 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
             if bad:
                 self.skipped_steps += 1
                 if self.nonfinite == "raise":
-                    raise RuntimeError(f"ConstrainedAdam: {describe_nonfinite(bad)}; the step was skipped, nothing "
+                    raise NonFiniteGradient(f"ConstrainedAdam: {describe_nonfinite(bad)}; the step was skipped, nothing "
                                        "was changed; pass nonfinite='skip' to skip such steps silently or 'ignore' "
                                        "to disable the check")
                 return loss

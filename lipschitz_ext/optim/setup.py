@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .adam import ConstrainedAdam, describe_nonfinite, nonfinite_grads
-from .muon import Muon
+from .muon import Muon, NonFiniteGradient
 
 __all__ = ["OptimizerSet", "ParamRole", "build_optimizers", "classify_parameters"]
 
@@ -157,7 +157,7 @@ class OptimizerSet:
     def step(self, closure=None):
         """Step every optimizer, or none: a non-finite gradient anywhere (in a group whose
         ``nonfinite`` policy is not ``"ignore"``) skips the step of all of them, so the
-        model is never left half-updated; ``"raise"`` (the default) then raises RuntimeError
+        model is never left half-updated; ``"raise"`` (the default) then raises NonFiniteGradient (a RuntimeError)
         saying so, ``"skip"`` counts it in :attr:`skipped_steps`. One host sync (none while a
         CUDA graph is captured: each optimizer's own check applies there)."""
         loss = None
@@ -175,7 +175,7 @@ class OptimizerSet:
                 if any(_policy(self.by_name[name], groups[gi]) == "raise" for name, groups, found in bad
                        for gi, _ in found):
                     where = "; ".join(f"{name}: {describe_nonfinite(found)}" for name, groups, found in bad)
-                    raise RuntimeError(f"OptimizerSet: {where}; the step of every optimizer was skipped, nothing "
+                    raise NonFiniteGradient(f"OptimizerSet: {where}; the step of every optimizer was skipped, nothing "
                                        "was changed")
                 return loss
         for o in self.optimizers:
