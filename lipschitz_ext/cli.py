@@ -27,7 +27,7 @@ from typing import Any
 from . import data as data_mod
 from .config import PRESETS, TrainConfig, config_from_preset, preset_override_notes
 from .protocols import EVAL_PROTOCOLS, PROTOCOL_HELP
-from .run import CheckpointError
+from .run import CheckpointError, json_safe
 
 __all__ = ["train_main", "eval_main", "format_presets"]
 
@@ -164,7 +164,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"lipschitz-train: {exc}", file=sys.stderr)
         return train_mod.EXIT_CODES["interrupted"]
     except KeyboardInterrupt:
-        print("lipschitz-train: interrupted before training started (nothing to resume)", file=sys.stderr)
+        print("lipschitz-train: interrupted before training started; run the command again", file=sys.stderr)
         return train_mod.EXIT_CODES["interrupted"]
     except train_mod.RunWriteError as exc:
         print(f"lipschitz-train: error: {exc}", file=sys.stderr)
@@ -283,14 +283,15 @@ def eval_main(argv: list[str] | None = None) -> int:
             from .run_certificate import format_run_certificate, run_certificate
 
             rep = run_certificate(args.run, which=args.which, device=args.device)
-            print(json.dumps({k: v for k, v in rep.items() if k != "table"}, indent=2) if args.json
+            print(json.dumps(json_safe({k: v for k, v in rep.items() if k != "table"}), indent=2, allow_nan=False)
+                  if args.json
                   else format_run_certificate(rep))
             return 0
         if args.cmd == "accuracy":
             from .run_accuracy import format_run_accuracy, run_accuracy
 
             rep = run_accuracy(args.run, tuple(args.protocol or EVAL_PROTOCOLS), which=args.which, device=args.device)
-            print(json.dumps(rep, indent=2) if args.json else format_run_accuracy(rep))
+            print(json.dumps(json_safe(rep), indent=2, allow_nan=False) if args.json else format_run_accuracy(rep))
             return 0
         if args.cmd == "sample":
             from .sampling import sample_run
