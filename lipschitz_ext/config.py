@@ -215,6 +215,7 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, f.name)
         if str(f.type) == "int" and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"--{f.name.replace('_', '-')} must be an integer, got {v!r}")
+    _check_numbers(cfg)
     checks = [
         (cfg.model in ("lipschitz", "baseline"), f"--model must be lipschitz or baseline, got {cfg.model!r}"),
         (cfg.tokenizer in ("char", "byte"), f"--tokenizer must be char or byte, got {cfg.tokenizer!r}"),
@@ -272,6 +273,39 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ValueError(msg)
     gpt_config(cfg, vocab_size=2)  # GPTConfig checks the model fields (the vocabulary comes with the data)
+
+
+#: The largest learning rate accepted (each lr is the RMS size of a step: far above any useful one,
+#: far below where the step's arithmetic overflows).
+MAX_LR = 1e6
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every float field finite (no NaN/inf: ``--lr 1e999`` parses as inf), learning rates in
+    ``(0, MAX_LR]``, the other rates and counts in their ranges; ValueError naming the flag."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if str(f.type) in ("float", "float | None") and v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{flag(f.name)} must be a number, got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"{flag(f.name)} must be finite, got {v!r}")
+    for name in ("lr", "head_lr", "embed_lr", "baseline_lr"):
+        v = getattr(cfg, name)
+        if not 0 < v <= MAX_LR:
+            raise ValueError(f"{flag(name)} must be in (0, {MAX_LR:g}], got {v!r}")
+    ranges = [("weight_decay", 0.0, math.inf), ("momentum", 0.0, 1.0), ("grad_clip", 0.0, math.inf)]
+    for name, lo, hi in ranges:
+        v = getattr(cfg, name)
+        if not lo <= v <= hi or (name == "momentum" and v == 1.0):
+            raise ValueError(f"{flag(name)} must be in [{lo:g}, {hi:g}{')' if name == 'momentum' else ']'}, "
+                             f"got {v!r}")
+    for name in ("warmup_steps", "stop_after", "threads", "sample_chars"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
 
 
 #: TrainConfig fields that are GPTConfig fields of the same name.

@@ -63,8 +63,8 @@ def test_resume_is_exact(corpus, tmp_path):
     key = lambda rows: [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
     assert key(a) == key(b)
     assert resumed["val_loss"] == full["val_loss"]
-    sa = torch.load(tmp_path / "full" / "latest.pt", weights_only=False)["model"]
-    sb = torch.load(tmp_path / "part" / "latest.pt", weights_only=False)["model"]
+    sa = torch.load(tmp_path / "full" / "latest.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "part" / "latest.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -124,7 +124,7 @@ def test_logit_scale_is_a_loss_temperature_only(corpus, tmp_path):
 
     s = run(corpus, tmp_path / "t", pos_bias="learned", logit_scale=4.0, head_sigma_max=1.0, steps=6,
             eval_every=6)
-    ck = torch.load(tmp_path / "t" / "latest.pt", weights_only=False)
+    ck = torch.load(tmp_path / "t" / "latest.pt", weights_only=True)
     cfg = C.TrainConfig(**json.loads((tmp_path / "t" / "config.json").read_text()))
     assert cfg.logit_scale == 4.0 and cfg.pos_bias == "learned"
     model = C.build_model(cfg, ck["model"]["embed.weight"].shape[0])
@@ -272,7 +272,7 @@ def test_resume_with_other_vocabulary_is_refused(corpus, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("ZYXW vuts " * 500, encoding="utf-8")
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-    ck = torch.load(tmp_path / "r" / "latest.pt", weights_only=False)
+    ck = torch.load(tmp_path / "r" / "latest.pt", weights_only=True)
     ck["config"]["data"] = str(other)
     torch.save(ck, tmp_path / "r" / "latest.pt")
     with pytest.raises(ValueError, match="does not match the checkpoint"):
@@ -285,7 +285,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(corpus, tmp_path):
     if s["status"] == "completed":
         pytest.fail("expected the absurd learning rate to diverge")
     assert s["status"] == "diverged"
-    ck = torch.load(tmp_path / "nan" / "latest.pt", weights_only=False)
+    ck = torch.load(tmp_path / "nan" / "latest.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
@@ -307,7 +307,7 @@ def test_sigterm_leaves_resumable_checkpoint(corpus, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 130, r.stderr
     assert "resume with" in r.stderr
-    ck = torch.load(out / "latest.pt", weights_only=False)
+    ck = torch.load(out / "latest.pt", weights_only=True)
     assert ck["step"] == 5
     s = T.train(resume=str(out), quiet=True)
     assert s["steps"] == 12 and s["status"] == "completed"

@@ -136,7 +136,7 @@ $PY -m lipschitz_ext.eval frontier "$R"/frontier/*/ --out "$R/eval-frontier" || 
 # model's weights (no optimizer state) for CPU-side checks. Packed once now and again
 # after the remaining jobs (tests, lr-sensitivity), so a timeout still returns the runs.
 if [ -n "$best" ]; then
-  $PY -c "import torch,sys; c=torch.load(sys.argv[1]+'/best.pt', weights_only=False); torch.save({'config': c['config'], 'model': c['model'], 'step': c['step']}, sys.argv[2])" \
+  $PY -c "import torch,sys; c=torch.load(sys.argv[1]+'/best.pt', weights_only=True); torch.save({'config': c['config'], 'model': c['model'], 'step': c['step']}, sys.argv[2])" \
       "$best" "$PACK/headline_model.pt" || true
 fi
 tar czf "$PACK/runs.tgz" --exclude='*.pt' "$R"

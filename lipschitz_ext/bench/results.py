@@ -119,4 +119,6 @@ def result_path(out_dir: Path, device: torch.device, label: str, when: _dt.datet
 
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    from ..run import json_safe
+
+    path.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")  # strict JSON

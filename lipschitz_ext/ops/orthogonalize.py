@@ -128,14 +128,22 @@ def ns_polynomial(
     return torch.ops.lipschitz.ns_polynomial.default(s, int(steps), name, custom)
 
 
+#: The coarsest grid :func:`ns_max_gain` accepts.
+MIN_GAIN_GRID = 10_001
+
+
 def ns_max_gain(steps: int = 5, coefficients: Coefficients = "polar_express", grid: int = 200_001) -> float:
     """``p_max``: the largest value the composite polynomial takes on ``(0, 1]``.
 
     After normalization every singular value lies in ``(0, 1]``, so a Muon update
     ``msign(M)`` has spectral norm at most ``p_max`` (1.14502 for the 5-step "You"
     set). Evaluated on a log-spaced grid from 1e-7 to 1 in float64 (the composite is
-    odd and smooth; the grid resolves its peaks to ~1e-6 relative).
+    odd and smooth; the grid resolves its peaks to ~1e-6 relative). ``grid`` must be an
+    int >= ``MIN_GAIN_GRID``: a coarser grid misses the peaks and would under-state ``p_max``.
     """
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < MIN_GAIN_GRID:
+        raise ValueError(f"ns_max_gain: argument 'grid' must be an int >= {MIN_GAIN_GRID} (a coarser grid "
+                         f"misses the polynomial's peaks), got {grid!r}")
     x = torch.logspace(-7, 0, grid, dtype=torch.float64)
     return float(ns_polynomial(x, steps, coefficients).max())
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Optional, Union, overload
 
+import math
+
 import torch
 
 from . import _recompute as R
@@ -207,8 +209,15 @@ def certified_at_most(W: torch.Tensor, t: float) -> torch.Tensor:
     of ``t^2 I - A`` (positive definite exactly when ``sigma_max < t``): the cheap first test
     the caps run every step, so the full :func:`spectral_norm_bound` (a power iteration and
     six more factorizations) is paid only where this one fails. False for a non-finite
-    matrix; True for a zero matrix when ``t > 0``.
+    matrix; True for a zero matrix when ``t > 0``. ``W`` must be a real floating tensor
+    (complex, integer and bool are refused) and ``t`` a real number (not a bool).
     """
+    if not isinstance(W, torch.Tensor) or not W.is_floating_point() or W.dim() < 2:
+        raise ValueError(f"certified_at_most: argument 'W' must be a real floating [..., m, n] tensor, got "
+                         f"{W.dtype if isinstance(W, torch.Tensor) else type(W).__name__}"
+                         f"{'' if not isinstance(W, torch.Tensor) else f' of shape {tuple(W.shape)}'}")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t):
+        raise ValueError(f"certified_at_most: argument 't' must be a real number, got {t!r}")
     batch = W.shape[:-2]
     if W.numel() == 0:
         return torch.ones(batch, dtype=torch.bool, device=W.device)

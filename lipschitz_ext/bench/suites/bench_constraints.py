@@ -3,7 +3,7 @@ the same math written in plain PyTorch.
 
     lipschitz-bench --suite constraints                    # the shared runner (lipschitz_ext.bench)
     lipschitz-bench --suite constraints --device cuda --filter spectral_soft_cap
-    python bench/bench_constraints.py [lipschitz-bench options]   # the same
+    python -m lipschitz_ext.bench.suites.bench_constraints [lipschitz-bench options]   # the same
 
 Case definitions are plain data/functions (SHAPES, OPS, make_input, cases) so a
 runner can import them; timing, tables and the DESIGN.md results JSON are the
@@ -322,7 +322,7 @@ def soft_cap_ab(shapes=((24, 3072, 768), (48, 768, 768)), repeats: int = 15, alp
 
 
 if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite constraints [its options]
-    if sys.argv[1:2] == ["soft-cap-ab"]:  # python bench/bench_constraints.py soft-cap-ab [REPEATS] [OUT.json]
+    if sys.argv[1:2] == ["soft-cap-ab"]:  # python -m lipschitz_ext.bench.suites.bench_constraints soft-cap-ab [REPEATS] [OUT.json]
         result = soft_cap_ab(repeats=int(sys.argv[2]) if len(sys.argv) > 2 else 15)
         if len(sys.argv) > 3:
             with open(sys.argv[3], "w") as f:

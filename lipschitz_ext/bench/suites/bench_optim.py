@@ -2,7 +2,7 @@
 
     lipschitz-bench --suite optim                # the shared runner (lipschitz_ext.bench)
     lipschitz-bench --suite optim --device cuda --repeats 5
-    python bench/bench_optim.py [lipschitz-bench options]   # the same
+    python -m lipschitz_ext.bench.suites.bench_optim [lipschitz-bench options]   # the same
 
 Weight sets: the hidden matrices of GPT-2 small (12 layers, d=768: per layer
 Q, K, V, O 768x768, MLP in 3072x768, MLP out 768x3072) and of the Shakespeare

@@ -2,7 +2,7 @@
 
     lipschitz-bench --suite train                # the shared runner (lipschitz_ext.bench)
     lipschitz-bench --suite train --device cuda
-    python bench/bench_train.py [lipschitz-bench options]   # the same
+    python -m lipschitz_ext.bench.suites.bench_train [lipschitz-bench options]   # the same
 
 The step is :mod:`lipschitz_ext.train`'s: ``loss = training_loss_fn(model)(x, y)`` (forward
 under the preset's resolved autocast, cross-entropy in float32), ``loss.backward()``,
