@@ -180,21 +180,23 @@ def _check_preset(preset: str) -> None:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
 
 
-def _replaced(preset: str, overrides: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
-    """``(flag given, what it replaces, preset fields dropped)`` for each explicit override that
-    replaces preset settings it does not name: ``sigma_max`` the per-group caps, ``steps`` the
-    time schedule, a baseline model or a constraint that does not cap every singular value
-    the target bound (which cannot apply to them)."""
-    rules = [("sigma_max", "sigma_max" in overrides, "per-group caps", GROUP_CAPS),
-             ("steps", "steps" in overrides, "time schedule", TIME_SCHEDULE),
-             ("model", overrides.get("model", "lipschitz") != "lipschitz", "target bound", ("target_bound",)),
+def _replaced(preset: str, overrides: dict[str, Any]) -> list[tuple[str, str, list[str], bool]]:
+    """``(flag given, what it replaces, preset fields dropped, noted)`` for each explicit override
+    that replaces preset settings it does not name: ``sigma_max`` the per-group caps, ``steps``
+    the time schedule, a baseline model or a constraint that does not cap every singular value
+    the target bound (which cannot apply to them). ``noted``: worth a console note, because the
+    run is not what the flag alone suggests (the caps change, the bound is no longer capped);
+    asking for N steps or for the baseline means what it says."""
+    rules = [("sigma_max", "sigma_max" in overrides, "per-group caps", GROUP_CAPS, True),
+             ("steps", "steps" in overrides, "time schedule", TIME_SCHEDULE, False),
+             ("model", overrides.get("model", "lipschitz") != "lipschitz", "target bound", ("target_bound",), False),
              ("constraint", overrides.get("constraint", CAPPING_CONSTRAINTS[0]) not in CAPPING_CONSTRAINTS,
-              "target bound", ("target_bound",))]
+              "target bound", ("target_bound",), True)]
     out = []
-    for flag, given, what, fields in rules:
+    for flag, given, what, fields, noted in rules:
         dropped = [k for k in fields if k in PRESETS[preset] and k not in overrides]
         if given and dropped:
-            out.append((flag, what, dropped))
+            out.append((flag, what, dropped, noted))
     return out
 
 
@@ -212,7 +214,7 @@ def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
         if k not in fields:
             raise ValueError(f"unknown config field {k!r}")
     base = dict(PRESETS[preset])
-    for _, _, dropped in _replaced(preset, overrides):
+    for _, _, dropped, _ in _replaced(preset, overrides):
         for k in dropped:
             base.pop(k, None)
     cfg = TrainConfig(preset=preset, **{**base, **overrides})
@@ -221,15 +223,17 @@ def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
 
 
 def preset_override_notes(preset: str, overrides: dict[str, Any]) -> list[str]:
-    """One line per preset setting that ``overrides`` drop without naming it (the per-group
-    caps an explicit ``sigma_max`` replaces, the time schedule an explicit ``steps`` replaces,
-    the target bound a baseline model or a non-capping constraint drops), for the console."""
+    """One line per preset setting that ``overrides`` drop without naming it and that the flag
+    alone does not say (the per-group caps an explicit ``sigma_max`` replaces, the target bound
+    a constraint that does not cap the spectrum drops), for the console."""
     _check_preset(preset)
     def flag(k: str, v: Any) -> str:
         return f"--{k.replace('_', '-')} {v:g}" if isinstance(v, (int, float)) else f"--{k.replace('_', '-')} {v}"
 
     notes = []
-    for given, what, dropped in _replaced(preset, overrides):
+    for given, what, dropped, noted in _replaced(preset, overrides):
+        if not noted:
+            continue
         them = "it" if len(dropped) == 1 else "them"
         notes.append(f"note: {flag(given, overrides[given])} replaces preset {preset}'s {what} "
                      f"({', '.join(flag(k, PRESETS[preset][k]) for k in dropped)}); give {them} explicitly to keep {them}")
