@@ -757,12 +757,12 @@ def worst_case_certificate(cfg_or_model: GPTConfig | LipschitzGPT, input_rms: fl
     return _checked(_worst_case(cfg, r, refined), "worst_case_certificate")
 
 
-#: The divisor of the published MLP term (REFERENCE.md section 5): max GELU' rounded.
+#: The divisor of the published MLP term (docs/theory.md, section 5): max GELU' rounded.
 PAPER_MLP_DIVISOR = 1.1289
 
 
 def paper_bound(model: LipschitzGPT) -> float:
-    """The published certifier's bound (REFERENCE.md section 5), **UNSOUND**: for comparison only.
+    """The published certifier's bound (docs/theory.md, section 5), **UNSOUND**: for comparison only.
 
     With RMS->RMS norms ``||W||`` of the current weights, ``alpha`` = each block's residual weight
     (``1/(2L)`` in the paper's model), ``a = 1`` and ``Lip = 1`` at the start, per block::

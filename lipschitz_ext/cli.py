@@ -147,7 +147,8 @@ def train_main(argv: list[str] | None = None) -> int:
             for note in preset_override_notes(args.preset, {**ov, "sigma_max": args.sweep_sigma[0]}):
                 print(note, file=sys.stderr)
             # the sweep's --sigma-max is the hidden cap, like an explicit --sigma-max
-            cfg = config_from_preset(args.preset, **ov, sigma_max=1.0)
+            # a frontier spans bounds: no target bound unless asked for
+            cfg = config_from_preset(args.preset, **{"target_bound": 0.0, **ov}, sigma_max=1.0)
             out = cfg.out or os.path.join("runs", f"sweep-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
             rows = sweep(cfg, args.sweep_sigma, [c.strip() for c in args.sweep_constraint.split(",")], out,
                          quiet=args.quiet)
@@ -316,7 +317,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             from .sweep import lr_sensitivity
 
             sizes = args.sizes
-            base = config_from_preset(args.preset, steps=args.steps, eval_every=args.steps,
+            base = config_from_preset(args.preset, steps=args.steps, eval_every=args.steps, target_bound=0.0,
                                       device=args.device, **({"data": args.data} if args.data else {}))
             rows = lr_sensitivity(base, args.lrs, out, sizes=sizes)
             print_table(rows, ["model", "d_model", "n_layers", "lr_multiplier", "val_loss", "attention_logit_max",

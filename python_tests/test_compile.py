@@ -1,4 +1,4 @@
-"""``--compile``: validation, the ``auto`` rule, and one tiny compiled run (issue 23).
+"""``--compile``: validation, the ``auto`` rule, and one tiny compiled run.
 
 The compiled run is the only test here that calls ``torch.compile`` (tens of seconds on a
 CPU the first time, seconds with inductor's cache warm); every check that needs a compiled

@@ -1,4 +1,4 @@
-"""Kill test (issue 19, deliverable 5): a tiny run SIGKILLed at seeded random moments, many times,
+"""Kill test: a tiny run SIGKILLed at seeded random moments, many times,
 resumes each time with ``--resume`` and ends with bit-for-bit the weights of an uninterrupted run.
 
 Why exact equality holds: ``latest.pt`` is written atomically (temporary file + ``os.replace``) after

@@ -1,4 +1,4 @@
-"""The run folder (issue 19): lipschitz-train never overwrites what it did not write,
+"""The run folder: lipschitz-train never overwrites what it did not write,
 checkpoints are read in one place with a fallback, paths work from any directory,
 and resuming a finished run changes nothing it already recorded."""
 

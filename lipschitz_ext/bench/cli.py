@@ -1,7 +1,7 @@
 """``lipschitz-bench``: time this package's ops against their baselines.
 
 Prints a table and writes ``<out>/<YYYYMMDD>-<device-slug>-<suite>.json``
-(DESIGN.md format). ``--smoke`` is the CI configuration: tiny CPU cases of every
+(format: docs/benchmarks.md). ``--smoke`` is the CI configuration: tiny CPU cases of every
 suite present, a few repeats, seconds in all, written like any other run
 (label ``<suite>-smoke``).
 """

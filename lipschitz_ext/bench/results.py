@@ -1,6 +1,6 @@
-"""The results file: one JSON per run in the DESIGN.md format.
+"""The results file: one JSON per run in the format of docs/benchmarks.md.
 
-Keys beyond DESIGN.md's example, all additive: ``peak.fp32_tflops``, ``cpu_threads``,
+Keys beyond the base format, all additive: ``peak.fp32_tflops``, ``cpu_threads``,
 ``cases[].peak_fraction`` (floor_ms / median_ms: the fraction of the measured
 peak reached) and a top-level ``skipped`` list (baselines or peaks that could
 not run here, with the reason).

@@ -61,7 +61,7 @@ def spectral_soft_cap(W: torch.Tensor, alpha: Union[float, torch.Tensor]) -> tor
 
 
 def soft_cap_two_round_reference(W: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
-    """The soft cap as the two rounds the op ran before issue 21 (kept as the reference).
+    """The soft cap as the two rounds the op used to run (kept as the reference).
 
     ``W <- W + (-a) W G`` with ``G = W^T W``, then ``W <- W + a W G`` with the new ``G``
     (small side: ``G = W W^T`` and ``G W`` for wide ``W``), by the same ATen calls the
@@ -110,7 +110,7 @@ def soft_cap_alpha(sigma_max: float, mu: float, wd: float = 0.0) -> float:
     That covers ``k <= 1.3068 sigma_max``. Beyond it the first cubic peaks inside
     ``[0, k]`` at ``s1* = 2 / (3 sqrt(3a))`` and ``a`` solves ``(31/27) s1* = sigma_max``;
     if even then ``|s1(k)| > s1*`` no ``a`` works and ValueError is raised.
-    ``k <= sigma_max`` gives 0. Examples (REFERENCE.md): ``(1, 0.06) -> 0.132``,
+    ``k <= sigma_max`` gives 0. Examples (docs/theory.md, section 2): ``(1, 0.06) -> 0.132``,
     ``(6, 0.1) -> 0.00207``.
     """
     sigma_max, mu, wd = float(sigma_max), float(mu), float(wd)

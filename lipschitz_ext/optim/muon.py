@@ -1,4 +1,4 @@
-"""Muon with shape bucketing and weight constraints (REFERENCE.md sections 2-3).
+"""Muon with shape bucketing and weight constraints (docs/theory.md, sections 2-4).
 
 One step of a param group:
 

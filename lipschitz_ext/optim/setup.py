@@ -1,4 +1,4 @@
-"""The paper's optimizer setup for any ``nn.Module`` (REFERENCE.md section 3).
+"""The paper's optimizer setup for any ``nn.Module`` (docs/theory.md, section 4).
 
 - hidden matrices: :class:`Muon` + a spectral constraint (cap ``hidden_sigma_max``);
 - the head (output) matrix: Muon with its own lr (paper: 10x smaller) and cap;

@@ -6,7 +6,7 @@ the same math written in plain PyTorch.
     python -m lipschitz_ext.bench.suites.bench_constraints [lipschitz-bench options]   # the same
 
 Case definitions are plain data/functions (SHAPES, OPS, make_input, cases) so a
-runner can import them; timing, tables and the DESIGN.md results JSON are the
+runner can import them; timing, tables and the results JSON (docs/benchmarks.md) are the
 runner's (one C++ timing loop for every suite).
 """
 
@@ -157,7 +157,7 @@ OPS: dict[str, tuple[Callable, Callable]] = {
         lambda W: torch_spectral_weight_decay(W, P["lam"], P["iters"]),
     ),
     "spectral_soft_cap": (lambda W: ops.spectral_soft_cap(W, P["alpha"]), lambda W: torch_soft_cap(W, P["alpha"])),
-    # the op before issue 21 (two rounds, same ATen calls as its C++): the one update's baseline
+    # the op's former two-round form (two rounds, same ATen calls as its C++): the one update's baseline
     "spectral_soft_cap_two_round": (lambda W: soft_cap_two_round_reference(W, P["alpha"]), None),
     "spectral_hard_cap_msign": (
         lambda W: ops.spectral_hard_cap(W, P["sigma_max"], "msign", P["steps"]),

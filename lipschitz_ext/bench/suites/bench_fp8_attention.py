@@ -6,7 +6,7 @@ Baselines, each on the same inputs in the same run: ``F.scaled_dot_product_atten
 in bf16 with each backend forced (flash, cuDNN, memory-efficient) and with
 PyTorch's own choice; a backend that cannot run here is skipped with its reason.
 FLOPs: forward ``4 B H N^2 d`` (half when causal); forward + backward 3.5x that
-(the backward's 2.5x, REFERENCE.md section 7), whatever each implementation
+(the backward's 2.5x, docs/theory.md, section 7), whatever each implementation
 recomputes. Forward + backward runs in both gradient modes of ``fp8_attention``:
 "exact" (a bf16 forward recomputes the statistics) and "saved" (the fp8 ones);
 its ``params.bwd_path`` records the backward kernel ``LIPSCHITZ_FP8_ATTN_BWD``

@@ -17,7 +17,7 @@ Implementations (each one step = what the paper's training loop does per step):
   parameter dtype) Newton-Schulz, to separate batching from precision.
 All use 5 Newton-Schulz steps and the same coupled soft-cap alpha.
 
-``muon_step`` (issue 23): one Muon step over the ``shakespeare-cpu`` preset's hidden
+``muon_step``: one Muon step over the ``shakespeare-cpu`` preset's hidden
 matrices (the README's main job), ours (``ns_dtype="auto"``: bf16 GEMMs where the
 hardware multiplies bf16 natively) against ``torch.optim.Muon`` (bf16
 Newton-Schulz, per-parameter loop) and ours forced to float32, in the same run;
@@ -28,7 +28,7 @@ measured peak of the dtype ours resolves to.
 Case definitions are plain functions (``model_shapes``, ``make_params``,
 ``make_step``) so a runner can import them; ``cases(cfg)`` exposes them to the
 shared runner (``lipschitz-bench --suite optim``), whose C++ loop times them and
-writes the table and the DESIGN.md results JSON.
+writes the table and the results JSON (docs/benchmarks.md).
 """
 
 from __future__ import annotations

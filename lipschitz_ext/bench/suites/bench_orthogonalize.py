@@ -19,7 +19,7 @@ from lipschitz_ext.ops import orthogonalize
 
 STEPS = 5
 
-# Polar Express (Amsel et al. 2025, REFERENCE.md section 3) with the bf16 safety
+# Polar Express (Amsel et al. 2025, arXiv:2505.16932; docs/theory.md, section 3) with the bf16 safety
 # factor 1.01 applied to all but the last triple, as the C++ table does.
 _PE_RAW = (
     (8.28721201814563, -23.595886519098837, 17.300387312530933),
