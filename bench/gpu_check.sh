@@ -2,13 +2,13 @@
 # The GPU check, for the GPU test machine (H200 now; no network; torch with CUDA,
 # cmake, ninja, pybind11 and scikit-build-core preinstalled). From a fresh checkout:
 #   1. build the extension in place against the installed torch (only the GPU's arch),
-#   2. the CUDA tests of the Newton-Schulz ops first (symmetric kernels of issue 21,
+#   2. the CUDA tests of the Newton-Schulz ops first (symmetric kernels,
 #      LIPSCHITZ_NS_BACKEND=symmetric, and orthogonalize on the default cuBLAS path),
 #      then every other CUDA test,
 #   3. the orthogonalize / constraints / optim benchmark suites with both
 #      Newton-Schulz backends: cublas -> bench/results/, symmetric ->
 #      bench/results/ns-symmetric/ (same file names, so the two runs sit side by side),
-#   4. fp8 attention (issue 22): its CUDA tests, then the fp8_attention suite at
+#   4. fp8 attention: its CUDA tests, then the fp8_attention suite at
 #      N=4096 (every N with GPU_CHECK_FP8_ATTN_FULL=1): forward with bf16 inputs
 #      (quantization included) and with e4m3 inputs as separate cases, forward +
 #      backward on the default FlashAttention-2 backward -> bench/results/, and
@@ -18,7 +18,7 @@
 #      whatever time is left, unless GPU_CHECK_SKIP_CPU_TESTS=1.
 # GPU_CHECK_PARTS (default "ns fp8_attention other cpu") picks the parts: "ns"
 # is steps 2-3, "fp8_attention" step 4, "other" / "cpu" the two halves of step 5
-# (e.g. GPU_CHECK_PARTS=fp8_attention for a short run of issue 22's checks).
+# (e.g. GPU_CHECK_PARTS=fp8_attention for a short run of the fp8 attention checks).
 # Everything runs under one time budget (GPU_CHECK_BUDGET_S, default 480 s): each
 # step gets at most what is left, and a step cut short counts as a failure.
 # JSON and the log are copied to $OUT when set. Exits non-zero if the build, any
@@ -131,7 +131,7 @@ if has ns; then
 fi
 
 if has fp8_attention; then
-  step "CUDA tests of fp8 attention (issue 22: e4m3 inputs, per-row error, cuDNN backward)"
+  step "CUDA tests of fp8 attention (e4m3 inputs, per-row error, cuDNN backward)"
   fp8_ok=1
   run 150 "$PY" -m pytest -q "${FP8_TESTS[@]}" -m cuda -rs -p no:cacheprovider || { status=1; fp8_ok=0; }
   echo "gpu_check: fp8 attention CUDA tests: $([ $fp8_ok = 1 ] && echo PASSED || echo FAILED)"

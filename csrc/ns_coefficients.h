@@ -1,6 +1,6 @@
 // Newton-Schulz (msign) coefficient tables, shared by the CPU and CUDA paths.
 // Each step maps X -> a X + b (X X^T) X + c (X X^T)^2 X, i.e. singular values
-// s -> a s + b s^3 + c s^5. Sources: REFERENCE.md section 3.
+// s -> a s + b s^3 + c s^5. Sources: docs/theory.md, section 3.
 #pragma once
 
 #include <array>

@@ -142,7 +142,7 @@ inline at::Tensor hard_cap_msign(const at::Tensor& X, const at::Tensor& b /*[B, 
   return (Q * b + X - T.to(X.scalar_type())) * 0.5;
 }
 
-// The paper's 4-step odd quintic approximating min(1, s); REFERENCE.md section 2.
+// The paper's 4-step odd quintic approximating min(1, s); docs/theory.md, section 2.
 inline NSPlan hard_cap_polynomial_plan() {
   NSPlan plan;
   plan.coeffs = {{0.805032, 0.206361, -0.019763},

@@ -43,6 +43,7 @@ __all__ = [
     "CertificateRow",
     "attention_bounds",
     "certify",
+    "check_certifiable",
     "empirical_lipschitz",
     "mlp_block_bound",
     "mlp_block_gain",
@@ -515,6 +516,56 @@ def _check_finite(model: torch.nn.Module, who: str) -> None:
                              "a model with non-finite weights has no Lipschitz bound")
 
 
+def _known_parts() -> tuple[tuple[type, ...], dict[str, object]]:
+    """The module classes a LipschitzGPT is built of, and the attention backends the
+    certificate covers (name -> the package's own function)."""
+    from .nn.attention import reference_attention, sdpa_attention
+    from .nn.embedding import LipschitzEmbedding
+    from .nn.fp8 import FP8_BACKEND
+    from .nn.gpt import LipschitzBlock
+    from .nn.linear import LipschitzLinear
+
+    modules = (LipschitzGPT, LipschitzBlock, LipschitzAttention, LipschitzMLP, LipschitzEmbedding, LipschitzLinear,
+               torch.nn.ModuleList)
+    return modules, {"sdpa": sdpa_attention, "reference": reference_attention, "fp8": FP8_BACKEND}
+
+
+def check_certifiable(model: torch.nn.Module, who: str = "certify") -> None:
+    """Refuse (``ValueError`` naming what and where) a model whose function is not what its
+    weights say: a forward hook or forward pre-hook on any of its modules, a global module
+    hook (``torch.nn.modules.module.register_module_forward_hook`` and kin), a module of a
+    class the certificate does not know (a subclass, a parametrization, an added module), a
+    ``forward`` replaced on an instance, or an attention backend other than the package's
+    own. A certificate of the weights alone would not bound such a model."""
+    from torch.nn.modules import module as torch_module
+
+    for kind in ("_global_forward_hooks", "_global_forward_pre_hooks"):
+        if getattr(torch_module, kind, None):
+            raise ValueError(f"{who}: a global module forward {'pre-' if 'pre' in kind else ''}hook is registered "
+                             "(torch.nn.modules.module); it changes every module's output, which a certificate "
+                             "of the weights cannot see: remove it first")
+    modules, backends = _known_parts()
+    for name, m in model.named_modules():
+        where = name or "the model"
+        if type(m) not in modules:
+            raise ValueError(f"{who}: {where} is a {type(m).__module__}.{type(m).__qualname__}, a module the "
+                             "certificate does not know (it covers LipschitzGPT's own modules only)")
+        if m._forward_hooks or m._forward_pre_hooks:
+            kind = "forward hook" if m._forward_hooks else "forward pre-hook"
+            raise ValueError(f"{who}: {where} has a {kind}; it can change the output, which a certificate of "
+                             "the weights cannot see: remove it first")
+        if "forward" in vars(m):
+            raise ValueError(f"{who}: {where} has its forward replaced on the instance; the certificate covers "
+                             "the class's own forward only")
+        if isinstance(m, LipschitzAttention):
+            from .nn.attention import ATTENTION_BACKENDS
+
+            fn = ATTENTION_BACKENDS.get(m.backend)
+            if m.backend not in backends or fn is not backends[m.backend]:
+                raise ValueError(f"{who}: {where} uses attention backend {m.backend!r}, which is not the package's "
+                                 f"own {', '.join(backends)}; the certificate covers those only")
+
+
 def _check_radius(input_rms: object, who: str) -> float:
     if isinstance(input_rms, bool) or not isinstance(input_rms, (int, float)):
         raise TypeError(f"{who}: input_rms must be a number, got {type(input_rms).__name__}")
@@ -542,7 +593,10 @@ def certify(model: LipschitzGPT, input_rms: float = 1.0, *, refined: bool = True
 
     Raises:
         TypeError: ``model`` is not a ``LipschitzGPT``.
-        ValueError: ``input_rms`` is not finite and > 0; a parameter or buffer (named in the
+        ValueError: the model has forward hooks, forward pre-hooks (its own or global), a
+            module the certificate does not know or a foreign attention backend
+            (:func:`check_certifiable`: the weights would not describe the function);
+            ``input_rms`` is not finite and > 0; a parameter or buffer (named in the
             message) has NaN/inf entries; or a number of the certificate overflows float64
             (e.g. ``input_rms=1e300``: the radius enters squared). Every number of a returned
             certificate is finite: an overflow is refused, never returned as inf or NaN.
@@ -553,6 +607,7 @@ def certify(model: LipschitzGPT, input_rms: float = 1.0, *, refined: bool = True
             "LayerNorm and plain residuals have no certificate here)"
         )
     r = _check_radius(input_rms, "certify")
+    check_certifiable(model, "certify")
     _check_finite(model, "certify")
     # The eigensolves are small (<= d x d): one thread is as fast, and multi-threaded
     # LAPACK on a busy CPU stalled for minutes in OpenMP barriers (seen on a shared 2-core VM).
@@ -702,12 +757,12 @@ def worst_case_certificate(cfg_or_model: GPTConfig | LipschitzGPT, input_rms: fl
     return _checked(_worst_case(cfg, r, refined), "worst_case_certificate")
 
 
-#: The divisor of the published MLP term (REFERENCE.md section 5): max GELU' rounded.
+#: The divisor of the published MLP term (docs/theory.md, section 5): max GELU' rounded.
 PAPER_MLP_DIVISOR = 1.1289
 
 
 def paper_bound(model: LipschitzGPT) -> float:
-    """The published certifier's bound (REFERENCE.md section 5), **UNSOUND**: for comparison only.
+    """The published certifier's bound (docs/theory.md, section 5), **UNSOUND**: for comparison only.
 
     With RMS->RMS norms ``||W||`` of the current weights, ``alpha`` = each block's residual weight
     (``1/(2L)`` in the paper's model), ``a = 1`` and ``Lip = 1`` at the start, per block::

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from typing import Any
 from . import data as data_mod
 from .config import PRESETS, TrainConfig, config_from_preset, preset_override_notes
 from .protocols import EVAL_PROTOCOLS, PROTOCOL_HELP
-from .run import CheckpointError
+from .run import CheckpointError, json_safe
 
 __all__ = ["train_main", "eval_main", "format_presets"]
 
@@ -70,10 +71,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _floats(s: str) -> list[float]:
+    """Comma-separated numbers (possibly none: each command checks what it needs and names its flag)."""
     try:
         return [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _sizes(s: str) -> list[tuple[int, int]]:
+    """``d_modelxn_layers`` pairs, comma-separated, e.g. ``32x2,64x2``."""
+    try:
+        sizes = [tuple(int(v) for v in sz.strip().split("x")) for sz in s.split(",") if sz.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or not all(len(sz) == 2 and min(sz) > 0 for sz in sizes):
+        raise argparse.ArgumentTypeError(f"expected d_modelxn_layers pairs of positive integers, comma-separated "
+                                         f"(e.g. 32x2,64x2), got {s!r}")
+    return sizes
 
 
 def format_presets() -> str:
@@ -126,10 +140,15 @@ def train_main(argv: list[str] | None = None) -> int:
         if is_sweep:
             from .sweep import sweep
 
+            if not args.sweep_sigma or not all(math.isfinite(v) and v > 0 for v in args.sweep_sigma):
+                raise ValueError(f"--sigma-max must be one or more finite caps > 0, comma-separated, "
+                                 f"got {args.sweep_sigma}")
+
             for note in preset_override_notes(args.preset, {**ov, "sigma_max": args.sweep_sigma[0]}):
                 print(note, file=sys.stderr)
             # the sweep's --sigma-max is the hidden cap, like an explicit --sigma-max
-            cfg = config_from_preset(args.preset, **ov, sigma_max=1.0)
+            # a frontier spans bounds: no target bound unless asked for
+            cfg = config_from_preset(args.preset, **{"target_bound": 0.0, **ov}, sigma_max=1.0)
             out = cfg.out or os.path.join("runs", f"sweep-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
             rows = sweep(cfg, args.sweep_sigma, [c.strip() for c in args.sweep_constraint.split(",")], out,
                          quiet=args.quiet)
@@ -142,9 +161,22 @@ def train_main(argv: list[str] | None = None) -> int:
             for note in preset_override_notes(args.preset, ov):
                 print(note, file=sys.stderr)
             summary = train_mod.train(cfg, quiet=args.quiet)
+    except train_mod.RunInterrupted as exc:
+        print(f"lipschitz-train: {exc}", file=sys.stderr)
+        return train_mod.EXIT_CODES["interrupted"]
+    except KeyboardInterrupt:
+        print("lipschitz-train: interrupted before training started; run the command again", file=sys.stderr)
+        return train_mod.EXIT_CODES["interrupted"]
+    except train_mod.RunWriteError as exc:
+        print(f"lipschitz-train: error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, data_mod.DataError) as exc:
         print(f"lipschitz-train: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a folder that turned read-only between the checks and the write
+        print(f"lipschitz-train: error: {exc.filename or ''}{': ' if exc.filename else ''}"
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
     return train_mod.EXIT_CODES[summary["status"]]
 
 
@@ -166,12 +198,14 @@ def _eval_parser() -> argparse.ArgumentParser:
     a.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a lipschitz-train run folder")
     a.add_argument("--baseline", metavar="RUN_DIR", help="a BaselineGPT run to compare with")
     f = sub.add_parser("frontier", help="validation accuracy vs certified bound")
-    f.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders (globs allowed)")
+    f.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="finished run folders (a name that does not exist is expanded as a glob pattern)")
     s = sub.add_parser("lr-sensitivity", help="final validation loss vs learning rate")
     s.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="the runs' base settings")
     s.add_argument("--lrs", type=_floats, default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
                    help="learning-rate multipliers (>= 3 orders of magnitude)")
-    s.add_argument("--sizes", default="32x2,64x2", help="model sizes d_modelxn_layers, comma-separated")
+    s.add_argument("--sizes", type=_sizes, default=[(32, 2), (64, 2)],
+                   help="model sizes d_modelxn_layers, comma-separated (default 32x2,64x2)")
     s.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     s.add_argument("--data", help="training text or shards (default: the built-in corpus)")
     c = sub.add_parser("certify", help="the certificate of a trained run: per-layer table, bound, worst case of "
@@ -208,8 +242,6 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 def _check_eval_args(args: argparse.Namespace) -> None:
     """Clear ``ValueError``s for flag values the analyses cannot use (before any run is loaded)."""
-    import math
-
     device = getattr(args, "device", "cpu")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
@@ -225,6 +257,11 @@ def _check_eval_args(args: argparse.Namespace) -> None:
                              f"got {args.pgd_steps}")
         if not args.eps or not all(math.isfinite(e) and e > 0 for e in args.eps):
             raise ValueError(f"--eps must be one or more finite sizes > 0, comma-separated, got {args.eps}")
+    if args.cmd == "lr-sensitivity":
+        if not args.lrs or not all(math.isfinite(m) and m > 0 for m in args.lrs):
+            raise ValueError(f"--lrs must be one or more finite multipliers > 0, comma-separated, got {args.lrs}")
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.cmd == "activations" and args.baseline:
         from .run import read_checkpoint
 
@@ -247,14 +284,15 @@ def eval_main(argv: list[str] | None = None) -> int:
             from .run_certificate import format_run_certificate, run_certificate
 
             rep = run_certificate(args.run, which=args.which, device=args.device)
-            print(json.dumps({k: v for k, v in rep.items() if k != "table"}, indent=2) if args.json
+            print(json.dumps(json_safe({k: v for k, v in rep.items() if k != "table"}), indent=2, allow_nan=False)
+                  if args.json
                   else format_run_certificate(rep))
             return 0
         if args.cmd == "accuracy":
             from .run_accuracy import format_run_accuracy, run_accuracy
 
             rep = run_accuracy(args.run, tuple(args.protocol or EVAL_PROTOCOLS), which=args.which, device=args.device)
-            print(json.dumps(rep, indent=2) if args.json else format_run_accuracy(rep))
+            print(json.dumps(json_safe(rep), indent=2, allow_nan=False) if args.json else format_run_accuracy(rep))
             return 0
         if args.cmd == "sample":
             from .sampling import sample_run
@@ -271,13 +309,15 @@ def eval_main(argv: list[str] | None = None) -> int:
         elif args.cmd == "frontier":
             from .sweep import frontier
 
-            rows = frontier([d for pat in args.runs for d in (glob.glob(pat) or [pat])], out)
+            # a folder that exists is itself, glob characters and all; otherwise a pattern
+            rows = frontier([d for pat in args.runs for d in ([pat] if os.path.exists(pat) else
+                                                              sorted(glob.glob(pat)) or [pat])], out)
             print_table(rows, ["constraint", "sigma_max", "certified_bound", "val_accuracy", "run"])
         else:
             from .sweep import lr_sensitivity
 
-            sizes = [tuple(int(v) for v in sz.split("x")) for sz in args.sizes.split(",")]
-            base = config_from_preset(args.preset, steps=args.steps, eval_every=args.steps,
+            sizes = args.sizes
+            base = config_from_preset(args.preset, steps=args.steps, eval_every=args.steps, target_bound=0.0,
                                       device=args.device, **({"data": args.data} if args.data else {}))
             rows = lr_sensitivity(base, args.lrs, out, sizes=sizes)
             print_table(rows, ["model", "d_model", "n_layers", "lr_multiplier", "val_loss", "attention_logit_max",
@@ -285,5 +325,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, data_mod.DataError, ValueError, FileNotFoundError) as exc:
         print(f"lipschitz-eval: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output that cannot be written (full disk, read-only folder)
+        print(f"lipschitz-eval: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"lipschitz-eval: {exc}" if str(exc) else "lipschitz-eval: interrupted", file=sys.stderr)
+        return 130
     print(f"results in {out}")
     return 0

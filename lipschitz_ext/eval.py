@@ -26,7 +26,7 @@ from . import data as data_mod
 from .certify import Certificate, certify
 from .ops.fp8_attention import E4M3_MAX
 from .plots import pyplot, save_figure
-from .run import load_run_data
+from .run import load_run_data, make_output_dir
 from .tables import print_table, write_table
 
 __all__ = ["pgd_attack", "certified_radius", "robustness", "activations", "attention_logits",
@@ -151,7 +151,7 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
     bad = [e for e in eps_list if not (math.isfinite(e) and e >= 0)]
     if bad:
         raise ValueError(f"--eps values must be finite and >= 0, got {bad}")
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)  # --out: a file or unwritable path is a clear error
     rows: list[dict] = []
     for run in run_dirs:
         model, cfg, data = load_run_data(run, device=device, arg="--checkpoint")
@@ -214,7 +214,7 @@ def activations(run_dir: str, out: str, baseline: str | None = None, n_batches: 
     of entries beyond e4m3's 448 at static scale 1), optionally beside a baseline."""
     from .nn import activation_stats
 
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)  # --out: a file or unwritable path is a clear error
     rows: list[dict] = []
     for role, run in (("model", run_dir), ("baseline", baseline)):
         if run is None:

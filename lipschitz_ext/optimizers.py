@@ -56,8 +56,8 @@ def build_optimizer(model: torch.nn.Module, cfg: "TrainConfig"):
     from .optim import build_optimizers
 
     constraint = None if cfg.constraint == "none" else cfg.constraint
-    # A CPU run without autocast stays float32 throughout, Newton-Schulz included (as before
-    # issue 23); elsewhere Muon's "auto" runs it in bf16 where the hardware multiplies bf16.
+    # A CPU run without autocast stays float32 throughout, Newton-Schulz included;
+    # elsewhere Muon's "auto" runs it in bf16 where the hardware multiplies bf16.
     cpu_fp32 = cfg.autocast == "none" and next(model.parameters()).device.type == "cpu"
     ns_dtype = ("float32" if cpu_fp32 else "auto") if cfg.ns_dtype == "auto" else cfg.ns_dtype
     return build_optimizers(

@@ -18,7 +18,9 @@ def generate(model: torch.nn.Module, tokenizer, prompt_ids: torch.Tensor, n: int
 
     Each token is drawn from ``softmax(logits * logit_scale / temperature)`` of the last
     ``seq_len`` tokens (a CPU generator seeded with ``seed``: the same text every time).
-    ``logit_scale`` is the run's loss temperature, so sampling sees what training saw.
+    ``logit_scale`` is the run's loss temperature, so sampling sees what training saw. A
+    temperature so small that the scaled logits overflow float32 picks the most likely
+    token (the limit of sampling as the temperature goes to 0).
     """
     m = unwrap(model)
     was_training = m.training
@@ -27,8 +29,13 @@ def generate(model: torch.nn.Module, tokenizer, prompt_ids: torch.Tensor, n: int
     ids = prompt_ids.clone()
     for _ in range(n):
         logits = m(ids[None, -seq_len:].to(next(m.parameters()).device))[0, -1].float().cpu()
-        probs = torch.softmax(logits * (logit_scale / temperature), -1)
-        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)])
+        factor = logit_scale / temperature
+        z = logits * factor
+        if math.isfinite(factor) and bool(torch.isfinite(z).all()):
+            nxt = torch.multinomial(torch.softmax(z, -1), 1, generator=g)
+        else:  # a temperature so small the scaled logits overflow: its limit, the most likely token
+            nxt = logits.argmax().view(1)
+        ids = torch.cat([ids, nxt])
     m.train(was_training)
     return tokenizer.decode(ids.tolist())
 

@@ -15,7 +15,7 @@ from . import data as data_mod
 from .config import TrainConfig
 from .eval import attention_logit_max, output_logit_stats
 from .plots import plot_frontier, pyplot, save_figure
-from .run import CheckpointError, load_run_data
+from .run import CheckpointError, check_new_out_dir, load_run_data, make_output_dir, read_json, write_json
 from .tables import write_table
 from .train import train
 
@@ -27,8 +27,10 @@ def sweep(base: TrainConfig, sigma_maxes: list[float], constraints: list[str], o
     """Train one run per setting into ``out/<constraint>-s<sigma>``; write
     ``frontier.csv`` and ``frontier.png`` (val accuracy vs certified bound). ``sigma``
     caps the hidden groups that ``base`` gives no cap of their own (``attn_sigma_max``,
-    ``mlp_sigma_max``)."""
-    os.makedirs(out, exist_ok=True)
+    ``mlp_sigma_max``). ``out`` must be new or empty (a ``frontier.csv`` or run already
+    there is never overwritten)."""
+    check_new_out_dir(out)
+    make_output_dir(out)
     rows = []
     for c in constraints:
         for s in sigma_maxes:
@@ -55,8 +57,7 @@ def write_frontier(rows: list[dict], out: str) -> None:
 def _read_json_object(path: str) -> dict:
     """The JSON object in ``path``; a corrupt or non-object file is a CheckpointError naming it."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
+        obj = read_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
@@ -88,7 +89,7 @@ def frontier(run_dirs: list[str], out: str) -> list[dict]:
     if not rows:
         raise CheckpointError(f"no certified (LipschitzGPT) runs among the given folders; baselines have no "
                               f"certified bound: {', '.join(skipped)}")
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)
     write_frontier(rows, out)
     return rows
 
@@ -99,8 +100,12 @@ def lr_sensitivity(base: TrainConfig, multipliers: list[float], out: str,
                    quiet: bool = True) -> list[dict]:
     """Final validation loss vs learning rate for each (model, size); all of a
     model's learning rates are multiplied by each multiplier. ``sizes`` are
-    ``(d_model, n_layers)``. Logs the attention-logit maximum and output-logit drift."""
-    os.makedirs(out, exist_ok=True)
+    ``(d_model, n_layers)``. Logs the attention-logit maximum and output-logit drift.
+    ``out`` must be new or empty (its runs and tables are never written over a user's files)."""
+    if not multipliers or not all(isinstance(m, (int, float)) and math.isfinite(m) and m > 0 for m in multipliers):
+        raise ValueError(f"--lrs must be one or more finite multipliers > 0, comma-separated, got {multipliers}")
+    check_new_out_dir(out)
+    make_output_dir(out)
     rows: list[dict] = []
     for model in models:
         for d, L in sizes:
@@ -119,8 +124,7 @@ def lr_sensitivity(base: TrainConfig, multipliers: list[float], out: str,
                     x, _ = next(iter(data_mod.eval_batches(data.val, 8, rcfg.seq_len, 1)))
                     row["attention_logit_max"] = attention_logit_max(net, x)
                     row.update(output_logit_stats(net, x))
-                with open(os.path.join(cfg.out, "lr_sensitivity.json"), "w", encoding="utf-8") as fh:
-                    json.dump(row, fh, indent=1)  # this run's own record, beside its metrics.jsonl
+                write_json(os.path.join(cfg.out, "lr_sensitivity.json"), row)  # this run's record, beside its metrics
                 rows.append(row)
                 write_table(rows, os.path.join(out, "lr_sensitivity.csv"))
     plt = pyplot()

@@ -6,11 +6,14 @@ import csv
 import json
 import os
 
+from .run import json_safe
+
 __all__ = ["write_table", "print_table"]
 
 
 def write_table(rows: list[dict], path: str) -> None:
-    """``rows`` as CSV at ``path`` and as JSON (a list of objects, ``None`` kept as null)
+    """``rows`` as CSV at ``path`` and as strict JSON (a list of objects, ``None`` and
+    non-finite numbers as null)
     beside it with the extension ``.json``."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="", encoding="utf-8") as fh:
@@ -18,7 +21,7 @@ def write_table(rows: list[dict], path: str) -> None:
         w.writeheader()
         w.writerows(rows)
     with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as fh:
-        json.dump(rows, fh, indent=1)
+        json.dump(json_safe(rows), fh, indent=1, allow_nan=False)  # strict JSON: inf / NaN as null
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
@@ -26,7 +29,7 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    widths = [max([len(c), *(len(fmt(r.get(c, ""))) for r in rows)]) for c in cols]  # rows may be []
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))

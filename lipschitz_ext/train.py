@@ -34,21 +34,44 @@ import torch.nn.functional as F
 from . import data as data_mod
 from .config import TrainConfig, apply_target_bound, build_model, validate
 from .evaluate import evaluate, final_protocol_scores, fp8_backend, loss_logit_scale, paper_bound_or_none
+from .optim import NonFiniteGradient
 from .optimizers import all_param_groups, build_optimizer, lr_multiplier, set_lrs
 from .plots import plot_curves
-from .run import (CHECKPOINT_KEYS, CheckpointError, append_metric, atomic_torch_save, atomic_write_text,
-                  checkpoint_dict, default_out_dir, format_summary, prepare_out_dir, read_checkpoint, read_metrics,
-                  resolve_data_path, truncate_metrics, write_json)
+from .protocols import EVAL_PROTOCOLS, protocol_batches
+from .run import (CHECKPOINT_KEYS, CheckpointError, RunFolderError, append_metric, atomic_torch_save,
+                  atomic_write_text, check_weights_fit, checkpoint_dict, default_out_dir, format_summary,
+                  held_run_locks, prepare_out_dir, read_checkpoint, read_metrics, release_run_folder,
+                  release_run_locks, resolve_data_path,
+                  truncate_metrics, write_json)
 from .runtime import (Dist, StopRequest, compile_counters, init_distributed, resolve_autocast, resolve_compile,
                       resolve_device, training_autocast)
 from .sampling import generate
 
 __all__ = ["train", "setup", "loop", "finish", "Run", "RESUME_OVERRIDES", "EXIT_CODES", "main", "training_loss_fn",
-           "ns_dtype_of"]
+           "ns_dtype_of", "RunInterrupted", "RunWriteError"]
 
 #: What may change when a run is resumed (everything else comes from its checkpoint). A
-#: changed --compile (like --device) keeps the run going but not bit for bit.
-RESUME_OVERRIDES = ("steps", "time_budget", "stop_after", "device", "threads", "eval_every", "log_every", "compile")
+#: changed --compile (like --device) keeps the run going but not bit for bit; a changed
+#: --eval-protocol restarts best.pt's comparison (losses of other windows do not compare).
+RESUME_OVERRIDES = ("steps", "time_budget", "stop_after", "device", "threads", "eval_every", "log_every", "compile",
+                    "eval_protocol")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (a second one in the loop, or one after it): the run stopped cleanly at a
+    checkpoint; ``str()`` says where and how to resume, ``summary`` is what summary.json got."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.message, self.summary = message, summary
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RunWriteError(RunFolderError):
+    """Writing the run folder failed mid-run (full disk, read-only folder): one line saying
+    what, and that the last complete checkpoint is intact."""
 
 #: Process exit status of ``lipschitz-train`` per final run status.
 EXIT_CODES = {"completed": 0, "time_budget": 0, "paused": 0, "interrupted": 130, "diverged": 1}
@@ -79,6 +102,7 @@ class Run:
     last_eval_step: int = -1
     # torch.compile's work in this invocation: frames/graphs/graph_breaks, first_step_seconds
     compile_stats: dict = field(default_factory=dict)
+    phase: str = "training loop"  # what the run is doing now, for an interruption's message
 
     @property
     def metrics_path(self) -> str:
@@ -113,8 +137,49 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, quiet: bool
     saved config, changing only ``overrides`` (keys in RESUME_OVERRIDES); returns the
     summary dict (also written to ``summary.json``)."""
     run = setup(cfg, resume, overrides)
-    status, message = loop(run, quiet)
-    return finish(run, status, message, quiet)
+    try:
+        status, message = loop(run, quiet)
+        return finish(run, status, message, quiet)
+    except KeyboardInterrupt:
+        raise _interrupted(run) from None
+    except OSError as exc:
+        raise _write_error(run, exc) from None
+    finally:
+        if run.dist.main:
+            release_run_folder(run.out)
+
+
+def _resume_hint(run: Run) -> str:
+    return f"resume with lipschitz-train --resume {run.out}"
+
+
+def _interrupted(run: Run) -> RunInterrupted:
+    """Ctrl-C during ``run.phase``: summary.json says so (status ``interrupted``, best effort)."""
+    latest = os.path.join(run.out, "latest.pt")
+    message = (f"interrupted during the {run.phase} at step {run.step}; the last checkpoint is {latest}; "
+               f"{_resume_hint(run)} (it finishes what was left)")
+    summary = None
+    if run.dist.main:
+        try:
+            summary = _summary(run, "interrupted")
+            summary["interrupted_during"] = run.phase
+            write_json(os.path.join(run.out, "summary.json"), summary)
+        except (OSError, KeyboardInterrupt, ValueError):  # the message still says how to resume
+            pass
+    # no dist.close() here: its barrier would wait forever for a rank that was not interrupted
+    return RunInterrupted(message, summary)
+
+
+def _write_error(run: Run, exc: OSError) -> RunWriteError:
+    """An OSError mid-run as one line: what failed, and that the last checkpoint is intact."""
+    what = str(exc.filename or run.out)
+    latest = os.path.join(run.out, "latest.pt")
+    if os.path.abspath(what).startswith(os.path.abspath(run.out)):
+        return RunWriteError(f"cannot write the run folder {run.out} ({what}: {exc.strerror or exc}) during the "
+                             f"{run.phase} at step {run.step}; the last complete checkpoint {latest} is intact: "
+                             f"make room or make the folder writable, then {_resume_hint(run)}")
+    return RunWriteError(f"{what}: {exc.strerror or exc} during the {run.phase} at step {run.step}; the last "
+                         f"complete checkpoint {latest} is intact; {_resume_hint(run)}")
 
 
 def _resumed_config(resume: str, overrides: dict | None) -> tuple[TrainConfig, dict]:
@@ -137,6 +202,11 @@ def _resumed_config(resume: str, overrides: dict | None) -> tuple[TrainConfig, d
     cfg = TrainConfig(**{"compile": "none", **ckpt["config"], "stop_after": 0, **(overrides or {})})
     cfg.out = resume
     cfg.data = resolve_data_path(cfg.data, resume)  # older run folders stored it as typed
+    if ("eval_protocol" in (overrides or {}) and cfg.eval_protocol in EVAL_PROTOCOLS
+            and cfg.eval_protocol != ckpt["config"].get("eval_protocol", "spread")):
+        ckpt = {**ckpt, "best_val": math.inf}  # best.pt's losses were of other windows
+        print(f"note: --resume {resume}: --eval-protocol {cfg.eval_protocol} from here on; best.pt is the best "
+              "under it from now", file=sys.stderr)
     return cfg, ckpt
 
 
@@ -144,12 +214,24 @@ def setup(cfg: TrainConfig | None = None, resume: str | None = None, overrides: 
     """Build a run: validated config (``--target-bound`` applied to a new run), device and
     ranks, data, model, optimizer, sampler, run folder, and the state of ``resume``'s
     checkpoint when resuming."""
-    if resume:
-        cfg, ckpt = _resumed_config(resume, overrides)
-    elif cfg is None:
-        raise ValueError("train() needs a config or a run folder to resume")
-    else:
-        ckpt = None
+    before = held_run_locks()
+    try:
+        locked = None
+        if resume:
+            if os.environ.get("RANK", "0") == "0" and os.path.isdir(resume):
+                locked = prepare_out_dir(resume, resume=True)  # one process per folder, before reading it
+            cfg, ckpt = _resumed_config(resume, overrides)
+        elif cfg is None:
+            raise ValueError("train() needs a config or a run folder to resume")
+        else:
+            ckpt = None
+        return _setup(cfg, ckpt, resume, locked)
+    except BaseException:
+        release_run_locks(held_run_locks() - before)  # a run that never started holds no folder
+        raise
+
+
+def _setup(cfg: TrainConfig, ckpt: dict | None, resume: str | None, locked: str | None) -> Run:
     validate(cfg)
     if ckpt is None:  # a resumed run's config already holds the scaled head
         cfg = apply_target_bound(cfg)
@@ -160,14 +242,17 @@ def setup(cfg: TrainConfig | None = None, resume: str | None = None, overrides: 
     torch.manual_seed(cfg.seed)
     # paths stored absolute, so that --resume and lipschitz-eval work from any directory
     cfg.out = cfg.out or default_out_dir(cfg)
-    if dist.main:  # refuse a folder it may not write before any data or model is built
+    if locked:
+        cfg.out = locked
+    elif dist.main:  # refuse a folder it may not write (or another process trains in) before any data or model
         cfg.out = prepare_out_dir(cfg.out, resume=ckpt is not None)
     else:
         cfg.out = os.path.abspath(cfg.out)
-    if ckpt is None and cfg.data is not None and not cfg.data.startswith("builtin:"):
+    if ckpt is None and not data_mod.is_builtin(cfg.data):
         cfg.data = os.path.abspath(cfg.data)
 
     data = data_mod.load_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.vocab_size)
+    _check_eval_protocol(cfg, data, resume)
     if ckpt is not None and ckpt["tokenizer"] != data.tokenizer.to_dict():
         saved = ckpt["tokenizer"]
         raise ValueError(
@@ -177,6 +262,8 @@ def setup(cfg: TrainConfig | None = None, resume: str | None = None, overrides: 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for the fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
+    if ckpt is not None:  # a config that does not describe the saved weights is refused before it is built
+        check_weights_fit(cfg, data.vocab_size, ckpt["model"], f"--resume {resume}")
     model = build_model(cfg, data.vocab_size).to(device)
     opt = build_optimizer(model, cfg)
     sampler = data_mod.BatchSampler(data.train, cfg.batch_size, cfg.seq_len, cfg.seed, dist.rank, dist.world_size)
@@ -210,6 +297,18 @@ def setup(cfg: TrainConfig | None = None, resume: str | None = None, overrides: 
     if ckpt is None:
         run.checkpoint("latest.pt")  # a run always has a checkpoint to fall back to
     return run
+
+
+def _check_eval_protocol(cfg: TrainConfig, data: data_mod.TokenData, resume: str | None) -> None:
+    """Refuse at startup an ``--eval-protocol`` the validation split cannot hold (rather than
+    at the first evaluation, steps later)."""
+    try:
+        next(iter(protocol_batches(data.val, cfg.eval_protocol, cfg.seq_len, min(cfg.batch_size, 64),
+                                   cfg.eval_batches)))
+    except data_mod.DataError as exc:
+        how = (f"resume with --resume {resume} --eval-protocol spread (or full)" if resume else
+               "use --eval-protocol spread (or full)")
+        raise data_mod.DataError(f"--eval-protocol {cfg.eval_protocol}: {exc}; {how}") from None
 
 
 def training_loss_fn(train_model: torch.nn.Module, cfg: TrainConfig, amp: str, device: torch.device,
@@ -259,7 +358,8 @@ def _restore_last_eval(run: Run) -> None:
     a finished run then logs no second final evaluation."""
     if not run.dist.main:
         return
-    rows = [r for r in read_metrics(run.metrics_path) if r.get("step") == run.step and "val_loss" in r]
+    rows = [r for r in read_metrics(run.metrics_path) if r.get("step") == run.step and "val_loss" in r
+            and r.get("protocol", run.cfg.eval_protocol) == run.cfg.eval_protocol]
     if rows:
         run.last_eval = {k: v for k, v in rows[-1].items() if k not in ("step", "elapsed")}
         run.last_eval_step = run.step
@@ -278,6 +378,7 @@ def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
     t_window, tokens_window = time.time(), 0
     status, message = "completed", ""
     run.t_start = time.time()
+    run.phase = "training loop"
     run.model.train()
     counted = compile_counters()
     with StopRequest() as stop:
@@ -303,7 +404,13 @@ def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
             if run.compile == "model" and "first_step_seconds" not in run.compile_stats:
                 # the compilation happens in the first forward and backward
                 run.compile_stats["first_step_seconds"] = time.time() - t_step
-            run.opt.step()
+            try:
+                run.opt.step()
+            except NonFiniteGradient as exc:  # a finite loss with a NaN/inf gradient: nothing was changed
+                status = "diverged"
+                message = (f"{exc} (step {run.step}): stopping; the last good checkpoint is "
+                           f"{os.path.join(run.out, 'latest.pt')}")
+                break
             run.opt.zero_grad(set_to_none=True)
             run.step += 1
             run.tokens += tok_per_step
@@ -332,7 +439,10 @@ def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
     bar.close()
     check = getattr(run.opt, "check_nonfinite", None)  # Muon defers its non-finite report (no host sync)
     if check is not None and status != "diverged":
-        check()
+        try:
+            check()
+        except NonFiniteGradient as exc:
+            status, message = "diverged", f"{exc}: stopping; the last good checkpoint is {run.out}/latest.pt"
     now_counted = compile_counters()
     for k, v in now_counted.items():
         run.compile_stats[k] = run.compile_stats.get(k, 0) + v - counted[k]
@@ -372,19 +482,13 @@ def _progress(loss: float, last_eval: dict) -> dict[str, str]:
     return shown
 
 
-def finish(run: Run, status: str, message: str, quiet: bool = False) -> dict:
-    """Final checkpoint and evaluation, ``sample.txt``, ``summary.json`` and ``curves.png``;
-    print the message and summary line; tear down the process group. Returns the summary."""
-    cfg, data, dist, device = run.cfg, run.data, run.dist, run.device
-    wall = run.elapsed()  # the training time; the final evaluation is not part of it
-    if status == "paused":
-        run.checkpoint("latest.pt")
-    if status in ("completed", "time_budget"):
-        if run.last_eval_step != run.step:
-            run.evaluate()
-        run.checkpoint("latest.pt")
+def _summary(run: Run, status: str, wall: float | None = None) -> dict:
+    """The summary of ``run`` as it stands (what summary.json holds); ``wall``: the training
+    seconds (default: elapsed so far)."""
+    cfg, data, device = run.cfg, run.data, run.device
     ev = run.last_eval
-    summary = {
+    wall = run.elapsed() if wall is None else wall
+    return {
         "status": status, "steps": run.step, "val_accuracy": ev.get("val_accuracy"),
         "val_loss": ev.get("val_loss"), "certified_bound": ev.get("certified_bound"),
         "max_activation": ev.get("max_activation"), "best_val_loss": run.best_val,
@@ -398,7 +502,25 @@ def finish(run: Run, status: str, message: str, quiet: bool = False) -> dict:
         "ns_dtype": ns_dtype_of(run.opt),  # Newton-Schulz compute dtype of the Muon steps (None: AdamW)
         "eval_protocol": cfg.eval_protocol,  # the windows of val_accuracy / val_loss above
     }
+
+
+def finish(run: Run, status: str, message: str, quiet: bool = False) -> dict:
+    """Final checkpoint and evaluation, ``sample.txt``, ``summary.json`` and ``curves.png``;
+    print the message and summary line; tear down the process group. Returns the summary.
+    ``run.phase`` names each step (an interruption's message says which one it cut)."""
+    cfg, data, dist, device = run.cfg, run.data, run.dist, run.device
+    wall = run.elapsed()  # the training time; the final evaluation is not part of it
+    run.phase = "final checkpoint"
+    if status == "paused":
+        run.checkpoint("latest.pt")
+    if status in ("completed", "time_budget"):
+        if run.last_eval_step != run.step:
+            run.phase = "final evaluation"
+            run.evaluate()
+        run.checkpoint("latest.pt")
+    summary = _summary(run, status, wall)
     if status in ("completed", "time_budget") and dist.main:
+        run.phase = "final evaluation"
         summary["protocols"] = final_protocol_scores(run.model, data.val, cfg, device)
         summary["paper_bound"] = paper_bound_or_none(run.model)
     if cfg.target_bound > 0:
@@ -411,11 +533,14 @@ def finish(run: Run, status: str, message: str, quiet: bool = False) -> dict:
                 f"some matrix ended above its cap (constraint {cfg.constraint})")
     if dist.main:
         if status != "diverged" and cfg.sample_chars > 0 and data.tokenizer.kind != "shards":
+            run.phase = "end-of-run sample"
             prompt = torch.as_tensor(data.val[: min(cfg.seq_len, 64)], dtype=torch.long)
             text = generate(run.model, data.tokenizer, prompt, cfg.sample_chars, cfg.seq_len, cfg.seed,
                             logit_scale=loss_logit_scale(cfg))
             atomic_write_text(os.path.join(run.out, "sample.txt"), text + "\n")
+        run.phase = "summary"
         write_json(os.path.join(run.out, "summary.json"), summary)
+        run.phase = "plot"
         plot_curves(run.out)
         if message:
             print(message, file=sys.stderr)

@@ -1,6 +1,6 @@
 """Independent float64 references for the tests (never the code under test).
 
-Coefficient tables are written out again here from REFERENCE.md so a typo in
+Coefficient tables are written out again here from their published sources (docs/theory.md, section 3) so a typo in
 the C++ header cannot hide behind itself.
 """
 

@@ -628,7 +628,7 @@ def test_empirical_lipschitz_refuses_a_nan_model_and_bad_arguments():
 
 
 def test_paper_bound_matches_the_published_formula_by_hand():
-    """REFERENCE.md section 5 written out with torch.linalg.matrix_norm(ord=2) in float64."""
+    """The published formula (docs/theory.md, section 5) written out with torch.linalg.matrix_norm(ord=2) in float64."""
     from lipschitz_ext.certify import paper_bound
     cfg = lnn.GPTConfig(vocab_size=7, d_model=8, n_layers=2, n_heads=2, seq_len=6, softmax_scale=2.0,
                         zero_init_out=False, mlp_ratio=3)

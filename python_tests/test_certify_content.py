@@ -155,7 +155,7 @@ def test_attention_bound_on_a_flat_domain_is_sound_and_below_the_ball():
 
 
 def test_token_domain_cuts_the_deep_bound():
-    """The 3-layer content model at 2.5x its caps (issue 20's hardest row): the token domain brings the
+    """The 3-layer content model at 2.5x its caps (the hardest row of docs/certificate.md's content-attention table): the token domain brings the
     last attention layer's input radius and the network's bound well below Theorems 5-6."""
     torch.manual_seed(0)
     cfg = lnn.GPTConfig(vocab_size=7, d_model=8, n_layers=3, n_heads=2, seq_len=6, softmax_scale=4.0,

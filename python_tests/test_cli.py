@@ -99,7 +99,7 @@ def test_load_run_rebuilds_the_saved_model(runs):
     run = lipschitz_ext.load_run(runs.lip, which="latest")
     assert isinstance(run, lipschitz_ext.LoadedRun)
     assert run.config.d_model == 32 and run.step == 4 and not run.model.training
-    ck = torch.load(f"{runs.lip}/latest.pt", weights_only=False)
+    ck = torch.load(f"{runs.lip}/latest.pt", weights_only=True)
     ref = C.build_model(C.TrainConfig(**ck["config"]), len(ck["tokenizer"]["chars"]))
     ref.load_state_dict(ck["model"])
     x = torch.as_tensor(run.tokenizer.encode("1 little pigs went"), dtype=torch.long)[None]

@@ -1,5 +1,5 @@
 """One-line errors (exit 2, no traceback) for bad flags and files the commands are
-given (issue 19 item 13): a corrupt run file in ``lipschitz-eval frontier``, a bad
+given: a corrupt run file in ``lipschitz-eval frontier``, a bad
 ``lipschitz-bench --device`` or ``--out`` (refused before any case runs), and the soft
 cap's "update too large" naming the learning rate instead of an internal ``mu``."""
 

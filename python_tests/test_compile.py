@@ -1,4 +1,4 @@
-"""``--compile``: validation, the ``auto`` rule, and one tiny compiled run (issue 23).
+"""``--compile``: validation, the ``auto`` rule, and one tiny compiled run.
 
 The compiled run is the only test here that calls ``torch.compile`` (tens of seconds on a
 CPU the first time, seconds with inductor's cache warm); every check that needs a compiled
@@ -68,7 +68,7 @@ def test_auto_compiles_long_cuda_runs_only():
 def test_a_run_saved_before_compile_existed_resumes_eager(tmp_path):
     corpus = write_corpus(tmp_path)
     run = tiny_run(corpus, tmp_path / "old", {**TINY, "compile": "none"}, stop_after=2)
-    ckpt = torch.load(f"{run}/latest.pt", weights_only=False)
+    ckpt = torch.load(f"{run}/latest.pt", weights_only=True)
     del ckpt["config"]["compile"]  # as written before the field existed
     torch.save(ckpt, f"{run}/latest.pt")
     cfg, _ = T._resumed_config(run, None)
@@ -115,7 +115,7 @@ def test_run_folder_records_the_newton_schulz_dtype(compiled_runs):
 def test_compiled_checkpoints_hold_the_plain_modules_keys(compiled_runs):
     _, whole, _ = compiled_runs
     for name in ("latest.pt", "best.pt"):
-        ckpt = torch.load(f"{whole}/{name}", weights_only=False)
+        ckpt = torch.load(f"{whole}/{name}", weights_only=True)
         fresh = C.build_model(C.TrainConfig(**ckpt["config"]), ckpt["vocab_size"])
         assert list(ckpt["model"]) == list(fresh.state_dict()), name  # no _orig_mod. prefix
         fresh.load_state_dict(ckpt["model"])  # strict
@@ -135,8 +135,8 @@ def test_evaluation_of_a_compiled_run_is_the_eager_evaluation(compiled_runs):
 
 def test_compiled_resume_is_bit_exact(compiled_runs):
     _, whole, parts = compiled_runs
-    a = torch.load(f"{whole}/latest.pt", weights_only=False)
-    b = torch.load(f"{parts}/latest.pt", weights_only=False)
+    a = torch.load(f"{whole}/latest.pt", weights_only=True)
+    b = torch.load(f"{parts}/latest.pt", weights_only=True)
     assert a["step"] == b["step"] == SETTINGS["steps"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -188,8 +188,8 @@ def test_auto_falls_back_to_eager_when_compiling_fails(tmp_path, monkeypatch, ca
     assert "torch.compile failed (RuntimeError: InductorError: no working C++ compiler" in capsys.readouterr().err
     eager = T.train(C.config_from_preset("shakespeare-cpu", data=corpus, out=str(tmp_path / "eager"),
                                          **{**long_run, "compile": "none"}), quiet=True)
-    a = torch.load(tmp_path / "auto" / "latest.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "eager" / "latest.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "auto" / "latest.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "eager" / "latest.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the failed attempt left no trace
     assert eager["compile"]["resolved"] == "none"
     with pytest.raises(RuntimeError, match="no working C\\+\\+ compiler"):

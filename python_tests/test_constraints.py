@@ -299,7 +299,7 @@ def test_constraint_specs_match_the_constraints():
 @pytest.mark.parametrize("rms", [0.9, 4.0, 19.0, 1000.0, 1e30])
 @pytest.mark.parametrize("shape", [(2, 16, 512), (2, 96, 24)])
 def test_soft_cap_caps_weights_far_above_its_range(shape, rms):
-    """One apply_ used to take RMS norm 4 -> 10.8, 19 -> 6.8e7, 1000 -> 2.2e23 (issue 19, item 1)."""
+    """One apply_ used to take RMS norm 4 -> 10.8, 19 -> 6.8e7, 1000 -> 2.2e23."""
     torch.manual_seed(0)
     k, m, n = shape
     sv = torch.rand(k, min(m, n), dtype=torch.float64) * rms
@@ -324,7 +324,7 @@ def test_soft_cap_leaves_in_range_weights_bit_for_bit():
 
 @pytest.mark.parametrize("bad", ["zero", "nan"])
 def test_normalize_with_a_bad_warm_start_still_caps(bad):
-    """A zero or NaN stored u ran 2 iterations from the fallback start: 1.107, 1.371 (issue 19, item 7)."""
+    """A zero or NaN stored u ran 2 iterations from the fallback start: 1.107, 1.371."""
     torch.manual_seed(0)
     sv = torch.cat([torch.tensor([3.0, 2.6]), torch.rand(30) * 2]).double()
     W = in_frame(sv.unsqueeze(0).repeat(2, 1), 32, 64).float()
@@ -336,7 +336,7 @@ def test_normalize_with_a_bad_warm_start_still_caps(bad):
 @pytest.mark.parametrize("make", [lambda: C.SpectralHardCap(1.0), lambda: C.SpectralHardCap(1.0, method="msign"),
                                   lambda: C.Orthogonal(1.0), lambda: C.SVDCap(1.0)])
 def test_caps_hold_after_huge_steps(make):
-    """x1e6 lr steps left the head at 1.041 under cap 1 (issue 19, item 14)."""
+    """x1e6 lr steps left the head at 1.041 under cap 1."""
     torch.manual_seed(0)
     W = in_frame(torch.rand(2, 24, dtype=torch.float64) * 3, 96, 24).float()
     c = make()

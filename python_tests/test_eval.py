@@ -22,7 +22,7 @@ from lipschitz_ext import run as R
 from lipschitz_ext.certify import certify
 from tiny_runs import tiny_run, write_corpus
 
-TINY = dict(d_model=32, n_layers=1, residual_scale=1.0, n_heads=2, seq_len=32, batch_size=8, steps=40, eval_every=40,
+TINY = dict(target_bound=0.0, d_model=32, n_layers=1, residual_scale=1.0, n_heads=2, seq_len=32, batch_size=8, steps=40, eval_every=40,
             eval_batches=2, log_every=10, sample_chars=0, head_sigma_max=4.0, device="cpu", threads=1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -378,7 +378,7 @@ def test_cuda_qk_path_alone(d):
 
 
 def test_meta_key_next_to_cpu_query_is_refused():
-    """Mixed meta/CPU inputs went to the fake kernel and returned garbage (issue 19, item 3)."""
+    """Mixed meta/CPU inputs went to the fake kernel and returned garbage."""
     q, k, v = qkv(1, 2, 8, 16)
     with pytest.raises(ValueError, match="argument 'k' must be on q's device"):
         ops.fp8_attention(q, k.to("meta"), v)

@@ -1,4 +1,4 @@
-"""lipschitz::fp8_attention with e4m3 inputs (issue 22, item 2), per-row accuracy
+"""lipschitz::fp8_attention with e4m3 inputs, per-row accuracy
 against float64 attention (item 4), and the choice of the backward kernel (item 3).
 
 The CPU op is the spec: e4m3 inputs quantized with the op's own rule must give

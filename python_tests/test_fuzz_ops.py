@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the public ops and constraints (issue 19, deliverable 4).
+"""Property-based fuzzing of the public ops and constraints.
 
 Each drawn case -- shapes with 0 and 1 sizes, tall/wide/batched, float32/float64/bf16,
 non-contiguous, expanded and flipped (negative-stride) layouts, magnitudes 1e-30..1e30,

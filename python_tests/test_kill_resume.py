@@ -1,4 +1,4 @@
-"""Kill test (issue 19, deliverable 5): a tiny run SIGKILLed at seeded random moments, many times,
+"""Kill test: a tiny run SIGKILLed at seeded random moments, many times,
 resumes each time with ``--resume`` and ends with bit-for-bit the weights of an uninterrupted run.
 
 Why exact equality holds: ``latest.pt`` is written atomically (temporary file + ``os.replace``) after
@@ -41,7 +41,7 @@ def _argv(corpus: str, out: str) -> list[str]:
 def _step(out: str) -> int:
     """The step in ``out/latest.pt`` (-1 when there is none yet)."""
     path = os.path.join(out, "latest.pt")
-    return torch.load(path, weights_only=False)["step"] if os.path.isfile(path) else -1
+    return torch.load(path, weights_only=True)["step"] if os.path.isfile(path) else -1
 
 
 def _launch(argv: list[str]) -> subprocess.Popen:
@@ -98,8 +98,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path):
     # the kills left checkpoints at several steps short of the end: training really was interrupted
     assert len({s for s in steps_seen if 0 < s < SETTINGS["steps"]}) >= 3, steps_seen
     assert _step(out) == SETTINGS["steps"]
-    sa = torch.load(os.path.join(ref, "latest.pt"), weights_only=False)
-    sb = torch.load(os.path.join(out, "latest.pt"), weights_only=False)
+    sa = torch.load(os.path.join(ref, "latest.pt"), weights_only=True)
+    sb = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
     assert sa["model"].keys() == sb["model"].keys()
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"]), steps_seen
     assert sa["best_val"] == sb["best_val"]

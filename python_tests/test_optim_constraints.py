@@ -1,7 +1,7 @@
 """Muon + the real lipschitz_ext.constraints: the caps hold after every step.
 
 Norms are measured independently: float64 SVD of ``W' = W / sqrt(m / n)``
-(the RMS->RMS operator norm, REFERENCE.md section 1).
+(the RMS->RMS operator norm, docs/theory.md, section 1).
 """
 
 from __future__ import annotations

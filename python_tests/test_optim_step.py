@@ -1,4 +1,4 @@
-"""Muon's step (issue 23): Newton-Schulz dtype, no host syncs, buckets prepared once,
+"""Muon's step: Newton-Schulz dtype, no host syncs, buckets prepared once,
 device-side non-finite skips, CUDA-graph capture (CUDA tests skip without a device)."""
 
 from __future__ import annotations

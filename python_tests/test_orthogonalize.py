@@ -90,7 +90,7 @@ def test_explicit_coefficient_list_and_repeat_last():
 
 
 def test_jordan_composite_facts():
-    # REFERENCE.md: Jordan's 5-step composite peaks near 1.20 and maps 1e-3 to >= 0.47
+    # docs/theory.md, section 3: Jordan's 5-step composite peaks near 1.20 and maps 1e-3 to >= 0.47
     x = torch.linspace(1e-3, 1, 100001, dtype=torch.float64)
     p = ns_scalar(x, "jordan", 5)
     assert 1.18 < p.max() < 1.22 and p.min() >= 0.47
@@ -204,7 +204,7 @@ def test_cuda_ns_polynomial():
 
 @pytest.mark.parametrize("device_dtype", [torch.float32, torch.float64])
 def test_zero_matrix_with_eps_zero_is_zero(device_dtype):
-    """0 / 0 used to give NaN (issue 19, item 12)."""
+    """0 / 0 used to give NaN."""
     G = torch.zeros(2, 4, 6, dtype=device_dtype)
     G[1] = torch.randn(4, 6, dtype=device_dtype)
     out = ops.orthogonalize(G, eps=0.0)

@@ -1,4 +1,4 @@
-"""orthogonalize's compute_dtype (issue 23): bf16 Newton-Schulz against a float64
+"""orthogonalize's compute_dtype: bf16 Newton-Schulz against a float64
 reference of where the composite polynomial puts each singular value."""
 
 from __future__ import annotations

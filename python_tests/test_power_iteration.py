@@ -273,7 +273,7 @@ def test_cuda_matches_cpu(shape, dtype):
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e9, 1e18, 1e30])
 @pytest.mark.parametrize("shape", [(64, 32), (16, 512), (3, 20, 28)])
 def test_power_iteration_any_magnitude(shape, scale):
-    """sigma scales with W: no underflow to 0 or overflow to NaN in float32 (issue 19, item 4)."""
+    """sigma scales with W: no underflow to 0 or overflow to NaN in float32."""
     torch.manual_seed(0)
     W64 = gapped(shape)
     W = (W64 * scale).float()
@@ -316,7 +316,7 @@ def test_spectral_norm_bound_is_a_certified_upper_bound():
     ],
 )
 def test_meta_warm_start_next_to_a_cpu_matrix_is_refused(call, arg):
-    """A meta tensor next to a CPU one used to return uninitialized memory (issue 19, item 3)."""
+    """A meta tensor next to a CPU one used to return uninitialized memory."""
     W = torch.randn(8, 6)
     with pytest.raises(ValueError, match=f"argument '{arg}' must be on W's device"):
         call(W, torch.empty(8, device="meta"))

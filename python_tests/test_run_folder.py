@@ -1,4 +1,4 @@
-"""The run folder (issue 19): lipschitz-train never overwrites what it did not write,
+"""The run folder: lipschitz-train never overwrites what it did not write,
 checkpoints are read in one place with a fallback, paths work from any directory,
 and resuming a finished run changes nothing it already recorded."""
 
@@ -114,7 +114,7 @@ def _corrupt(path, kind):
     elif kind == "random":
         open(path, "wb").write(bytes((i * 97 + 13) % 256 for i in range(4000)))
     elif kind == "missing_keys":
-        ck = torch.load(path, weights_only=False)
+        ck = torch.load(path, weights_only=True)
         del ck["optimizer"], ck["sampler"]
         torch.save(ck, path)
     elif kind == "directory":
@@ -128,7 +128,7 @@ KINDS = ["truncated", "empty", "random", "missing_keys", "directory"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_resume_falls_back_to_best_when_latest_is_unusable(finished, tmp_path, capsys, kind):
     run = _copy(finished, tmp_path)
-    best_step = torch.load(os.path.join(run, "best.pt"), weights_only=False)["step"]
+    best_step = torch.load(os.path.join(run, "best.pt"), weights_only=True)["step"]
     _corrupt(os.path.join(run, "latest.pt"), kind)
     assert cli.train_main(["--resume", run, "--quiet", "--steps", "5"]) == 0
     err = capsys.readouterr().err
@@ -181,7 +181,7 @@ def test_old_run_folder_with_a_relative_data_path_still_loads(finished, tmp_path
     run = _copy(finished, tmp_path)
     shutil.copy(finished[0], os.path.join(run, "text.txt"))
     for name in ("latest.pt", "best.pt"):
-        ck = torch.load(os.path.join(run, name), weights_only=False)
+        ck = torch.load(os.path.join(run, name), weights_only=True)
         ck["config"]["data"] = "text.txt"
         torch.save(ck, os.path.join(run, name))
     monkeypatch.chdir(tmp_path)  # text.txt is not here: found beside the run

@@ -402,7 +402,7 @@ def test_cuda_float64_and_non_finite():
 @pytest.mark.parametrize("method, slack", [("eigh", 1e-3), ("msign", 5e-3), ("polynomial", 0.011)])
 @pytest.mark.parametrize("scale", [1e3, 1e5, 1e7, 1e30])
 def test_hard_cap_holds_far_above_the_cap(method, slack, scale):
-    """Inputs 1e3..1e30 x the cap used to miss it (1.235, 18.7) or overflow (issue 19, items 4, 14)."""
+    """Inputs 1e3..1e30 x the cap used to miss it (1.235, 18.7) or overflow."""
     torch.manual_seed(0)
     W = (torch.randn(3, 48, 24, dtype=torch.float64) * scale).float()
     out = ops.spectral_hard_cap(W, 1.0, method)
@@ -415,7 +415,7 @@ def test_hard_cap_holds_far_above_the_cap(method, slack, scale):
 
 
 def test_msign_hard_cap_near_float32_max():
-    """Entries near float32's max used to give 2.1e32 (issue 19, item 4)."""
+    """Entries near float32's max used to give 2.1e32."""
     torch.manual_seed(0)
     W = torch.randn(2, 32, 16)
     W = W / W.abs().max() * 3e38
@@ -428,7 +428,7 @@ def test_msign_hard_cap_near_float32_max():
 
 
 def test_meta_alpha_next_to_a_cpu_matrix_is_refused():
-    """A meta alpha used to return uninitialized memory (issue 19, item 3)."""
+    """A meta alpha used to return uninitialized memory."""
     W = torch.randn(2, 8, 6)
     with pytest.raises(ValueError, match="argument 'alpha' must be on W's device"):
         ops.spectral_soft_cap(W, torch.zeros(2, device="meta"))

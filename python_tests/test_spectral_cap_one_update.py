@@ -1,4 +1,4 @@
-"""The soft cap as one update (issue 21): ``W' = W - W P``, ``P = H (H - 3x + 3I)``,
+"""The soft cap as one update: ``W' = W - W P``, ``P = H (H - 3x + 3I)``,
 ``H = x^2``, ``x = a G`` on the small side, against an independent float64 SVD
 reference (``U f(S) V^T`` with the scalar map) and against the two-round form the op
 used before (``soft_cap_two_round_reference``, bit-for-bit the old CPU op)."""

@@ -17,7 +17,7 @@ from lipschitz_ext import optimizers as O
 from lipschitz_ext import runtime as RT
 from lipschitz_ext import train as T
 
-TINY = dict(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8, steps=12, eval_every=6,
+TINY = dict(target_bound=0.0, d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8, steps=12, eval_every=6,
             eval_batches=2, log_every=3, sample_chars=40, head_sigma_max=4.0, device="cpu", threads=1)
 
 
@@ -63,8 +63,8 @@ def test_resume_is_exact(corpus, tmp_path):
     key = lambda rows: [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
     assert key(a) == key(b)
     assert resumed["val_loss"] == full["val_loss"]
-    sa = torch.load(tmp_path / "full" / "latest.pt", weights_only=False)["model"]
-    sb = torch.load(tmp_path / "part" / "latest.pt", weights_only=False)["model"]
+    sa = torch.load(tmp_path / "full" / "latest.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "part" / "latest.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -124,7 +124,7 @@ def test_logit_scale_is_a_loss_temperature_only(corpus, tmp_path):
 
     s = run(corpus, tmp_path / "t", pos_bias="learned", logit_scale=4.0, head_sigma_max=1.0, steps=6,
             eval_every=6)
-    ck = torch.load(tmp_path / "t" / "latest.pt", weights_only=False)
+    ck = torch.load(tmp_path / "t" / "latest.pt", weights_only=True)
     cfg = C.TrainConfig(**json.loads((tmp_path / "t" / "config.json").read_text()))
     assert cfg.logit_scale == 4.0 and cfg.pos_bias == "learned"
     model = C.build_model(cfg, ck["model"]["embed.weight"].shape[0])
@@ -192,7 +192,7 @@ def test_target_bound_scales_the_head_by_the_worst_case():
     a relative margin of 1e-3) and divides the loss temperature by k."""
     from lipschitz_ext.certify import worst_case_certificate
 
-    base = C.config_from_preset("shakespeare-cpu")
+    base = C.config_from_preset("shakespeare-cpu", target_bound=0.0)
     cfg = C.apply_target_bound(C.config_from_preset("shakespeare-cpu", target_bound=2.0))
     worst = worst_case_certificate(C.build_model(base, 65)).bound
     k = 2.0 / (worst * (1 + C.TARGET_BOUND_MARGIN))
@@ -242,7 +242,7 @@ def test_target_bound_run_stays_under_it_and_trains_like_the_unscaled_run(corpus
     (dict(autocast="fp16"), "--autocast must be one of none, bf16, auto"),
     (dict(cooldown_frac=0.0), "--cooldown-frac"),
     (dict(schedule="cosine"), "--schedule must be steps or time"),
-    (dict(schedule="time"), "--schedule time needs a --time-budget"),
+    (dict(schedule="time", time_budget=0.0), "--schedule time needs a --time-budget"),
     (dict(softmax_scale=-0.5), "--softmax-scale must be finite and >= 0"),
     (dict(softmax_scale=0.0, pos_bias="none", attention="fp8"), "no use for --attention fp8"),
     (dict(target_bound=-1.0), "--target-bound must be finite and >= 0"),
@@ -272,7 +272,7 @@ def test_resume_with_other_vocabulary_is_refused(corpus, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("ZYXW vuts " * 500, encoding="utf-8")
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-    ck = torch.load(tmp_path / "r" / "latest.pt", weights_only=False)
+    ck = torch.load(tmp_path / "r" / "latest.pt", weights_only=True)
     ck["config"]["data"] = str(other)
     torch.save(ck, tmp_path / "r" / "latest.pt")
     with pytest.raises(ValueError, match="does not match the checkpoint"):
@@ -285,7 +285,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(corpus, tmp_path):
     if s["status"] == "completed":
         pytest.fail("expected the absurd learning rate to diverge")
     assert s["status"] == "diverged"
-    ck = torch.load(tmp_path / "nan" / "latest.pt", weights_only=False)
+    ck = torch.load(tmp_path / "nan" / "latest.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
@@ -307,7 +307,7 @@ def test_sigterm_leaves_resumable_checkpoint(corpus, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 130, r.stderr
     assert "resume with" in r.stderr
-    ck = torch.load(out / "latest.pt", weights_only=False)
+    ck = torch.load(out / "latest.pt", weights_only=True)
     assert ck["step"] == 5
     s = T.train(resume=str(out), quiet=True)
     assert s["steps"] == 12 and s["status"] == "completed"
@@ -356,3 +356,25 @@ def test_torchrun_time_budget_stops_every_rank_at_the_same_step(corpus, tmp_path
     summary = torchrun2(corpus, tmp_path / "ddp-time", 29518, "--steps", "1000000", "--schedule", "time",
                         "--time-budget", "4")
     assert summary["status"] == "time_budget" and 0 < summary["steps"] < 10**6
+
+
+def test_default_preset_is_a_time_budgeted_bound_2_job():
+    """The main job ends at its time budget on any machine and is certified <= 2 whatever the
+    weights; an explicit --steps gives a step-count run, a baseline model or a constraint that
+    does not cap the spectrum drops the target bound."""
+    cpu = C.config_from_preset("shakespeare-cpu")
+    assert (cpu.schedule, cpu.time_budget, cpu.target_bound) == ("time", C.MAIN_JOB_SECONDS, 2.0)
+    steps = C.config_from_preset("shakespeare-cpu", steps=500)
+    assert (steps.schedule, steps.time_budget, steps.steps, steps.target_bound) == ("steps", 0.0, 500, 2.0)
+    kept = C.config_from_preset("shakespeare-cpu", steps=500, schedule="time", time_budget=60.0)
+    assert (kept.schedule, kept.time_budget) == ("time", 60.0)
+    assert C.config_from_preset("shakespeare-cpu", model="baseline").target_bound == 0.0
+    assert C.config_from_preset("shakespeare-cpu", constraint="hammer").target_bound == 0.0
+    assert C.config_from_preset("shakespeare-cpu", constraint="soft_cap").target_bound == 2.0
+    # asking for N steps or for the baseline means what it says: no note; a non-capping constraint
+    # silently loses the bound: a note
+    assert C.preset_override_notes("shakespeare-cpu", {"steps": 500, "model": "baseline"}) == []
+    assert C.preset_override_notes("shakespeare-cpu", {"constraint": "hammer"}) == [
+        "note: --constraint hammer replaces preset shakespeare-cpu's target bound (--target-bound 2); "
+        "give it explicitly to keep it"]
+    assert C.preset_override_notes("shakespeare-cpu", {"steps": 500, "schedule": "time", "time_budget": 9.0}) == []

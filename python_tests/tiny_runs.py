@@ -9,7 +9,7 @@ from lipschitz_ext import train as T
 
 
 #: A 4-step run of a one-block d=32 model in float32 on one thread (seconds on a CPU).
-TINY = dict(d_model=32, n_layers=1, residual_scale=1.0, n_heads=2, seq_len=32, batch_size=8, steps=4, eval_every=4,
+TINY = dict(target_bound=0.0, d_model=32, n_layers=1, residual_scale=1.0, n_heads=2, seq_len=32, batch_size=8, steps=4, eval_every=4,
             eval_batches=2, log_every=2, sample_chars=0, head_sigma_max=4.0, device="cpu", threads=1,
             autocast="none")
 

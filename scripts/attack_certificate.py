@@ -1,6 +1,6 @@
 """Certified / attacked ratio of the earlier and the refined certificate on tiny models.
 
-For each model of issue 20's table (orthogonal weights at their cap and at 2.5x the cap) this
+For each model of the content-attention table of docs/certificate.md (orthogonal weights at their cap and at 2.5x the cap) this
 prints the certificate before (``refined=False``: Theorems 1-3), with Theorems 5 and 6
 (``domain=False``) and with Theorem 7 too (the default), the best ratio ``||f(x) - f(y)|| / ||x - y||``
 a float64 Adam ascent finds on the certificate's domain (pairs far apart and close, every point

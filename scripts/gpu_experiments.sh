@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU batch behind docs/results.md, sized for one call on a lent H100/H200
-# (about 9 minutes, no network). From a fresh checkout with the corpus at $DATA:
+# (about 9 minutes, no network). From a fresh checkout (corpus: $DATA, default the built-in tiny-shakespeare):
 #   1. build the extension in place for this GPU,
 #   2. start, all at once on the one GPU: the CUDA test suite, the Shakespeare
 #      headline candidates (paper model, certified bound <= 2), an AdamW BaselineGPT,
@@ -13,7 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-DATA=${DATA:-.carry/tinyshakespeare.txt}
+DATA=${DATA:-tiny-shakespeare}
 R=${RUNS:-runs/gpu}
 PACK=${OUT:-runs/gpu-pack}
 DEADLINE=${DEADLINE:-420}   # seconds after the start by which every training run has stopped
@@ -136,7 +136,7 @@ $PY -m lipschitz_ext.eval frontier "$R"/frontier/*/ --out "$R/eval-frontier" || 
 # model's weights (no optimizer state) for CPU-side checks. Packed once now and again
 # after the remaining jobs (tests, lr-sensitivity), so a timeout still returns the runs.
 if [ -n "$best" ]; then
-  $PY -c "import torch,sys; c=torch.load(sys.argv[1]+'/best.pt', weights_only=False); torch.save({'config': c['config'], 'model': c['model'], 'step': c['step']}, sys.argv[2])" \
+  $PY -c "import torch,sys; c=torch.load(sys.argv[1]+'/best.pt', weights_only=True); torch.save({'config': c['config'], 'model': c['model'], 'step': c['step']}, sys.argv[2])" \
       "$best" "$PACK/headline_model.pt" || true
 fi
 tar czf "$PACK/runs.tgz" --exclude='*.pt' "$R"

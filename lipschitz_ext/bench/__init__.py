@@ -1,8 +1,9 @@
 """Benchmarks of lipschitz_ext's ops against their best plain-PyTorch alternatives.
 
 The timing loop is C++ (:mod:`lipschitz_ext._bench`: CUDA events on a GPU, a
-steady clock on the host); cases live in ``bench/bench_<suite>.py`` and are
-built from :class:`Case`, :class:`Setup`, :class:`Skip` and :class:`SuiteConfig`;
+steady clock on the host); cases live in ``lipschitz_ext/bench/suites/bench_<suite>.py``
+(shipped with the package) and are built from :class:`Case`, :class:`Setup`, :class:`Skip`
+and :class:`SuiteConfig`;
 ``lipschitz-bench`` (:func:`lipschitz_ext.bench.cli.main`) runs them.
 """
 

@@ -1,7 +1,7 @@
 """``lipschitz-bench``: time this package's ops against their baselines.
 
 Prints a table and writes ``<out>/<YYYYMMDD>-<device-slug>-<suite>.json``
-(DESIGN.md format). ``--smoke`` is the CI configuration: tiny CPU cases of every
+(format: docs/benchmarks.md). ``--smoke`` is the CI configuration: tiny CPU cases of every
 suite present, a few repeats, seconds in all, written like any other run
 (label ``<suite>-smoke``).
 """
@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from .peak import PeakProbe, probe_peak
-from .registry import SUITES, SuiteConfig, default_cases_dir, load_suite
+from .registry import SUITES, SuiteConfig, default_cases_dir, default_results_dir, load_suite
 from .results import result_path, run_header, write_json
 from .runner import CaseRun, run_case
 
@@ -48,14 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     p.add_argument("--out", type=Path, default=None,
-                   help="directory for the JSON (default: bench/results of the checkout)")
+                   help="directory for the JSON (default: bench/results of the source checkout, else "
+                        "./bench/results)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU configuration that runs in seconds")
     p.add_argument("--filter", default="", help="only cases whose label contains this text")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own; 1 with --smoke)")
-    p.add_argument("--cases-dir", type=Path, default=None,
-                   help="directory holding bench_<suite>.py (default: bench/ of the checkout)")
+    p.add_argument("--suite-dir", "--cases-dir", dest="cases_dir", type=Path, default=None,
+                   help="run the bench_<suite>.py files of this folder instead of the suites shipped with the "
+                        "package (their code runs: name only a folder you trust; default: the packaged suites, "
+                        "nothing from the current folder)")
     return p
 
 
@@ -154,8 +157,9 @@ def _run(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 5 if device.type == "cuda" else 2)
     if repeats < 1 or warmup < 0:
         raise _UsageError("lipschitz-bench: --repeats must be >= 1 and --warmup >= 0")
-    cases_dir = args.cases_dir or default_cases_dir()
-    out_dir = args.out or (default_cases_dir() / "results")
+    cases_dir = args.cases_dir  # None: the packaged suites
+    where = cases_dir if cases_dir is not None else default_cases_dir()
+    out_dir = args.out or default_results_dir()
     _check_out_dir(out_dir)
     skipped: list[dict[str, Any]] = []
 
@@ -164,8 +168,8 @@ def _run(args: argparse.Namespace) -> int:
         module = load_suite(name, cases_dir)
         if module is None:
             if suite != "all":
-                raise _UsageError(f"lipschitz-bench: no suite file {cases_dir}/bench_{name}.py")
-            skipped.append({"what": f"suite {name}", "reason": f"no bench_{name}.py in {cases_dir}"})
+                raise _UsageError(f"lipschitz-bench: no suite file {where}/bench_{name}.py")
+            skipped.append({"what": f"suite {name}", "reason": f"no bench_{name}.py in {where}"})
             continue
         cases += [c for c in module.cases(cfg) if args.filter in c.label]
     if not cases:
@@ -190,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             records.append(run.record)
 
-    result = run_header(device, peak, default_cases_dir().parent)  # the package's checkout
+    result = run_header(device, peak, default_results_dir().parent)  # the package's checkout
     result["cases"] = records
     result["skipped"] = skipped
     label = f"{suite}-smoke" if smoke else suite

@@ -1,12 +1,14 @@
 """Benchmark cases and the suites that hold them.
 
-A *suite* is a file ``bench/bench_<suite>.py`` in the repository (beside the
-op's tests, per DESIGN.md) defining ``cases(cfg: SuiteConfig) -> list[Case]``.
-The CLI loads it by path, so a branch plugs in a suite by adding that one file.
+A *suite* is a module ``lipschitz_ext/bench/suites/bench_<suite>.py``, shipped with
+the package, defining ``cases(cfg: SuiteConfig) -> list[Case]``. The CLI imports the
+packaged suites only: nothing in the current folder is ever run. A folder of suite files
+given explicitly (``lipschitz-bench --suite-dir DIR``, :func:`load_suite` with a
+``cases_dir``) is loaded by path instead, e.g. to try a suite before adding it.
 A *case* is one op at one shape: a factory for our implementation and a dict of
 baseline factories, each timed in the same run by the same C++ loop.
 
-A suite file, e.g. ``bench/bench_constraints.py``::
+A suite file, e.g. ``lipschitz_ext/bench/suites/bench_constraints.py``::
 
     from lipschitz_ext.bench import Case, Setup, Skip, SuiteConfig
 
@@ -24,6 +26,7 @@ A suite file, e.g. ``bench/bench_constraints.py``::
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +44,7 @@ __all__ = [
     "Skip",
     "SuiteConfig",
     "default_cases_dir",
+    "default_results_dir",
     "load_suite",
     "peak_key_for",
 ]
@@ -145,24 +149,38 @@ def peak_key_for(case: Case) -> str:
     return "fp32_tflops"
 
 
-def default_cases_dir() -> Path:
-    """``bench/`` of the source checkout this package was imported from, else ``./bench``."""
+def default_results_dir() -> Path:
+    """Where results go by default: ``bench/results`` of the source checkout this package
+    was imported from, else ``./bench/results`` (results are written, never run)."""
     repo_bench = Path(__file__).resolve().parents[2] / "bench"
-    return repo_bench if repo_bench.is_dir() else Path.cwd() / "bench"
+    return (repo_bench if repo_bench.is_dir() else Path.cwd() / "bench") / "results"
 
 
-def load_suite(suite: str, cases_dir: Path) -> Optional[ModuleType]:
-    """Import ``<cases_dir>/bench_<suite>.py``; None when the file does not exist.
+def default_cases_dir() -> Path:
+    """The folder of the packaged suites (``lipschitz_ext/bench/suites``)."""
+    return Path(__file__).resolve().parent / "suites"
+
+
+def load_suite(suite: str, cases_dir: Optional[Path] = None) -> Optional[ModuleType]:
+    """The suite ``suite``: the packaged module ``lipschitz_ext.bench.suites.bench_<suite>``
+    when ``cases_dir`` is None, else the file ``<cases_dir>/bench_<suite>.py`` (a folder the
+    caller named explicitly: its code runs). None when it does not exist.
 
     The module must define ``cases(cfg: SuiteConfig) -> list[Case]``.
     """
-    path = Path(cases_dir) / f"bench_{suite}.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location(f"lipschitz_bench_suites.{suite}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if cases_dir is None:
+        if suite not in SUITES:
+            return None
+        module = importlib.import_module(f"{__package__}.suites.bench_{suite}")
+        path: Any = module.__file__
+    else:
+        path = Path(cases_dir) / f"bench_{suite}.py"
+        if not path.is_file():
+            return None
+        spec = importlib.util.spec_from_file_location(f"lipschitz_bench_suites.{suite}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     if not callable(getattr(module, "cases", None)):
         raise TypeError(f"{path}: a benchmark suite must define cases(cfg) -> list[Case]")
     return module

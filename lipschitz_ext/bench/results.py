@@ -1,6 +1,6 @@
-"""The results file: one JSON per run in the DESIGN.md format.
+"""The results file: one JSON per run in the format of docs/benchmarks.md.
 
-Keys beyond DESIGN.md's example, all additive: ``peak.fp32_tflops``, ``cpu_threads``,
+Keys beyond the base format, all additive: ``peak.fp32_tflops``, ``cpu_threads``,
 ``cases[].peak_fraction`` (floor_ms / median_ms: the fraction of the measured
 peak reached) and a top-level ``skipped`` list (baselines or peaks that could
 not run here, with the reason).
@@ -119,4 +119,6 @@ def result_path(out_dir: Path, device: torch.device, label: str, when: _dt.datet
 
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    from ..run import json_safe
+
+    path.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")  # strict JSON

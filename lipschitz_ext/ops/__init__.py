@@ -2,7 +2,9 @@
 
 Every op acts on plain matrices ``[..., m, n]`` (leading dims are independent
 matrices, processed in one batched pipeline), returns a new tensor, and has a
-fake (meta) kernel so it traces under ``torch.compile(fullgraph=True)``.
+fake (meta) kernel so it traces under ``torch.compile(fullgraph=True)``. Every op
+taking a floating tensor has a registered autograd formula (the same gradient eagerly
+and compiled; docs/kernels.md, "Gradients through the ops", lists them).
 Argument checks live in C++ and name the offending argument. One file per op
 family: ``orthogonalize.py`` here <-> ``csrc/cpu/orthogonalize.cpp`` <->
 ``csrc/cuda/orthogonalize.cu`` <-> ``python_tests/test_orthogonalize.py``.

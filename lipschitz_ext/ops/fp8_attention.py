@@ -43,6 +43,7 @@ from typing import Optional
 
 import torch
 
+from . import _recompute as R
 from ._checks import check_same_device
 
 __all__ = [
@@ -213,6 +214,11 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd(
     "lipschitz::fp8_attention_fwd", _backward, setup_context=_setup_context
 )
+
+# fp8_attention_bwd is the backward itself: a second derivative (double backward) of
+# fp8_attention is not implemented and raises, naming the op.
+R.register_not_differentiable(
+    "fp8_attention_bwd", "double backward of fp8_attention (create_graph=True) is not implemented")
 
 
 class _E4M3InputAttention(torch.autograd.Function):

@@ -8,6 +8,8 @@ from typing import Optional, Union
 
 import torch
 
+from . import _recompute as R
+
 __all__ = ["orthogonalize", "ns_polynomial", "ns_max_gain", "COEFFICIENT_SETS", "COMPUTE_DTYPES",
            "native_bf16_matmul"]
 
@@ -126,14 +128,22 @@ def ns_polynomial(
     return torch.ops.lipschitz.ns_polynomial.default(s, int(steps), name, custom)
 
 
+#: The coarsest grid :func:`ns_max_gain` accepts.
+MIN_GAIN_GRID = 10_001
+
+
 def ns_max_gain(steps: int = 5, coefficients: Coefficients = "polar_express", grid: int = 200_001) -> float:
     """``p_max``: the largest value the composite polynomial takes on ``(0, 1]``.
 
     After normalization every singular value lies in ``(0, 1]``, so a Muon update
     ``msign(M)`` has spectral norm at most ``p_max`` (1.14502 for the 5-step "You"
     set). Evaluated on a log-spaced grid from 1e-7 to 1 in float64 (the composite is
-    odd and smooth; the grid resolves its peaks to ~1e-6 relative).
+    odd and smooth; the grid resolves its peaks to ~1e-6 relative). ``grid`` must be an
+    int >= ``MIN_GAIN_GRID``: a coarser grid misses the peaks and would under-state ``p_max``.
     """
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < MIN_GAIN_GRID:
+        raise ValueError(f"ns_max_gain: argument 'grid' must be an int >= {MIN_GAIN_GRID} (a coarser grid "
+                         f"misses the polynomial's peaks), got {grid!r}")
     x = torch.logspace(-7, 0, grid, dtype=torch.float64)
     return float(ns_polynomial(x, steps, coefficients).max())
 
@@ -141,3 +151,37 @@ def ns_max_gain(steps: int = 5, coefficients: Coefficients = "polar_express", gr
 @torch.library.register_fake("lipschitz::ns_polynomial")
 def _ns_polynomial_fake(s, steps=5, coefficients="polar_express", custom=()):
     return s.new_empty(s.shape)
+
+
+# ---------------------------------------------------------------------------
+# autograd: the backward reruns these mirrors of the kernels (csrc/cpu/orthogonalize.cpp)
+# and takes their vjp (lipschitz_ext/ops/_recompute.py)
+
+
+def _orthogonalize_mirror(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7, compute_dtype=None):
+    norm_scale, triples = R.ns_plan(steps, coefficients, custom)
+    compute = R.ns_compute_dtype(G.device, G.dtype, compute_dtype)
+    if G.numel() == 0:
+        return G.new_zeros(G.shape)
+    G3 = G.reshape(-1, G.shape[-2], G.shape[-1])
+    norm = torch.linalg.vector_norm(G3, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    denom = norm * norm_scale + eps
+    inv = R.safe_reciprocal(denom)
+    X = (G3.to(torch.float64) * inv).to(compute)
+    if compute != torch.float64 and G.dtype != torch.float64:
+        # the kernel multiplies in float32 when every 1/denom is a normal float32 (a host-side
+        # test there; both branches here, so the backward traces)
+        X = torch.where(denom.amax() < 1e30, (G3.to(torch.float32) * inv.to(torch.float32)).to(compute), X)
+    return R.newton_schulz_steps(X, triples).reshape(G.shape).to(G.dtype)
+
+
+def _ns_polynomial_mirror(s, steps=5, coefficients="polar_express", custom=()):
+    x = s.to(torch.float64)
+    for a, b, c in R.ns_plan(steps, coefficients, custom)[1]:
+        x2 = x * x
+        x = x * (a + x2 * (b + x2 * c))
+    return x.to(s.dtype)
+
+
+R.register_recompute_autograd("lipschitz::orthogonalize", _orthogonalize_mirror)
+R.register_recompute_autograd("lipschitz::ns_polynomial", _ns_polynomial_mirror)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Optional, Union, overload
 
+import math
+
 import torch
 
+from . import _recompute as R
 from ._checks import check_same_device
 
 __all__ = ["power_iteration", "spectral_normalize", "spectral_hammer", "spectral_weight_decay", "spectral_norm_bound"]
@@ -72,6 +75,50 @@ def _rank1_fake_for(name: str):
 for _name in ("spectral_normalize", "spectral_hammer", "spectral_weight_decay"):
     torch.library.register_fake(f"lipschitz::{_name}")(_rank1_fake_for(_name))
 
+
+
+# autograd: the backward reruns these mirrors of the kernels (csrc/power_iteration.h) and
+# takes their vjp (lipschitz_ext/ops/_recompute.py): the gradient through every iteration,
+# of sigma and of the returned vectors, w.r.t. W and the warm start u.
+
+
+def _power_iteration_mirror(W, iters=16, u=None):
+    st = R.float_or_double(W.dtype)
+    batch = W.shape[:-2]
+    m, n = W.shape[-2:]
+    if W.numel() == 0:
+        return W.new_zeros(batch, dtype=st), W.new_zeros(W.shape[:-1], dtype=st), W.new_zeros(batch + (n,), dtype=st)
+    sigma, uu, vv = R.power_iteration_batched(W.reshape(-1, m, n).to(st), iters, u)
+    return sigma.reshape(batch), uu.reshape(W.shape[:-1]), vv.reshape(batch + (n,))
+
+
+def _rank1_coefficients(kind: str, param: float, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "spectral_normalize":
+        scale = R.scalar_div(param, torch.maximum(sigma, torch.full_like(sigma, param)).clamp_min(1e-30))
+        return scale, torch.zeros_like(sigma)
+    if kind == "spectral_hammer":
+        return torch.ones_like(sigma), param - sigma
+    return torch.ones_like(sigma), -param * sigma
+
+
+def _rank1_mirror_for(kind: str):
+    def mirror(W, param=1.0, iters=16, u=None):
+        st = R.float_or_double(W.dtype)
+        if W.numel() == 0:
+            return W.new_zeros(W.shape), W.new_zeros(W.shape[:-1], dtype=st)
+        W3 = W.reshape(-1, *W.shape[-2:])
+        sigma, uu, vv = R.power_iteration_batched(W3.to(st), iters, u)
+        scale, coef = _rank1_coefficients(kind, param, sigma)
+        out = torch.baddbmm(W3.to(st) * scale.reshape(-1, 1, 1), (uu * coef.unsqueeze(-1)).unsqueeze(-1),
+                            vv.unsqueeze(-2))
+        return out.reshape(W.shape).to(W.dtype), uu.reshape(W.shape[:-1])
+
+    return mirror
+
+
+R.register_recompute_autograd("lipschitz::power_iteration", _power_iteration_mirror)
+for _name in ("spectral_normalize", "spectral_hammer", "spectral_weight_decay"):
+    R.register_recompute_autograd(f"lipschitz::{_name}", _rank1_mirror_for(_name))
 
 Result = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
@@ -162,8 +209,15 @@ def certified_at_most(W: torch.Tensor, t: float) -> torch.Tensor:
     of ``t^2 I - A`` (positive definite exactly when ``sigma_max < t``): the cheap first test
     the caps run every step, so the full :func:`spectral_norm_bound` (a power iteration and
     six more factorizations) is paid only where this one fails. False for a non-finite
-    matrix; True for a zero matrix when ``t > 0``.
+    matrix; True for a zero matrix when ``t > 0``. ``W`` must be a real floating tensor
+    (complex, integer and bool are refused) and ``t`` a real number (not a bool).
     """
+    if not isinstance(W, torch.Tensor) or not W.is_floating_point() or W.dim() < 2:
+        raise ValueError(f"certified_at_most: argument 'W' must be a real floating [..., m, n] tensor, got "
+                         f"{W.dtype if isinstance(W, torch.Tensor) else type(W).__name__}"
+                         f"{'' if not isinstance(W, torch.Tensor) else f' of shape {tuple(W.shape)}'}")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t):
+        raise ValueError(f"certified_at_most: argument 't' must be a real number, got {t!r}")
     batch = W.shape[:-2]
     if W.numel() == 0:
         return torch.ones(batch, dtype=torch.bool, device=W.device)

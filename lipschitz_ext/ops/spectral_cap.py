@@ -14,6 +14,7 @@ from typing import Union
 
 import torch
 
+from . import _recompute as R
 from ._checks import check_same_device
 from .power_iteration import certified_at_most, spectral_norm_bound
 
@@ -60,7 +61,7 @@ def spectral_soft_cap(W: torch.Tensor, alpha: Union[float, torch.Tensor]) -> tor
 
 
 def soft_cap_two_round_reference(W: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
-    """The soft cap as the two rounds the op ran before issue 21 (kept as the reference).
+    """The soft cap as the two rounds the op used to run (kept as the reference).
 
     ``W <- W + (-a) W G`` with ``G = W^T W``, then ``W <- W + a W G`` with the new ``G``
     (small side: ``G = W W^T`` and ``G W`` for wide ``W``), by the same ATen calls the
@@ -109,7 +110,7 @@ def soft_cap_alpha(sigma_max: float, mu: float, wd: float = 0.0) -> float:
     That covers ``k <= 1.3068 sigma_max``. Beyond it the first cubic peaks inside
     ``[0, k]`` at ``s1* = 2 / (3 sqrt(3a))`` and ``a`` solves ``(31/27) s1* = sigma_max``;
     if even then ``|s1(k)| > s1*`` no ``a`` works and ValueError is raised.
-    ``k <= sigma_max`` gives 0. Examples (REFERENCE.md): ``(1, 0.06) -> 0.132``,
+    ``k <= sigma_max`` gives 0. Examples (docs/theory.md, section 2): ``(1, 0.06) -> 0.132``,
     ``(6, 0.1) -> 0.00207``.
     """
     sigma_max, mu, wd = float(sigma_max), float(mu), float(wd)
@@ -274,3 +275,98 @@ for _name in (
     "svd_cap",
 ):
     torch.library.register_fake(f"lipschitz::{_name}")(_same_fake)
+
+
+
+# ---------------------------------------------------------------------------
+# autograd: the backward reruns these mirrors of the kernels (csrc/spectral_cap.h) and takes
+# their vjp (lipschitz_ext/ops/_recompute.py). The exact caps (eigh, svd_cap) differentiate
+# U min(S, b) V^T by the Daleckii-Krein formula in float64.
+
+
+def _soft_cap_mirror(W, alpha):
+    st, gemm = R.cap_dtypes(W.device, W.dtype)
+    if W.numel() == 0:
+        return W.new_zeros(W.shape)
+    X = W.reshape(-1, *W.shape[-2:]).to(st)
+    Xg = X.to(gemm)
+    if isinstance(alpha, torch.Tensor):
+        a = alpha.reshape(-1, 1, 1).expand(X.shape[0], 1, 1).to(R.float_or_double(st))
+        A = (R.small_side_gram(Xg) * a).to(gemm)
+    else:
+        A = R.small_side_gram(Xg, alpha)
+    H = torch.bmm(A, A)
+    Rm = torch.add(H, A, alpha=-3.0)
+    Rm.diagonal(0, -2, -1).add_(3.0)
+    P = torch.bmm(H, Rm)
+    if X.dtype == gemm:
+        out = R.small_side_update(X, P, -1.0)
+    else:
+        WP = torch.bmm(Xg, P) if X.shape[1] > X.shape[2] else torch.bmm(P, Xg)
+        out = X - WP.to(X.dtype)
+    return out.reshape(W.shape).to(W.dtype)
+
+
+def _hard_cap_msign(X, b, steps, gemm):
+    tall = X.shape[1] > X.shape[2]
+    Q = R.msign_batched(X, steps, gemm)
+    D = Q * b - X
+    Rs = R.msign_batched(D, steps, gemm)
+    Dg, Rg, Qg = D.to(gemm), Rs.to(gemm), Q.to(gemm)
+    T = torch.bmm(Dg, torch.bmm(Rg.mT, Qg)) if tall else torch.bmm(torch.bmm(Dg, Rg.mT), Qg)
+    return (Q * b + X - T.to(X.dtype)) * 0.5
+
+
+def _hard_cap_polynomial(X, b, iters, gemm):
+    Y = X / b
+    sigma, _, _ = R.power_iteration_batched(Y.to(R.float_or_double(Y.dtype)), iters, None)
+    sigma = sigma.clamp_min(1e-30)
+    # min(1, 3 / sigma), with sigma <= 3 replaced by 3 (the same value: 1) so the unused
+    # branch's derivative -3 / sigma^2 cannot overflow to inf for tiny sigma (0 * inf = NaN)
+    big = torch.where(sigma > POLYNOMIAL_PRESCALE, sigma, torch.full_like(sigma, POLYNOMIAL_PRESCALE))
+    c = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, big))
+    Y = (Y * c.reshape(-1, 1, 1)).to(gemm)
+    return R.newton_schulz_steps(Y, R.hard_cap_polynomial_plan()[1]).to(X.dtype) * b
+
+
+def _exact_cap_float64(W, sigma_max):
+    X = W.reshape(-1, *W.shape[-2:]).to(torch.float64)
+    s = R.max_abs_scale(X)
+    return (R.exact_cap(X / s, R.scalar_div(sigma_max, s)) * s).reshape(W.shape).to(W.dtype)
+
+
+def _hard_cap_mirror(W, sigma_max=1.0, method="msign", steps=10, iters=16):
+    if W.numel() == 0:
+        return W.new_zeros(W.shape)
+    if sigma_max == 0.0:
+        return W * 0
+    if method == "eigh":
+        return _exact_cap_float64(W, sigma_max)
+    st, gemm = R.cap_dtypes(W.device, W.dtype)
+    W3 = W.reshape(-1, *W.shape[-2:]).to(R.float_or_double(W.dtype))
+    s = R.max_abs_scale(W3)
+    X = (W3 / s).to(st)
+    bs = R.scalar_div(sigma_max, s).to(X.dtype)
+    out = _hard_cap_msign(X, bs, steps, gemm) if method == "msign" else _hard_cap_polynomial(X, bs, iters, gemm)
+    return (out.to(W3.dtype) * s).reshape(W.shape).to(W.dtype)
+
+
+def _orthogonal_project_mirror(W, sigma_max=1.0, steps=10):
+    st, gemm = R.cap_dtypes(W.device, W.dtype)
+    if W.numel() == 0:
+        return W.new_zeros(W.shape)
+    X = W.reshape(-1, *W.shape[-2:]).to(st)
+    return (R.msign_batched(X, steps, gemm) * sigma_max).reshape(W.shape).to(W.dtype)
+
+
+def _svd_cap_mirror(W, sigma_max=1.0):
+    if W.numel() == 0:
+        return W.new_zeros(W.shape)
+    return _exact_cap_float64(W, sigma_max)
+
+
+R.register_recompute_autograd("lipschitz::spectral_soft_cap", _soft_cap_mirror)
+R.register_recompute_autograd("lipschitz::spectral_soft_cap.per_matrix", _soft_cap_mirror)
+R.register_recompute_autograd("lipschitz::spectral_hard_cap", _hard_cap_mirror)
+R.register_recompute_autograd("lipschitz::orthogonal_project", _orthogonal_project_mirror)
+R.register_recompute_autograd("lipschitz::svd_cap", _svd_cap_mirror)

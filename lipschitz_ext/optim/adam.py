@@ -10,9 +10,39 @@ import torch
 
 from .bucket import gather_cstate, overlaps, scatter_cstate
 from .distributed import is_dtensor, local_tensor
+from .muon import NONFINITE_POLICIES, NonFiniteGradient
 from .state import ConstraintGroupsMixin
 
-__all__ = ["ConstrainedAdam"]
+__all__ = ["ConstrainedAdam", "nonfinite_grads", "describe_nonfinite"]
+
+
+def nonfinite_grads(param_groups: list[dict[str, Any]]) -> list[tuple[int, list[tuple[int, ...]]]]:
+    """``[(group index, [shapes of its parameters with a NaN/inf gradient])]``, groups with
+    one only; a per-tensor max and min on the device (NaN propagates, and huge finite
+    entries do not overflow as a norm would), one host sync in all."""
+    flags, where = [], []
+    for gi, group in enumerate(param_groups):
+        for p in group["params"]:
+            g = p.grad
+            if g is None or g.numel() == 0 or g.is_sparse:
+                continue
+            g = local_tensor(g) if is_dtensor(g) else g
+            flags.append(torch.isfinite(g.amax()) & torch.isfinite(g.amin()))
+            where.append((gi, tuple(p.shape)))
+    if not flags:
+        return []
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).cpu().tolist()
+    bad: dict[int, list[tuple[int, ...]]] = {}
+    for (gi, shape), good in zip(where, ok):
+        if not good:
+            bad.setdefault(gi, []).append(shape)
+    return sorted(bad.items())
+
+
+def describe_nonfinite(bad: list[tuple[int, list[tuple[int, ...]]]]) -> str:
+    """One phrase naming the groups and shapes of :func:`nonfinite_grads`'s result."""
+    return "non-finite gradient in " + "; ".join(f"param group {gi} (parameters with shapes {shapes})"
+                                                 for gi, shapes in bad)
 
 
 class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
@@ -27,6 +57,12 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
             are never constrained.
         **adam_kwargs: passed to ``torch.optim.Adam`` (lr, betas, eps, weight_decay, ...).
 
+    ``nonfinite``: what a non-finite (NaN/inf) gradient does, as in
+    :class:`~lipschitz_ext.optim.Muon`: ``"raise"`` (default) skips the whole step --
+    weights, moments and step counts kept exactly -- and raises :class:`~lipschitz_ext.optim.muon.NonFiniteGradient` (a RuntimeError) naming
+    the group and shapes; ``"skip"`` skips it silently (:attr:`skipped_steps` counts it);
+    ``"ignore"`` does no check (NaNs reach the weights). The check costs one host sync.
+
     ``update_norm`` is passed as 0 (Adam's step has no spectral bound), ``decay`` as
     ``lr * weight_decay``; a group with ``lr == 0`` is left exactly as it is (no constraint call). DTensor weights must be sharded on dim 0 (whole rows
     locally, as FSDP2 does) or replicated; the constraint then acts on local rows.
@@ -36,9 +72,14 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
     STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
     GROUP_KEYS = ("lr", "betas", "eps", "weight_decay")
 
-    def __init__(self, params: Iterable[Any], constraint: Any = None, **adam_kwargs: Any) -> None:
+    def __init__(self, params: Iterable[Any], constraint: Any = None, nonfinite: str = "raise",
+                 **adam_kwargs: Any) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"ConstrainedAdam: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         super().__init__(params, **adam_kwargs)
         self.defaults["constraint"] = constraint
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
         for g in self.param_groups:
             g.setdefault("constraint", constraint)
             self._check_group(g)
@@ -81,12 +122,31 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
             raise ValueError(f"ConstrainedAdam: betas of param group {gi} must be two numbers in [0, 1), "
                              f"got {betas!r}")
 
+    def nonfinite_groups(self) -> list[tuple[int, list[tuple[int, ...]]]]:
+        """``[(group index, [shapes])]`` of the groups with a NaN/inf gradient now (one host sync)."""
+        return nonfinite_grads(self.param_groups)
+
     @torch.no_grad()
     def step(self, closure=None):
-        """Adam's step, then the constraints; returns ``closure()``'s loss if given."""
+        """Adam's step, then the constraints; returns ``closure()``'s loss if given. A
+        non-finite gradient skips the whole step (``nonfinite``, see the class)."""
         for gi, group in enumerate(self.param_groups):
             self.check_group_hyper(group, gi)
-        loss = super().step(closure)
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        else:
+            loss = None
+        if self.nonfinite != "ignore":
+            bad = self.nonfinite_groups()
+            if bad:
+                self.skipped_steps += 1
+                if self.nonfinite == "raise":
+                    raise NonFiniteGradient(f"ConstrainedAdam: {describe_nonfinite(bad)}; the step was skipped, nothing "
+                                       "was changed; pass nonfinite='skip' to skip such steps silently or 'ignore' "
+                                       "to disable the check")
+                return loss
+        super().step()
         for group in self.param_groups:
             c = group["constraint"]
             if c is None:

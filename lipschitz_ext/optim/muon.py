@@ -1,4 +1,4 @@
-"""Muon with shape bucketing and weight constraints (REFERENCE.md sections 2-3).
+"""Muon with shape bucketing and weight constraints (docs/theory.md, sections 2-4).
 
 One step of a param group:
 
@@ -46,11 +46,15 @@ from . import distributed as _dist
 from .bucket import CSTATE_PREFIX, Bucket, Entry, gather_cstate, overlaps, scatter_cstate, stack
 from .state import ConstraintGroupsMixin
 
-__all__ = ["Muon", "NS_DTYPES", "UPDATE_SCALES", "resolve_ns_dtype", "update_scale_factor"]
+__all__ = ["Muon", "NonFiniteGradient", "NS_DTYPES", "UPDATE_SCALES", "resolve_ns_dtype", "update_scale_factor"]
 
 #: Accepted values of ``update_scale``.
 UPDATE_SCALES = ("fan_ratio", "none", "original", "match_rms_adamw")
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
+
+
+class NonFiniteGradient(RuntimeError):
+    """A step skipped for a NaN/inf gradient under ``nonfinite="raise"`` (nothing was changed)."""
 DISTRIBUTED_MODES = ("auto", "replicated", "none")
 #: Accepted values of ``ns_dtype`` (the Newton-Schulz compute dtype).
 NS_DTYPES = ("auto", "bfloat16", "float32")
@@ -412,7 +416,7 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
             else:  # one flag per parameter
                 shapes = [f"{tuple(p.shape)}" for p, bad in zip(nf.plan.params, flags) if bad]
             where = shapes or where
-        raise RuntimeError(
+        raise NonFiniteGradient(
             f"Muon: non-finite gradient in param group {gi} "
             f"(local parameters with shapes {where}); the step was skipped, nothing was changed; "
             "pass nonfinite='skip' to skip such steps silently or 'ignore' to disable the check"
@@ -645,6 +649,9 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         scale = update_scale_factor(group["update_scale"], m, n)
         p_max = self.p_max(group["ns_steps"], group["coefficients"])
         mu = lr * p_max * (scale / math.sqrt(m / n)) * float(group["update_norm_safety"])
+        if not (math.isfinite(lr * scale) and math.isfinite(mu) and math.isfinite(lr * wd)):
+            raise ValueError(f"Muon: lr {lr:g} is too large: the step lr x update scale ({scale:g}) or its norm "
+                             f"bound overflows float64 for a {m}x{n} matrix")
         return dict(lr=lr, wd=wd, scale=scale, mu=mu, gate=None, ok=None)
 
     def direction(self, group: dict[str, Any], entries: list[Entry], pieces) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The paper's optimizer setup for any ``nn.Module`` (REFERENCE.md section 3).
+"""The paper's optimizer setup for any ``nn.Module`` (docs/theory.md, section 4).
 
 - hidden matrices: :class:`Muon` + a spectral constraint (cap ``hidden_sigma_max``);
 - the head (output) matrix: Muon with its own lr (paper: 10x smaller) and cap;
@@ -28,8 +28,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .adam import ConstrainedAdam
-from .muon import Muon
+from .adam import ConstrainedAdam, describe_nonfinite, nonfinite_grads
+from .muon import Muon, NonFiniteGradient
 
 __all__ = ["OptimizerSet", "ParamRole", "build_optimizers", "classify_parameters"]
 
@@ -127,6 +127,12 @@ def _make(spec: ConstraintSpec, sigma: float, kwarg: str = "sigma_max"):
     raise TypeError(f"build_optimizers: cannot make a constraint from {spec!r}")
 
 
+def _policy(opt: torch.optim.Optimizer, group: dict[str, Any]) -> str:
+    """The ``nonfinite`` policy of ``group`` (Muon keeps it per group, ConstrainedAdam per
+    optimizer; an optimizer without one: ``"raise"``)."""
+    return group.get("nonfinite", getattr(opt, "nonfinite", "raise"))
+
+
 class OptimizerSet:
     """Several optimizers stepped together (Muon for matrices, Adam for the rest).
 
@@ -138,6 +144,7 @@ class OptimizerSet:
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
         self.by_name = dict(optimizers)
         self.optimizers = list(self.by_name.values())
+        self.skipped_steps = 0  # steps skipped as a whole for a non-finite gradient (policy "skip")
 
     def __getitem__(self, name: str) -> torch.optim.Optimizer:
         return self.by_name[name]
@@ -148,10 +155,29 @@ class OptimizerSet:
         return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self, closure=None):
+        """Step every optimizer, or none: a non-finite gradient anywhere (in a group whose
+        ``nonfinite`` policy is not ``"ignore"``) skips the step of all of them, so the
+        model is never left half-updated; ``"raise"`` (the default) then raises NonFiniteGradient (a RuntimeError)
+        saying so, ``"skip"`` counts it in :attr:`skipped_steps`. One host sync (none while a
+        CUDA graph is captured: each optimizer's own check applies there)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            checked = [(name, [g for g in o.param_groups if _policy(o, g) != "ignore"])
+                       for name, o in self.by_name.items()]
+            bad = [(name, groups, found) for name, groups in checked if groups
+                   for found in [nonfinite_grads(groups)] if found]
+            if bad:
+                self.skipped_steps += 1
+                if any(_policy(self.by_name[name], groups[gi]) == "raise" for name, groups, found in bad
+                       for gi, _ in found):
+                    where = "; ".join(f"{name}: {describe_nonfinite(found)}" for name, groups, found in bad)
+                    raise NonFiniteGradient(f"OptimizerSet: {where}; the step of every optimizer was skipped, nothing "
+                                       "was changed")
+                return loss
         for o in self.optimizers:
             o.step()
         return loss

@@ -1,0 +1,38 @@
+// The resolved Newton-Schulz plans the kernels run, as host-side ops: the Python
+// backward of orthogonalize, ns_polynomial and the spectral caps
+// (lipschitz_ext/ops/_recompute.py) reads its coefficients here, so the
+// differentiable recompute and the kernels share one table (csrc/ns_coefficients.h).
+// Neither op takes a tensor: catch-all kernels, called once at import.
+#include <vector>
+
+#include <torch/library.h>
+
+#include "ns_coefficients.h"
+#include "spectral_cap.h"
+
+namespace lipschitz {
+namespace {
+
+// [norm_scale, a_1, b_1, c_1, ..., a_steps, b_steps, c_steps]
+std::vector<double> flatten(const NSPlan& plan) {
+  std::vector<double> out{plan.norm_scale};
+  for (const auto& abc : plan.coeffs) out.insert(out.end(), abc.begin(), abc.end());
+  return out;
+}
+
+std::vector<double> ns_plan(int64_t steps, c10::string_view coefficients, at::ArrayRef<double> custom) {
+  return flatten(make_ns_plan(steps, coefficients, custom, "ns_plan"));
+}
+
+std::vector<double> hard_cap_polynomial_ns_plan() { return flatten(hard_cap_polynomial_plan()); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lipschitz, m) {
+  // orthogonalize's plan for these arguments: [norm_scale, then steps (a, b, c) triples]
+  m.def("ns_plan(int steps, str coefficients, float[] custom=[]) -> float[]", &ns_plan);
+  // spectral_hard_cap(method="polynomial")'s quintic steps, same layout (norm_scale 1, unused)
+  m.def("hard_cap_polynomial_plan() -> float[]", &hard_cap_polynomial_ns_plan);
+}
+
+}  // namespace lipschitz

@@ -1,0 +1,333 @@
+"""Benchmark the spectral constraint ops at the model shapes, next to svd_cap and
+the same math written in plain PyTorch.
+
+    lipschitz-bench --suite constraints                    # the shared runner (lipschitz_ext.bench)
+    lipschitz-bench --suite constraints --device cuda --filter spectral_soft_cap
+    python -m lipschitz_ext.bench.suites.bench_constraints [lipschitz-bench options]   # the same
+
+Case definitions are plain data/functions (SHAPES, OPS, make_input, cases) so a
+runner can import them; timing, tables and the results JSON (docs/benchmarks.md) are the
+runner's (one C++ timing loop for every suite).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Callable
+
+import torch
+
+from lipschitz_ext import ops
+from lipschitz_ext.ops.spectral_cap import soft_cap_two_round_reference
+
+#: suite -> list of (batch, m, n): same-shape weight buckets of each model.
+#: Shakespeare (d=256, 3 blocks): Q,K,V,O per block = 12 x 256x256; MLP in 3 x 1024x256,
+#: MLP out 3 x 256x1024. GPT-2 small (12 layers, d=768): 48 x 768x768, 24 x 3072x768
+#: (MLP in and the transposed MLP out, stacked).
+SHAPES: dict[str, list[tuple[int, int, int]]] = {
+    "shakespeare": [(12, 256, 256), (3, 1024, 256), (3, 256, 1024)],
+    "gpt2": [(48, 768, 768), (24, 3072, 768)],
+}
+#: extra CPU shapes of the soft cap only (the GPT-2 MLP aspect 4 at a quarter of its batch)
+SOFT_CAP_CPU_SHAPES: list[tuple[int, int, int]] = [(8, 3072, 768)]
+
+#: fixed parameters of every timed op
+PARAMS = {"iters": 16, "sigma_max": 1.0, "alpha": 0.132, "lam": 0.1, "steps": 10}
+
+
+def make_input(shape: tuple[int, int, int], dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    """Random weights with spectral norm ~1.06 (just over a cap of 1, as after a step)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(shape, generator=g, dtype=torch.float32)
+    W = W * (1.06 / (math.sqrt(shape[-2]) + math.sqrt(shape[-1])))
+    return W.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# the same math in plain PyTorch (small-side Gram, batched matmuls)
+
+
+def torch_power_iteration(W, iters=16):
+    u = torch.ones(W.shape[:-1], dtype=torch.float32, device=W.device)
+    X = W.float()
+    for _ in range(iters):
+        v = torch.nn.functional.normalize((X.mT @ u.unsqueeze(-1)).squeeze(-1), dim=-1)
+        u = torch.nn.functional.normalize((X @ v.unsqueeze(-1)).squeeze(-1), dim=-1)
+    sigma = (u.unsqueeze(-2) @ X @ v.unsqueeze(-1))[..., 0, 0]
+    return sigma, u, v
+
+
+def torch_spectral_normalize(W, sigma_max=1.0, iters=16):
+    sigma, _, _ = torch_power_iteration(W, iters)
+    return (W.float() / torch.clamp(sigma / sigma_max, min=1.0)[..., None, None]).to(W.dtype)
+
+
+def torch_spectral_hammer(W, sigma_max=1.0, iters=16):
+    sigma, u, v = torch_power_iteration(W, iters)
+    return (W.float() + (sigma_max - sigma)[..., None, None] * u.unsqueeze(-1) * v.unsqueeze(-2)).to(W.dtype)
+
+
+def torch_spectral_weight_decay(W, lam=0.1, iters=16):
+    sigma, u, v = torch_power_iteration(W, iters)
+    return (W.float() - (lam * sigma)[..., None, None] * u.unsqueeze(-1) * v.unsqueeze(-2)).to(W.dtype)
+
+
+def small_side_gram(W: torch.Tensor) -> torch.Tensor:
+    """``W^T W`` for tall ``W`` (m > n), else ``W W^T``: ``[..., k, k]``, k = min(m, n).
+
+    The yardstick pass of the GEMM-bound ops: every op forms its Gram matrix on the
+    small side, so one pass is ``2 m k^2`` FLOPs (the large-side ``W W^T`` of a tall
+    matrix costs ``m / k`` times more and made tall ops look ``m / k`` times cheaper).
+    """
+    return torch.bmm(W.mT, W) if W.shape[-2] > W.shape[-1] else torch.bmm(W, W.mT)
+
+
+def torch_soft_cap(W, alpha=0.132):
+    X = W.float()
+    tall = X.shape[-2] > X.shape[-1]
+    for sign in (-1.0, 1.0):
+        X = X + sign * alpha * (X @ (X.mT @ X) if tall else (X @ X.mT) @ X)
+    return X.to(W.dtype)
+
+
+def _torch_msign(X, steps):
+    # Polar Express with the 1.01 safety factor, as in ops.orthogonalize
+    raw = [
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    ]
+    coeffs = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in raw] + [(1.875, -1.25, 0.375)]
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = X.mT
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) * 1.01 + 1e-30)
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+def torch_hard_cap(W, sigma_max=1.0, steps=10):
+    X = W.float()
+    Q = _torch_msign(X, steps)
+    D = sigma_max * Q - X
+    R = _torch_msign(D, steps)
+    return (0.5 * (sigma_max * Q + X - D @ R.mT @ Q)).to(W.dtype)
+
+
+def torch_hard_cap_eigh(W, sigma_max=1.0):
+    X = W.float()
+    tall = X.shape[-2] >= X.shape[-1]
+    lam, V = torch.linalg.eigh(X.mT @ X if tall else X @ X.mT)
+    M = (V * (1 - sigma_max * lam.clamp_min(0).rsqrt()).clamp_min(0).unsqueeze(-2)) @ V.mT
+    return (X - X @ M if tall else X - M @ X).to(W.dtype)
+
+
+def torch_orthogonal(W, sigma_max=1.0, steps=10):
+    return (sigma_max * _torch_msign(W.float(), steps)).to(W.dtype)
+
+
+def torch_svd_cap(W, sigma_max=1.0):
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    return ((U * S.clamp(max=sigma_max).unsqueeze(-2)) @ Vh).to(W.dtype)
+
+
+P = PARAMS
+#: op name -> (ours, plain PyTorch); every callable takes the weights only.
+OPS: dict[str, tuple[Callable, Callable]] = {
+    "power_iteration": (lambda W: ops.power_iteration(W, P["iters"]), lambda W: torch_power_iteration(W, P["iters"])),
+    "spectral_normalize": (
+        lambda W: ops.spectral_normalize(W, P["sigma_max"], P["iters"]),
+        lambda W: torch_spectral_normalize(W, P["sigma_max"], P["iters"]),
+    ),
+    "spectral_hammer": (
+        lambda W: ops.spectral_hammer(W, P["sigma_max"], P["iters"]),
+        lambda W: torch_spectral_hammer(W, P["sigma_max"], P["iters"]),
+    ),
+    "spectral_weight_decay": (
+        lambda W: ops.spectral_weight_decay(W, P["lam"], P["iters"]),
+        lambda W: torch_spectral_weight_decay(W, P["lam"], P["iters"]),
+    ),
+    "spectral_soft_cap": (lambda W: ops.spectral_soft_cap(W, P["alpha"]), lambda W: torch_soft_cap(W, P["alpha"])),
+    # the op's former two-round form (two rounds, same ATen calls as its C++): the one update's baseline
+    "spectral_soft_cap_two_round": (lambda W: soft_cap_two_round_reference(W, P["alpha"]), None),
+    "spectral_hard_cap_msign": (
+        lambda W: ops.spectral_hard_cap(W, P["sigma_max"], "msign", P["steps"]),
+        lambda W: torch_hard_cap(W, P["sigma_max"], P["steps"]),
+    ),
+    "spectral_hard_cap_polynomial": (
+        lambda W: ops.spectral_hard_cap(W, P["sigma_max"], "polynomial", P["steps"], P["iters"]),
+        None,
+    ),
+    "spectral_hard_cap_eigh": (
+        lambda W: ops.spectral_hard_cap(W, P["sigma_max"], "eigh"),
+        lambda W: torch_hard_cap_eigh(W, P["sigma_max"]),
+    ),
+    "orthogonal_project": (
+        lambda W: ops.orthogonal_project(W, P["sigma_max"], P["steps"]),
+        lambda W: torch_orthogonal(W, P["sigma_max"], P["steps"]),
+    ),
+    "svd_cap": (lambda W: ops.svd_cap(W, P["sigma_max"]), lambda W: torch_svd_cap(W, P["sigma_max"])),
+    # one batched small-side Gram pass over the same batch: the yardstick for the GEMM-bound ops
+    "gemm_reference": (small_side_gram, None),
+}
+
+
+def _op_flops(op: str, shape) -> float:
+    """FLOPs of one call (m <= n after the small-side transpose); 0 where the op is
+    bandwidth- or SVD-bound (the runner then uses the byte floor). Full GEMMs: no
+    symmetric product is counted at half price, so ``flops / peak`` is the floor of
+    today's ATen path, not of a triangle-only kernel."""
+    b, m, n = shape
+    m, n = min(m, n), max(m, n)
+    ns = P["steps"] * (4 * m * m * n + 2 * m**3)
+    return float(b * {
+        "power_iteration": 4 * P["iters"] * m * n,
+        "spectral_normalize": 4 * P["iters"] * m * n,
+        "spectral_hammer": 4 * P["iters"] * m * n,
+        "spectral_weight_decay": 4 * P["iters"] * m * n,
+        # one update: Gram + update (2 m^2 n each) and H = A A, P = H R (2 m^3 each)
+        "spectral_soft_cap": 4 * m * m * n + 4 * m**3,
+        "spectral_soft_cap_two_round": 8 * m * m * n,  # two rounds, each a Gram + a product
+        "spectral_hard_cap_msign": 2 * ns,  # two msign evaluations (lower bound)
+        "spectral_hard_cap_polynomial": 4 * (4 * m * m * n + 2 * m**3),
+        "spectral_hard_cap_eigh": 4 * m * m * n + 2 * m**3,  # Gram, V g V^T, product (eigh not counted)
+        "orthogonal_project": ns,
+        "gemm_reference": 2 * m * m * n,
+    }.get(op, 0))
+
+
+def _setup(fn: Callable, shape, dtype, device, seed: int, n_sets: int):
+    from lipschitz_ext.bench import Setup
+
+    return Setup(fn, [(make_input(shape, dtype, device, seed + i),) for i in range(n_sets)])
+
+
+def gemm_passes(op: str, shape) -> float:
+    """The FLOPs of one call in small-side Gram passes (``2 b m^2 n``, m <= n): the
+    count the op can at best cost in units of the ``one_gemm_pass`` baseline. The
+    measured count is the case's ``median_ms / baselines["one_gemm_pass"]``."""
+    b, m, n = shape
+    m, n = min(m, n), max(m, n)
+    return _op_flops(op, shape) / (2.0 * b * m * m * n)
+
+
+#: ops timed only as a baseline of another case
+_BASELINE_ONLY = ("gemm_reference", "spectral_soft_cap_two_round")
+
+
+def cases(cfg) -> list:
+    """Cases for the shared ``lipschitz-bench --suite constraints`` runner: every
+    op at the Shakespeare and GPT-2-small buckets, beside plain PyTorch and svd_cap;
+    the soft cap also beside its two-round form (``two_round``) and one small-side
+    Gram pass (``one_gemm_pass``), and on CPU also at the tall GPT-2 MLP shape.
+    ``params["gemm_passes"]``: the FLOP floor of the case in Gram passes."""
+    import functools
+
+    from lipschitz_ext.bench import Case
+
+    device = str(cfg.device)
+    dtype = cfg.dtype or (torch.bfloat16 if cfg.is_cuda else torch.float32)
+    if cfg.smoke:
+        shapes, names = [(2, 16, 24)], ["spectral_soft_cap", "spectral_normalize", "svd_cap"]
+    else:
+        shapes = SHAPES["shakespeare"] + SHAPES["gpt2"] if cfg.is_cuda else SHAPES["shakespeare"] + [(8, 768, 768)]
+        names = [k for k in OPS if k not in _BASELINE_ONLY]
+    pairs = [(shape, op) for shape in shapes for op in names]
+    if not cfg.smoke and not cfg.is_cuda:
+        pairs += [(shape, "spectral_soft_cap") for shape in SOFT_CAP_CPU_SHAPES]
+    out = []
+    for shape, op in pairs:
+        ours, plain = OPS[op]
+        baselines = {}
+        if plain is not None and op != "svd_cap":
+            baselines["torch_eager"] = functools.partial(_setup, plain, shape, dtype, device, cfg.seed)
+        if op != "svd_cap":
+            baselines["svd_cap"] = functools.partial(_setup, OPS["svd_cap"][0], shape, dtype, device, cfg.seed)
+        if op == "spectral_soft_cap":
+            baselines["two_round"] = functools.partial(_setup, OPS["spectral_soft_cap_two_round"][0], shape,
+                                                       dtype, device, cfg.seed)
+            baselines["one_gemm_pass"] = functools.partial(_setup, OPS["gemm_reference"][0], shape, dtype,
+                                                           device, cfg.seed)
+        params = dict(PARAMS)
+        if _op_flops(op, shape) > 0:
+            params["gemm_passes"] = round(gemm_passes(op, shape), 4)
+        out.append(Case(
+            name=op, shape=tuple(shape), dtype=dtype, params=params,
+            ours=functools.partial(_setup, ours, shape, dtype, device, cfg.seed),
+            baselines=baselines, flops=_op_flops(op, shape),
+            bytes=2.0 * shape[0] * shape[1] * shape[2] * dtype.itemsize,
+            peak=None if cfg.is_cuda else "fp32_tflops",
+        ))
+    return out
+
+
+def soft_cap_ab(shapes=((24, 3072, 768), (48, 768, 768)), repeats: int = 15, alpha: float = 0.132,
+                seed: int = 0) -> dict:
+    """The one-update soft cap against its two-round form and one small-side Gram pass,
+    float32 on CPU, one call at a time in the runner's C++ loop, interleaved in one process (the order alternates every repeat, so a
+    neighbour's load falls on both alike): medians of ``repeats`` calls per shape, the
+    speedup ``two_round / one_update``, the measured Gram passes of each, and the
+    error of each against float64 (the two-round form in float64; tests check it
+    against an SVD) as ``max |out - ref| / max |ref|`` and in the Frobenius norm.
+
+    Returns the JSON-ready dict ``{"device", "torch", "threads", "cases": [...]}``.
+    """
+    import statistics
+
+    from lipschitz_ext import _bench  # the runner's C++ timing loop, one untimed-warm-up-free call
+
+    fns = {
+        "one_update": lambda W: ops.spectral_soft_cap(W, alpha),
+        "two_round": lambda W: soft_cap_two_round_reference(W, alpha),
+        "one_gemm_pass": small_side_gram,
+    }
+    out = {"device": f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "alpha": alpha, "repeats": repeats, "cases": []}
+    for shape in shapes:
+        W = make_input(tuple(shape), torch.float32, "cpu", seed)
+        for fn in fns.values():  # warm-up
+            fn(W)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        names = list(fns)
+        for r in range(repeats):
+            for k in names if r % 2 == 0 else names[::-1]:
+                times[k].append(_bench.time_callable(fns[k], [(W,)], 0, 1, -1, 1)[0])  # ms
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ref = soft_cap_two_round_reference(W.double(), alpha)
+        err = {}
+        for k in ("one_update", "two_round"):
+            d = fns[k](W).double() - ref
+            err[k] = {"max_rel": (d.abs().max() / ref.abs().max()).item(),
+                      "fro_rel": (torch.linalg.vector_norm(d) / torch.linalg.vector_norm(ref)).item()}
+        out["cases"].append({
+            "shape": list(shape), "dtype": "float32", "median_ms": med,
+            "min_ms": {k: min(v) for k, v in times.items()},
+            "speedup_one_update_vs_two_round": med["two_round"] / med["one_update"],
+            "measured_gemm_passes": {k: med[k] / med["one_gemm_pass"] for k in ("one_update", "two_round")},
+            "flop_gemm_passes": {"one_update": gemm_passes("spectral_soft_cap", shape),
+                                 "two_round": gemm_passes("spectral_soft_cap_two_round", shape)},
+            "error_vs_float64": err,
+        })
+        print(json.dumps(out["cases"][-1]), flush=True)
+    return out
+
+
+if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite constraints [its options]
+    if sys.argv[1:2] == ["soft-cap-ab"]:  # python -m lipschitz_ext.bench.suites.bench_constraints soft-cap-ab [REPEATS] [OUT.json]
+        result = soft_cap_ab(repeats=int(sys.argv[2]) if len(sys.argv) > 2 else 15)
+        if len(sys.argv) > 3:
+            with open(sys.argv[3], "w") as f:
+                json.dump(result, f, indent=1)
+        sys.exit(0)
+    from lipschitz_ext.bench.cli import main
+
+    sys.exit(main(["--suite", "constraints", *sys.argv[1:]]))
