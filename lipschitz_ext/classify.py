@@ -39,9 +39,10 @@ from . import ops
 from .classifier_certify import DEFAULT_RADII, evaluate_classifier, l2_bound, pixels
 from .image_data import DATASETS, ImageData, load_image_data
 from .nn.classifier import ACTIVATIONS, INITS, LipschitzMLPClassifier
+from .optim.muon import NonFiniteGradient
 from .optimizers import set_lrs
 from .run import (CheckpointError, append_metric, atomic_torch_save, prepare_out_dir, read_json,
-                  truncate_metrics, write_json)
+                  release_run_folder, truncate_metrics, write_json)
 
 __all__ = ["ClassifyConfig", "CLASSIFY_PRESETS", "OPTIMIZERS", "LOSSES", "TASK", "classify_config",
            "build_classifier", "build_classifier_optimizer", "classification_loss", "linear_decay", "batch_indices",
@@ -205,6 +206,11 @@ class AdamWConstrained:
 
     @torch.no_grad()
     def step(self) -> None:
+        """One AdamW step and the constraints; raises :class:`NonFiniteGradient` (changing
+        nothing) when a gradient holds NaN or inf, as Muon does."""
+        grads = [p.grad for g in self.optimizers[0].param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise NonFiniteGradient("AdamW: non-finite gradient; the step was skipped, nothing was changed")
         self.optimizers[0].step()
         lr = self.optimizers[0].param_groups[0]["lr"]
         for W, c, st in zip(self.weights, self.constraints, self.cstate):
@@ -328,13 +334,9 @@ RESUME_OVERRIDES = ("steps", "time_budget", "eval_every", "checkpoint_every", "t
 def train_classifier(cfg: ClassifyConfig | None = None, *, resume: str | None = None, quiet: bool = False,
                      data: ImageData | None = None, overrides: dict | None = None) -> dict:
     """Train (or with ``resume`` continue) one run; returns its summary (also in summary.json).
+    The run folder is locked for this process while it trains (one writer per folder).
 
     ``overrides``: with ``resume``, new values of :data:`RESUME_OVERRIDES` fields."""
-    from tqdm import tqdm
-
-    from .plots import plot_curves
-    from .runtime import StopRequest
-
     if resume is not None:
         if not is_classifier_run(resume):
             raise CheckpointError(f"--resume {resume}: not a lipschitz-classify run folder (no config.json with "
@@ -354,6 +356,19 @@ def train_classifier(cfg: ClassifyConfig | None = None, *, resume: str | None = 
         out = prepare_out_dir(cfg.out or os.path.join("runs", f"classify-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
         cfg = dataclasses.replace(cfg, out=out, data=os.path.abspath(cfg.data) if cfg.data else None)
         ck = None
+    try:
+        return _train_locked(cfg, out, ck, data, quiet)
+    finally:
+        release_run_folder(out)
+
+
+def _train_locked(cfg: ClassifyConfig, out: str, ck: dict | None, data: ImageData | None, quiet: bool) -> dict:
+    """The body of :func:`train_classifier`, in run folder ``out`` that this process has locked."""
+    from tqdm import tqdm
+
+    from .plots import plot_curves
+    from .runtime import StopRequest
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = data if data is not None else load_image_data(cfg.dataset, cfg.data)
@@ -400,7 +415,11 @@ def train_classifier(cfg: ClassifyConfig | None = None, *, resume: str | None = 
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            try:
+                opt.step()
+            except NonFiniteGradient:  # nothing was changed: the model is the last good step's
+                status = "diverged"
+                break
             step += 1
             elapsed += time.perf_counter() - t0
             bar.update(1)

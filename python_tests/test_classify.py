@@ -6,7 +6,6 @@ python batches); references are float64 SVDs and direct formulas.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -25,45 +24,13 @@ from lipschitz_ext.cli_classify import main as classify_main
 from lipschitz_ext.image_data import (ImageDataError, RestrictedUnpickler, load_cifar10, load_image_data,
                                       read_idx)
 from lipschitz_ext.nn.classifier import LipschitzMLPClassifier, MaxMin
+from lipschitz_ext.optim import NonFiniteGradient
+from image_samples import blobs, idx_bytes, make_idx_set
 
 
 # ---------------------------------------------------------------------------
 # generated files
 # ---------------------------------------------------------------------------
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    head = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-    return head + arr.astype(np.uint8).tobytes()
-
-
-def _write(path, payload: bytes, gz: bool) -> None:
-    if gz:
-        with gzip.open(str(path) + ".gz", "wb") as fh:
-            fh.write(payload)
-    else:
-        with open(path, "wb") as fh:
-            fh.write(payload)
-
-
-def _blobs(n: int, seed: int, d: int = 784, classes: int = 10):
-    """Separable synthetic images: each class brightens its own band of pixels."""
-    g = np.random.default_rng(seed)
-    y = g.integers(0, classes, n)
-    x = g.integers(0, 60, (n, d))
-    band = d // classes
-    for i, c in enumerate(y):
-        x[i, c * band:(c + 1) * band] += 150
-    return x.clip(0, 255).astype(np.uint8), y.astype(np.uint8)
-
-
-def make_idx_set(folder, n_train=512, n_test=128, gz=True, seed=0):
-    os.makedirs(folder, exist_ok=True)
-    for split, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
-        x, y = _blobs(n, s)
-        _write(os.path.join(folder, f"{split}-images-idx3-ubyte"), _idx_bytes(x.reshape(n, 28, 28)), gz)
-        _write(os.path.join(folder, f"{split}-labels-idx1-ubyte"), _idx_bytes(y), gz)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
     return make_idx_set(tmp_path_factory.mktemp("fmnist"))
@@ -76,7 +43,7 @@ def idx_dir(tmp_path_factory):
 def test_idx_set_reads_raw_and_gz(tmp_path, gz):
     d = make_idx_set(tmp_path, 40, 12, gz=gz)
     data = load_image_data("fashion-mnist", d)
-    x, y = _blobs(40, 0)
+    x, y = blobs(40, 0)
     assert data.train_x.dtype == torch.uint8 and tuple(data.train_x.shape) == (40, 784)
     assert torch.equal(data.train_x, torch.from_numpy(x)) and torch.equal(data.train_y, torch.from_numpy(y).long())
     assert tuple(data.test_x.shape) == (12, 784) and data.num_classes == 10
@@ -103,11 +70,11 @@ def test_idx_corrupt_files(tmp_path):
     # label out of range
     y = np.frombuffer(good_lab[8:], dtype=np.uint8).copy()
     y[3] = 10
-    open(lab, "wb").write(_idx_bytes(y))
+    open(lab, "wb").write(idx_bytes(y))
     with pytest.raises(ImageDataError, match="label 10 at index 3"):
         load_image_data("fashion-mnist", d)
     # counts that differ
-    open(lab, "wb").write(_idx_bytes(y[:-1] % 10))
+    open(lab, "wb").write(idx_bytes(y[:-1] % 10))
     with pytest.raises(ImageDataError, match="holds 20 images but .* 19 labels"):
         load_image_data("fashion-mnist", d)
 
@@ -202,7 +169,7 @@ def test_bound_and_radii_against_svd(act):
     ref = math.prod(float(torch.linalg.svdvals(W.detach().double())[0]) for W in m.weights())
     L = l2_bound(m)
     assert ref <= L <= ref * (1 + 1e-6)
-    x, y = _blobs(64, 3)
+    x, y = blobs(64, 3)
     x, y = torch.from_numpy(x), torch.from_numpy(y).long()
     radius, correct, L2 = certified_radii(m, x, y)
     z = m.double()(x.double() / 255)
@@ -217,7 +184,7 @@ def test_bound_and_radii_against_svd(act):
 
 
 def _trained_tiny(steps=60):
-    x, y = _blobs(512, 5)
+    x, y = blobs(512, 5)
     x, y = torch.from_numpy(x), torch.from_numpy(y).long()
     cfg = classify_config("certified", widths=[32, 32], steps=steps, lr=0.05, margin_eps=0.5, batch_size=64)
     m = build_classifier(cfg, 784, 10, x.float().mean(0) / 255)
@@ -280,6 +247,21 @@ def test_every_constraint_trains(opt, constraint):
     assert all(math.isfinite(s) for s in sig)
     if constraint in ("hard_cap", "normalize", "orthogonal", "svd_cap", "soft_cap"):
         assert max(sig) <= 2.0 * 1.02
+
+
+@pytest.mark.parametrize("opt", ["muon", "adamw"])
+def test_nonfinite_gradient_changes_nothing(opt):
+    cfg = ClassifyConfig(optimizer=opt, constraint="hard_cap", widths=[16], steps=3, cap=1.0,
+                         lr=0.02 if opt == "muon" else 1e-3).validate()
+    m = build_classifier(cfg, 784, 10)
+    o = build_classifier_optimizer(m, cfg)
+    x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
+    classification_loss(m(x), y, loss="ce").backward()
+    m.weights()[0].grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(NonFiniteGradient):
+        o.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,9 @@ Each command is split into its programs (``&&``, ``;``), and each program is che
   budget appended (later flags win), data included; ``lipschitz-eval certify``, ``sample`` and
   ``accuracy`` run for real on such a run (placeholders like ``RUN_DIR`` or ``runs/...`` are
   that run), or on the committed run folder the command names.
+- ``lipschitz-classify``: its arguments parse and a training config validates; every
+  ``train`` command then runs for real for a few steps on a small generated IDX set (``DIR``),
+  and ``certify`` / ``attack`` run on such a run (``RUN``); ``sweep`` is parsed only.
 - Scripts (``bash X``, ``python X``) must exist; ``pip install`` must never name a bare
   ``torch``; ``source .venv/bin/activate`` and the setup script are what CI itself runs.
 
@@ -27,8 +30,10 @@ from pathlib import Path
 
 import pytest
 
-from lipschitz_ext import cli
+from image_samples import make_idx_set
+from lipschitz_ext import cli, cli_classify
 from lipschitz_ext.bench import cli as bench_cli
+from lipschitz_ext.classify import classify_config
 from lipschitz_ext.config import config_from_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +45,11 @@ TINY = ["--d-model", "16", "--n-heads", "2", "--n-layers", "2", "--seq-len", "16
 #: Eval subcommands cheap enough to run for real on a tiny run.
 EVAL_RUN = ("certify", "sample", "accuracy")
 PLACEHOLDER = re.compile(r"^(RUN_[A-Z]+|runs/.*)$")
+#: Placeholders of the classifier commands: the data folder and the run / sweep folders.
+CLASSIFY_PLACEHOLDER = re.compile(r"^(DIR|RUN|SWEEP|PEER)$")
+#: Appended to every lipschitz-classify train command: a narrow MLP, six steps, a tiny attack.
+CLASSIFY_TINY = ["--steps", "6", "--widths", "16", "--batch-size", "32", "--attack-examples", "8",
+                 "--attack-steps", "3", "--quiet"]
 REPO_PREFIXES = ("docs/", "bench/", "scripts/", "python_tests/", "lipschitz_ext/", "csrc/")
 
 
@@ -76,7 +86,7 @@ def _program(argv: list[str]) -> tuple[str, list[str]]:
     if argv[:1] == ["nice"]:
         argv = argv[3:] if argv[1:2] == ["-n"] else argv[1:]
     head = argv[0].rsplit("/", 1)[-1] if argv else ""
-    if head in ("lipschitz-train", "lipschitz-eval", "lipschitz-bench"):
+    if head in ("lipschitz-train", "lipschitz-eval", "lipschitz-bench", "lipschitz-classify"):
         return head, argv[1:]
     if head == "torchrun" and "-m" in argv and argv[argv.index("-m") + 1] == "lipschitz_ext.train":
         return "lipschitz-train", argv[argv.index("-m") + 2:]
@@ -144,6 +154,10 @@ def test_doc_command_parses(where, argv):
             cli._check_eval_args(ns)  # the committed run folders it names are usable
     elif kind == "lipschitz-bench":
         _parse(bench_cli._parser(), args, where)
+    elif kind == "lipschitz-classify":
+        ns = _parse(cli_classify._parser(), args, where)
+        if ns is not None and ns.command == "train" and not ns.resume:
+            classify_config(ns.preset, **cli_classify._overrides(ns))  # values validate too
     elif kind == "script":
         assert args and (ROOT / args[0]).is_file(), f"{where}: script {args[:1]} is not in the repository"
     elif kind == "pytest":
@@ -202,3 +216,33 @@ def test_doc_eval_commands_run(tiny_runs, capsys, monkeypatch):
         assert cli.eval_main(args) == 0, f"{where}: failed ({capsys.readouterr().err.strip()})"
         ran += 1
     assert ran, "no certify / sample / accuracy command in the docs"
+
+
+def test_doc_classify_commands_run(tmp_path, capsys):
+    """Every documented ``lipschitz-classify train`` runs a few steps on a generated IDX set;
+    the documented ``certify`` and ``attack`` then run on such a run."""
+    data = make_idx_set(tmp_path / "data", 256, 64)
+
+    def fill(args: list[str], out) -> list[str]:
+        return [data if a == "DIR" else str(out) if CLASSIFY_PLACEHOLDER.match(a) else a for a in args]
+
+    run = None
+    for i, (where, argv) in enumerate(COMMANDS):
+        kind, args = _program(argv)
+        if kind != "lipschitz-classify" or args[:1] != ["train"] or "--resume" in args:
+            continue
+        out = tmp_path / f"run{i}"
+        status = cli_classify.main([*fill(args, out), *CLASSIFY_TINY])
+        assert status == 0, f"{where}: exit status {status} ({capsys.readouterr().err.strip()})"
+        run = run or out
+    assert run is not None, "no lipschitz-classify train command in the docs"
+    ran = 0
+    for where, argv in COMMANDS:
+        kind, args = _program(argv)
+        if kind != "lipschitz-classify" or args[:1] not in (["certify"], ["attack"]):
+            continue
+        extra = ["--examples", "8", "--steps", "3", "--restarts", "1"] if args[0] == "attack" else []
+        status = cli_classify.main([*fill(args, run), *extra])
+        assert status == 0, f"{where}: exit status {status} ({capsys.readouterr().err.strip()})"
+        ran += 1
+    assert ran, "no lipschitz-classify certify / attack command in the docs"
