@@ -530,13 +530,17 @@ def _known_parts() -> tuple[tuple[type, ...], dict[str, object]]:
     return modules, {"sdpa": sdpa_attention, "reference": reference_attention, "fp8": FP8_BACKEND}
 
 
-def check_certifiable(model: torch.nn.Module, who: str = "certify") -> None:
+def check_certifiable(model: torch.nn.Module, who: str = "certify",
+                      known: tuple[type, ...] | None = None) -> None:
     """Refuse (``ValueError`` naming what and where) a model whose function is not what its
     weights say: a forward hook or forward pre-hook on any of its modules, a global module
     hook (``torch.nn.modules.module.register_module_forward_hook`` and kin), a module of a
     class the certificate does not know (a subclass, a parametrization, an added module), a
     ``forward`` replaced on an instance, or an attention backend other than the package's
-    own. A certificate of the weights alone would not bound such a model."""
+    own. A certificate of the weights alone would not bound such a model.
+
+    ``known``: the module classes the caller's certificate covers (default: LipschitzGPT's
+    own modules)."""
     from torch.nn.modules import module as torch_module
 
     for kind in ("_global_forward_hooks", "_global_forward_pre_hooks"):
@@ -545,11 +549,14 @@ def check_certifiable(model: torch.nn.Module, who: str = "certify") -> None:
                              "(torch.nn.modules.module); it changes every module's output, which a certificate "
                              "of the weights cannot see: remove it first")
     modules, backends = _known_parts()
+    covers = "LipschitzGPT's own modules only"
+    if known is not None:
+        modules, covers = known, ", ".join(k.__name__ for k in known) + " only"
     for name, m in model.named_modules():
         where = name or "the model"
         if type(m) not in modules:
             raise ValueError(f"{who}: {where} is a {type(m).__module__}.{type(m).__qualname__}, a module the "
-                             "certificate does not know (it covers LipschitzGPT's own modules only)")
+                             f"certificate does not know (it covers {covers})")
         if m._forward_hooks or m._forward_pre_hooks:
             kind = "forward hook" if m._forward_hooks else "forward pre-hook"
             raise ValueError(f"{who}: {where} has a {kind}; it can change the output, which a certificate of "

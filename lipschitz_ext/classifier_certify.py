@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from . import ops
+from .certify import check_certifiable
+from .nn.classifier import LipschitzMLPClassifier, MaxMin
 
 __all__ = ["DEFAULT_RADII", "l2_bound", "certified_radii", "certified_accuracy", "pgd_l2", "soundness_check",
            "evaluate_classifier", "pixels"]
@@ -54,10 +56,14 @@ def pixels(x_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.T
 
 
 def _weights(model: nn.Module) -> list[torch.Tensor]:
-    w = getattr(model, "weights", None)
-    if not callable(w):
-        raise TypeError(f"expected a model with a weights() method (LipschitzMLPClassifier), got {type(model).__name__}")
-    return [t.detach().to("cpu", torch.float64) for t in w()]
+    """The float64 weights of a :class:`LipschitzMLPClassifier` whose function they are: a
+    model with hooks, a replaced ``forward``, a parametrization or any module the bound does
+    not know is refused (``ValueError``), as :func:`lipschitz_ext.certify.check_certifiable`
+    refuses them for transformers."""
+    if not isinstance(model, LipschitzMLPClassifier):
+        raise TypeError(f"expected a LipschitzMLPClassifier (or a list of weights), got {type(model).__name__}")
+    check_certifiable(model, "l2_bound", known=(LipschitzMLPClassifier, nn.ModuleList, nn.Linear, nn.ReLU, MaxMin))
+    return [t.detach().to("cpu", torch.float64) for t in model.weights()]
 
 
 def _sigma_bounds(weights: Sequence[torch.Tensor]) -> list[float]:
@@ -76,7 +82,7 @@ def l2_bound(model_or_weights) -> float:
     """Certified upper bound on the l2 -> l2 Lipschitz constant of the logits in pixel space.
 
     ``model_or_weights``: a :class:`~lipschitz_ext.nn.classifier.LipschitzMLPClassifier`
-    (or any model with ``weights()``), or a list of ``[fan_out, fan_in]`` weights of an MLP
+    (refused if hooks or unknown modules change its function), or a list of ``[fan_out, fan_in]`` weights of an MLP
     with 1-Lipschitz activations. Product of ``ops.spectral_norm_bound`` in float64, times
     ``1 + 1e-9``.
     """

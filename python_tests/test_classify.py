@@ -199,6 +199,18 @@ def _trained_tiny(steps=60):
     return m.eval(), x, y
 
 
+def test_bound_refuses_what_the_weights_do_not_show():
+    m = _model()
+    h = m.layers[-1].register_forward_hook(lambda mod, inp, out: out * 100)
+    with pytest.raises(ValueError, match="forward hook"):
+        l2_bound(m)
+    h.remove()
+    l2_bound(m)
+    m.layers[-1] = torch.nn.Sequential(m.layers[-1], torch.nn.Linear(10, 10))  # an unknown wrapper
+    with pytest.raises(ValueError, match="does not know"):
+        l2_bound(m)
+
+
 def test_attack_never_flips_a_certified_prediction():
     m, x, y = _trained_tiny()
     assert l2_bound(m) <= 1.0 + 1e-3  # hard cap 1 per layer
