@@ -138,10 +138,22 @@ def hard_cap_polynomial_plan() -> Plan:
     return _TABLES["hard_cap_polynomial"]
 
 
+#: (steps, compute dtype) -> the steps before which Gram Newton-Schulz restarts
+_GRAM_RESTARTS: dict[tuple[int, torch.dtype], frozenset[int]] = {}
+
+
+def gram_ns_restarts(steps: int, compute: torch.dtype) -> frozenset[int]:
+    """The steps (0-based) before which ``orthogonalize_gram`` restarts (the C++ rule)."""
+    return _GRAM_RESTARTS[(steps, compute)]
+
+
 def _load_tables() -> None:
     for name in ("jordan", "you", "jiacheng", "polar_express"):
         _TABLES[name] = _unflatten(torch.ops.lipschitz.ns_plan(_MAX_STEPS, name, []))
     _TABLES["hard_cap_polynomial"] = _unflatten(torch.ops.lipschitz.hard_cap_polynomial_plan())
+    for dt in (torch.bfloat16, torch.float16, torch.float32, _DOUBLE):
+        for steps in range(1, _MAX_STEPS + 1):
+            _GRAM_RESTARTS[(steps, dt)] = frozenset(torch.ops.lipschitz.gram_ns_restarts(steps, dt))
 
 
 _load_tables()
@@ -155,6 +167,28 @@ def newton_schulz_steps(X: torch.Tensor, triples: Sequence[tuple[float, float, f
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, X, B, beta=a, alpha=1.0) if tall else torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     return X
+
+
+def gram_newton_schulz_steps(X0: torch.Tensor, triples: Sequence[tuple[float, float, float]]) -> torch.Tensor:
+    """The same steps on the small Gram matrix, with restarts (as ``gram_newton_schulz_steps``
+    in csrc/newton_schulz.h: the same ATen calls in the same order)."""
+    tall = X0.shape[-2] > X0.shape[-1]
+    restarts = gram_ns_restarts(len(triples), X0.dtype)
+    X = X0.mT if tall else X0
+    R = torch.bmm(X, X.mT)
+    Q = None
+    for i, (a, b, c) in enumerate(triples):
+        if i in restarts:
+            X = torch.bmm(Q, X)
+            R = torch.bmm(X, X.mT)
+            Q = None
+        P = torch.baddbmm(R, R, R, beta=b, alpha=c)
+        P.diagonal(0, -2, -1).add_(a)
+        Q = P if Q is None else torch.bmm(Q, P)
+        if i + 1 < len(triples) and i + 1 not in restarts:
+            R = torch.bmm(P, torch.bmm(R, P))
+    X = torch.bmm(Q, X)
+    return X.mT if tall else X
 
 
 def scalar_div(c: float, t: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from . import _recompute as R
 from ._checks import check_same_device
+from .orthogonalize import orthogonalize
 from .power_iteration import certified_at_most, spectral_norm_bound
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "orthogonal_project",
     "svd_cap",
     "HARD_CAP_METHODS",
+    "ORTHOGONAL_PROJECT_METHODS",
     "POLYNOMIAL_PRESCALE",
 ]
 
@@ -233,7 +235,11 @@ def _guard_cap(out: torch.Tensor, cap: float, slack: float) -> torch.Tensor:
     return _scale_matrices(out, torch.where(ub <= cap * (1.0 + slack), torch.ones_like(ub), cap / ub))
 
 
-def orthogonal_project(W: torch.Tensor, sigma_max: float = 1.0, steps: int = 10) -> torch.Tensor:
+#: Methods understood by :func:`orthogonal_project` (besides ``"auto"``).
+ORTHOGONAL_PROJECT_METHODS = ("msign", "gram")
+
+
+def orthogonal_project(W: torch.Tensor, sigma_max: float = 1.0, steps: int = 10, method: str = "auto") -> torch.Tensor:
     """Projection to the scaled Stiefel manifold: ``sigma_max * msign(W)``.
 
     Every nonzero singular value becomes ``sigma_max`` (zero ones stay ~0), by
@@ -241,8 +247,28 @@ def orthogonal_project(W: torch.Tensor, sigma_max: float = 1.0, steps: int = 10)
     values far below ``||W||_F`` converge last. ``W``: ``[..., m, n]``; returns a
     new tensor of W's shape and dtype, every singular value ``<= 1.005 sigma_max``
     for any finite input (certified, as in :func:`spectral_hard_cap`).
+
+    ``method``: ``"msign"`` (the ``lipschitz::orthogonal_project`` op: standard
+    Newton-Schulz), ``"gram"`` (the same polynomial by Gram Newton-Schulz,
+    :func:`lipschitz_ext.ops.orthogonalize` ``(algorithm="gram", eps=0)`` in the caps'
+    GEMM dtype: fewer multiply-adds from aspect ~3 up) or ``"auto"`` (default: the
+    measured rule, :func:`lipschitz_ext.ops.choices.choose`).
     """
-    out = torch.ops.lipschitz.orthogonal_project.default(W, float(sigma_max), int(steps))
+    if method == "auto" and isinstance(W, torch.Tensor) and W.dim() >= 2:
+        from .choices import choose  # noqa: PLC0415  (choices imports the ops package)
+
+        method = choose("orthogonal_project_method", W.device, W.dtype, tuple(W.shape[-2:]))
+    if method == "gram":
+        if not math.isfinite(float(sigma_max)) or float(sigma_max) < 0:
+            raise ValueError(f"orthogonal_project: argument 'sigma_max' must be finite and >= 0, got {sigma_max}")
+        _, gemm = R.cap_dtypes(W.device, W.dtype) if W.dtype.is_floating_point else (None, None)
+        out = orthogonalize(W, int(steps), "polar_express", eps=0.0, compute_dtype=gemm, algorithm="gram")
+        out = out * sigma_max
+    elif method in ("msign", "auto"):
+        out = torch.ops.lipschitz.orthogonal_project.default(W, float(sigma_max), int(steps))
+    else:
+        raise ValueError(f"orthogonal_project: argument 'method' must be 'auto' or one of "
+                         f"{ORTHOGONAL_PROJECT_METHODS}, got {method!r}")
     return _guard_cap(out, float(sigma_max), 5e-3)
 
 
