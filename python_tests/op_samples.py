@@ -61,7 +61,8 @@ def _soft_cap_per_matrix(dt):
 def _hard_cap(method):
     def samples(dt):
         return [(_mat(2, 4, 6, dtype=dt), 0.5, method, 8, 16),
-                (_mat(6, 4, dtype=dt), 0.4, method, 6, 4)]
+                (_mat(6, 4, dtype=dt), 0.4, method, 6, 4),
+                (_mat(2, 3, 8, dtype=dt), 0.5, method, 6, 8)]  # aspect >= 2: Gram steps in float32/64
     return samples
 
 

@@ -203,13 +203,22 @@ def safe_reciprocal(d: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(d), torch.where(zero, torch.ones_like(d), d).reciprocal())
 
 
-def msign_batched(X: torch.Tensor, steps: int, gemm: torch.dtype) -> torch.Tensor:
+def cap_ns_steps(X: torch.Tensor, triples, gram: bool) -> torch.Tensor:
+    """The hard cap's steps (``cap_ns_steps`` in spectral_cap.h): Gram Newton-Schulz for
+    float32/float64 GEMMs at aspect >= 2 when ``gram``, else the standard steps."""
+    k, big = min(X.shape[-2:]), max(X.shape[-2:])
+    if gram and X.dtype in (torch.float32, _DOUBLE) and big >= 2 * k:
+        return gram_newton_schulz_steps(X, triples)
+    return newton_schulz_steps(X, triples)
+
+
+def msign_batched(X: torch.Tensor, steps: int, gemm: torch.dtype, gram: bool = False) -> torch.Tensor:
     """Polar Express msign of ``X [B, m, n]``, normalized by ``1.01 ||X||_F`` (spectral_cap.h)."""
     scale, triples = ns_plan(steps, "polar_express", ())
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=_DOUBLE)
     big = 1e300 if X.dtype == _DOUBLE else 1e38
     inv = torch.where(norm == 0, torch.zeros_like(norm), safe_reciprocal(norm * scale).clamp_max(big)).to(X.dtype)
-    return newton_schulz_steps((X * inv).to(gemm), triples).to(X.dtype)
+    return cap_ns_steps((X * inv).to(gemm), triples, gram).to(X.dtype)
 
 
 # ---------------------------------------------------------------------------

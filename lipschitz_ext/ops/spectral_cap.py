@@ -179,7 +179,11 @@ def spectral_hard_cap(
             small-side ``eigh`` and two small-side GEMMs: the fastest method on CPU
             and for small matrices (d <= ~512); on GPUs batched ``eigh`` of large
             matrices is slow, use ``"msign"`` there.
-        steps: Newton-Schulz steps per msign (``"msign"``).
+        steps: Newton-Schulz steps per msign (``"msign"``). With float32/float64 GEMMs
+            (CPU) and aspect ``max(m, n) / min(m, n) >= 2``, the msigns' and the
+            polynomial's steps run on the small Gram matrix (Gram Newton-Schulz, the same
+            polynomials; docs/kernels.md): ``~8 k^2 l + 28 k^3`` multiply-adds per
+            ten-step msign instead of ``20 k^2 l + 10 k^3``.
         iters: power iterations of the pre-scale (``"polynomial"``).
 
     Returns:
@@ -335,9 +339,9 @@ def _soft_cap_mirror(W, alpha):
 
 def _hard_cap_msign(X, b, steps, gemm):
     tall = X.shape[1] > X.shape[2]
-    Q = R.msign_batched(X, steps, gemm)
+    Q = R.msign_batched(X, steps, gemm, gram=True)
     D = Q * b - X
-    Rs = R.msign_batched(D, steps, gemm)
+    Rs = R.msign_batched(D, steps, gemm, gram=True)
     Dg, Rg, Qg = D.to(gemm), Rs.to(gemm), Q.to(gemm)
     T = torch.bmm(Dg, torch.bmm(Rg.mT, Qg)) if tall else torch.bmm(torch.bmm(Dg, Rg.mT), Qg)
     return (Q * b + X - T.to(X.dtype)) * 0.5
@@ -352,7 +356,7 @@ def _hard_cap_polynomial(X, b, iters, gemm):
     big = torch.where(sigma > POLYNOMIAL_PRESCALE, sigma, torch.full_like(sigma, POLYNOMIAL_PRESCALE))
     c = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, big))
     Y = (Y * c.reshape(-1, 1, 1)).to(gemm)
-    return R.newton_schulz_steps(Y, R.hard_cap_polynomial_plan()[1]).to(X.dtype) * b
+    return R.cap_ns_steps(Y, R.hard_cap_polynomial_plan()[1], gram=True).to(X.dtype) * b
 
 
 def _exact_cap_float64(W, sigma_max):
