@@ -71,3 +71,34 @@ def test_callers_resolve_auto_through_the_rule():
     torch.testing.assert_close(G, ops.orthogonal_project(W, method="msign"), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="argument 'method'"):
         ops.orthogonal_project(W, method="svd")
+
+
+def test_ratios_derive_rules_from_timings():
+    """The benchmark's derivation: one value where it is within 10% of the best everywhere,
+    an aspect split where the winner changes with the aspect, per thread count."""
+    from lipschitz_ext.bench import load_suite
+    from lipschitz_ext.bench.registry import default_cases_dir
+
+    suite = load_suite("constraints", default_cases_dir())
+
+    def bucket(cap, proj, ns32, ns16):
+        ms = {f"hard_cap_{k}": v for k, v in zip(("msign", "polynomial", "eigh"), cap)}
+        ms |= {"orthogonal_msign": proj[0], "orthogonal_gram": proj[1]}
+        ms |= {"ns_float32_standard": ns32[0], "ns_float32_gram": ns32[1],
+               "ns_bfloat16_standard": ns16[0], "ns_bfloat16_gram": ns16[1]}
+        return ms
+
+    square = bucket((9, 5, 1), (1.0, 1.3), (1.0, 1.2), (2.0, 2.5))
+    wide = bucket((9, 5, 1), (2.0, 1.0), (2.0, 1.0), (4.0, 3.0))
+    measured = {"threads": {1: {"buckets": {"1x256x256": square, "4x128x1024": wide, "1x10x256": wide}},
+                            2: {"buckets": {"1x256x256": square, "4x128x1024": square}}}}
+    rules = suite.derive_rules(measured)
+    assert 'Rule("hard_cap_method", "eigh", device="cpu", dtype="float32", source=SRC)' in rules
+    assert 'Rule("ns_dtype", "float32", device="cpu", dtype="float32", source=SRC)' in rules
+    # 1 thread: Gram from aspect 8 up (the 10x256 bucket is too small to count); 2 threads: standard
+    assert ('Rule("orthogonal_project_method", "gram", device="cpu", dtype="float32", threads=(1, 1), '
+            'min_aspect=8, source=SRC)') in rules
+    assert ('Rule("orthogonal_project_method", "msign", device="cpu", dtype="float32", threads=(1, 1), '
+            'source=SRC)') in rules
+    assert ('Rule("orthogonal_project_method", "msign", device="cpu", dtype="float32", threads=(2, 1048576), '
+            'source=SRC)') in rules
