@@ -120,7 +120,7 @@ at::Tensor orthogonalize_cuda_impl(const char* op, bool gram, const at::Tensor& 
   const int64_t total = batch * per_matrix;
   const int cast_blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "orthogonalize_cuda", [&] {
     sum_squares_kernel<scalar_t><<<static_cast<unsigned>(batch * blocks_per_matrix), kThreads, 0, stream>>>(
         G3.data_ptr<scalar_t>(), per_matrix, blocks_per_matrix, sumsq.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
