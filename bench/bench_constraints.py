@@ -212,7 +212,7 @@ def _op_flops(op: str, shape) -> float:
         "spectral_hard_cap_eigh": 4 * m * m * n + 2 * m**3,  # Gram, V g V^T, product (eigh not counted)
         "orthogonal_project": ns,
         # Gram Newton-Schulz, 10 float32 steps (restarts before 2, 5, 8): docs/kernels.md
-        "orthogonal_project_gram": 2 * (8 * m * m * n + 32 * m**3),
+        "orthogonal_project_gram": 2 * (8 * m * m * n + 28 * m**3),
         "gemm_reference": 2 * m * m * n,
     }.get(op, 0))
 
