@@ -427,32 +427,40 @@ def ratios(threads=(1, 2), repeats: int = 7, groups=None, seed: int = 0) -> dict
     return out
 
 
-def _pick(data: list[tuple[tuple[int, int], dict[str, float]]], values: list, slack: float = 0.10):
-    """One value for every bucket if one is within ``slack`` of the best everywhere, else a
-    split at an aspect ratio (``(lo, hi, aspect)``); ``None`` if neither holds."""
+def _pick(data: list[tuple[tuple[int, int], dict[str, float]]], values: list, slack: float = 0.10,
+          prefer=None):
+    """A split at an aspect ratio (``(lo, hi, aspect)``: each side's fastest value in total,
+    each within ``slack`` of the best at every bucket of its side) where the fastest value
+    changes with the aspect, else one value within ``slack`` of the best everywhere;
+    ``None`` if neither holds. ``prefer`` (the reference algorithm) wins wherever it is
+    within ``slack`` of the best."""
     def ok(v, rows):
         return all(t[v] <= (1 + slack) * min(t[u] for u in values) for _, t in rows)
 
     def best_total(rows):
+        if prefer is not None and ok(prefer, rows):
+            return prefer
         return min(values, key=lambda v: sum(t[v] for _, t in rows))
 
+    def aspect(s):
+        return max(s) / max(min(s), 1)
+
+    for a in sorted({aspect(s) for s, _ in data})[1:]:
+        lo = [(s, t) for s, t in data if aspect(s) < a]
+        hi = [(s, t) for s, t in data if aspect(s) >= a]
+        vl, vh = best_total(lo), best_total(hi)
+        if vl != vh and ok(vl, lo) and ok(vh, hi):
+            return (vl, vh, a)
     good = [v for v in values if ok(v, data)]
     if good:
         return best_total(data) if best_total(data) in good else good[0]
-    aspects = sorted({max(s) / max(min(s), 1) for s, _ in data})
-    for a in aspects[1:]:
-        lo = [(s, t) for s, t in data if max(s) / max(min(s), 1) < a]
-        hi = [(s, t) for s, t in data if max(s) / max(min(s), 1) >= a]
-        vl, vh = best_total(lo), best_total(hi)
-        if ok(vl, lo) and ok(vh, hi):
-            return (vl, vh, a)
     return None
 
 
 def derive_rules(measured: dict) -> list[str]:
     """The rows (as ``Rule(...)`` source, first match wins) that pick, at every benched bucket
-    and thread count, a value within 10% of the fastest fixed choice; a comment line where
-    no single value or aspect split does."""
+    and thread count, a value within 10% of the fastest fixed choice (split at an aspect
+    ratio where the fastest changes with it); a comment line where no such rule exists."""
     rows: list[str] = []
     per_thread: dict[str, dict[int, object]] = {}
     for t, res in measured["threads"].items():
@@ -460,11 +468,13 @@ def derive_rules(measured: dict) -> list[str]:
         data = [(s, ms) for s, ms in data if min(s) >= 16]  # tiny buckets (10x256) cost ~nothing either way
         cap = _pick([(s, {v: ms[f"hard_cap_{v}"] for v in ("msign", "polynomial", "eigh")}) for s, ms in data],
                     ["msign", "polynomial", "eigh"])
-        proj = _pick([(s, {v: ms[f"orthogonal_{v}"] for v in ("msign", "gram")}) for s, ms in data], ["msign", "gram"])
+        proj = _pick([(s, {v: ms[f"orthogonal_{v}"] for v in ("msign", "gram")}) for s, ms in data], ["msign", "gram"],
+                     prefer="msign")
         dtype = _pick([(s, {d: min(ms[f"ns_{d}_standard"], ms[f"ns_{d}_gram"]) for d in ("float32", "bfloat16")})
                        for s, ms in data], ["float32", "bfloat16"])
-        algo = {d: _pick([(s, {a: ms[f"ns_{d}_{a}"] for a in ("standard", "gram")}) for s, ms in data],
-                         ["standard", "gram"]) for d in ("float32", "bfloat16")}
+        # bf16 Gram is timed but never a candidate (docs/kernels.md: a Muon regression diverges with it)
+        algo = {"float32": _pick([(s, {a: ms[f"ns_float32_{a}"] for a in ("standard", "gram")}) for s, ms in data],
+                                 ["standard", "gram"], prefer="standard")}
         per_thread.setdefault("hard_cap_method", {})[int(t)] = cap
         per_thread.setdefault("orthogonal_project_method", {})[int(t)] = proj
         per_thread.setdefault("ns_dtype", {})[int(t)] = dtype

@@ -69,13 +69,28 @@ class Rule:
                 and (self.native_bf16 is None or self.native_bf16 == native))
 
 
+#: The benchmark run the measured rows come from (``python bench/bench_constraints.py ratios``:
+#: a 2-core AVX512-BF16 CPU, float32 weights, 1 and 2 threads; docs/benchmarks.md).
+CPU_RATIOS = "bench/results/20261207-0252-cpu-constraint-ratios.json"
+
 #: The rules, first match wins; every choice ends with a catch-all row.
 TABLE: tuple[Rule, ...] = (
+    Rule("hard_cap_method", "eigh", device="cpu", dtype="float32", threads=(1, 2), source=CPU_RATIOS),
     Rule("hard_cap_method", "eigh", device="cpu"),
     Rule("hard_cap_method", "msign"),
+    Rule("orthogonal_project_method", "gram", device="cpu", dtype="float32", threads=(1, 2), min_aspect=3.06,
+         source=CPU_RATIOS),
+    Rule("orthogonal_project_method", "msign", device="cpu", dtype="float32", threads=(1, 2), source=CPU_RATIOS),
     Rule("orthogonal_project_method", "msign"),
+    Rule("ns_dtype", "bfloat16", device="cpu", dtype="float32", threads=(1, 2), native_bf16=True,
+         source=CPU_RATIOS),
     Rule("ns_dtype", "bfloat16", native_bf16=True),
     Rule("ns_dtype", "float32"),
+    # dtype: the Newton-Schulz compute dtype
+    Rule("ns_algorithm", "gram", device="cpu", dtype="float32", threads=(1, 2), min_aspect=3.06, source=CPU_RATIOS),
+    Rule("ns_algorithm", "standard", device="cpu", dtype="float32", threads=(1, 2), source=CPU_RATIOS),
+    # bf16 Gram Newton-Schulz is never picked: faster at aspect >= 3 in that run, but a small
+    # Muon regression diverges with it (docs/kernels.md, "Gram Newton-Schulz")
     Rule("ns_algorithm", "standard"),
 )
 
