@@ -2,7 +2,8 @@
 # The GPU check, for the GPU test machine (H200 now; no network; torch with CUDA,
 # cmake, ninja, pybind11 and scikit-build-core preinstalled). From a fresh checkout:
 #   1. build the extension in place against the installed torch (only the GPU's arch),
-#   2. the CUDA tests of the Newton-Schulz ops first (symmetric kernels,
+#   2. the CUDA tests of the Newton-Schulz ops first (symmetric kernels, Gram
+#      Newton-Schulz (orthogonalize_gram, not yet run on a GPU),
 #      LIPSCHITZ_NS_BACKEND=symmetric, and orthogonalize on the default cuBLAS path),
 #      then every other CUDA test,
 #   3. the orthogonalize / constraints / optim benchmark suites with both
@@ -55,7 +56,8 @@ run() {
   return $rc
 }
 SUITES="orthogonalize constraints optim"
-NS_TESTS=(python_tests/test_ns_symmetric_cuda.py python_tests/test_triangle_tiles.py python_tests/test_orthogonalize.py)
+NS_TESTS=(python_tests/test_ns_symmetric_cuda.py python_tests/test_triangle_tiles.py python_tests/test_orthogonalize.py
+          python_tests/test_orthogonalize_gram.py)
 FP8_TESTS=(python_tests/test_fp8_attention.py python_tests/test_fp8_attention_e4m3.py)
 PARTS=" ${GPU_CHECK_PARTS:-ns fp8_attention other cpu} "
 has() { [[ "$PARTS" == *" $1 "* ]]; }

@@ -21,6 +21,11 @@ TORCH_LIBRARY(lipschitz, m) {
   m.def(
       "orthogonalize(Tensor G, int steps=5, str coefficients=\"polar_express\", "
       "float[] custom=[], float eps=1e-07, ScalarType? compute_dtype=None) -> Tensor");
+  // The same map by Gram Newton-Schulz (the steps on the small Gram matrix, with
+  // restarts); see gram_newton_schulz_steps in csrc/newton_schulz.h.
+  m.def(
+      "orthogonalize_gram(Tensor G, int steps=5, str coefficients=\"polar_express\", "
+      "float[] custom=[], float eps=1e-07, ScalarType? compute_dtype=None) -> Tensor");
   // The composite scalar polynomial of those steps, elementwise (no
   // normalization): s -> p(s). For update-norm bounds (p_max) and tests.
   m.def(

@@ -7,6 +7,7 @@
 
 #include <torch/library.h>
 
+#include "newton_schulz.h"
 #include "ns_coefficients.h"
 #include "spectral_cap.h"
 
@@ -26,6 +27,14 @@ std::vector<double> ns_plan(int64_t steps, c10::string_view coefficients, at::Ar
 
 std::vector<double> hard_cap_polynomial_ns_plan() { return flatten(hard_cap_polynomial_plan()); }
 
+// the steps (0-based) before which gram_newton_schulz_steps restarts, in `compute`
+std::vector<int64_t> gram_ns_restarts(int64_t steps, at::ScalarType compute) {
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < steps; ++i)
+    if (gram_ns_restart_before(i, steps, compute)) out.push_back(i);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lipschitz, m) {
@@ -33,6 +42,8 @@ TORCH_LIBRARY_FRAGMENT(lipschitz, m) {
   m.def("ns_plan(int steps, str coefficients, float[] custom=[]) -> float[]", &ns_plan);
   // spectral_hard_cap(method="polynomial")'s quintic steps, same layout (norm_scale 1, unused)
   m.def("hard_cap_polynomial_plan() -> float[]", &hard_cap_polynomial_ns_plan);
+  // orthogonalize_gram's restart steps for `steps` steps in compute dtype `compute`
+  m.def("gram_ns_restarts(int steps, ScalarType compute) -> int[]", &gram_ns_restarts);
 }
 
 }  // namespace lipschitz

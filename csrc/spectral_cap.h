@@ -5,6 +5,8 @@
 // BLAS on CPU, cuBLAS on CUDA), with every Gram matrix formed on the SMALL side.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -109,9 +111,24 @@ inline at::Tensor soft_cap_per_matrix_impl(const Backend& be, const at::Tensor& 
 // ---------------------------------------------------------------------------
 // msign (polar factor) by Polar Express Newton-Schulz, and what is built on it
 
+// The hard cap's Newton-Schulz steps (both msigns; the polynomial's quintics) run on the
+// small Gram matrix (gram_newton_schulz_steps, csrc/newton_schulz.h) where that needs
+// fewer multiply-adds and its restarts are few: float32/float64 GEMMs and aspect
+// max(m, n) / min(m, n) >= 2 (ten float32 steps: 8 k^2 l + 28 k^3 against 20 k^2 l + 10 k^3).
+inline bool cap_uses_gram(const at::Tensor& X, at::ScalarType gemm) {
+  const int64_t k = std::min(X.size(-2), X.size(-1)), l = std::max(X.size(-2), X.size(-1));
+  return (gemm == at::kFloat || gemm == at::kDouble) && l >= 2 * k;
+}
+
+inline at::Tensor cap_ns_steps(const at::Tensor& X, const NSPlan& plan, bool gram) {
+  return gram && cap_uses_gram(X, X.scalar_type()) ? gram_newton_schulz_steps(X, plan)
+                                                  : newton_schulz_steps(X, plan);
+}
+
 // Normalized by the Frobenius norm (accumulated in float64); a zero matrix stays zero.
+// gram: the steps by cap_ns_steps (the hard cap) rather than always the standard ones.
 inline at::Tensor msign_batched(const at::Tensor& X, int64_t steps, at::ScalarType gemm,
-                                const char* op) {
+                                const char* op, bool gram = false) {
   const NSPlan plan = make_ns_plan(steps, "polar_express", {}, op);
   const at::Tensor norm =
       at::linalg_vector_norm(X, 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true, at::kDouble);
@@ -120,7 +137,7 @@ inline at::Tensor msign_batched(const at::Tensor& X, int64_t steps, at::ScalarTy
   const at::Tensor inv =
       at::where(norm == 0, at::zeros_like(norm), (1.0 / (norm * plan.norm_scale)).clamp_max(big))
           .to(X.scalar_type());
-  return newton_schulz_steps((X * inv).to(gemm), plan).to(X.scalar_type());
+  return cap_ns_steps((X * inv).to(gemm), plan, gram).to(X.scalar_type());
 }
 
 inline void check_steps(int64_t steps, const char* op) {
@@ -133,9 +150,9 @@ inline void check_steps(int64_t steps, const char* op) {
 inline at::Tensor hard_cap_msign(const at::Tensor& X, const at::Tensor& b /*[B, 1, 1]*/, int64_t steps,
                                  at::ScalarType gemm, const char* op) {
   const bool tall = X.size(1) > X.size(2);
-  const at::Tensor Q = msign_batched(X, steps, gemm, op);
+  const at::Tensor Q = msign_batched(X, steps, gemm, op, /*gram=*/true);
   const at::Tensor D = Q * b - X;
-  const at::Tensor R = msign_batched(D, steps, gemm, op);
+  const at::Tensor R = msign_batched(D, steps, gemm, op, /*gram=*/true);
   const at::Tensor Dg = D.to(gemm), Rg = R.to(gemm), Qg = Q.to(gemm);
   const at::Tensor T = tall ? at::bmm(Dg, at::bmm(Rg.mT(), Qg))   // R^T Q is n x n
                             : at::bmm(at::bmm(Dg, Rg.mT()), Qg);  // D R^T is m x m
@@ -166,7 +183,7 @@ inline at::Tensor hard_cap_polynomial(const at::Tensor& X, const at::Tensor& b /
   const at::Tensor c = at::minimum(at::ones_like(t.sigma),
                                    kPolynomialPrescale / t.sigma.clamp_min(1e-30));
   Y = (Y * c.view({-1, 1, 1})).to(gemm);
-  return newton_schulz_steps(Y, hard_cap_polynomial_plan()).to(X.scalar_type()) * b;
+  return cap_ns_steps(Y, hard_cap_polynomial_plan(), /*gram=*/true).to(X.scalar_type()) * b;
 }
 
 // Exact cap through the eigendecomposition of the Gram matrix on the small side:
@@ -176,20 +193,25 @@ inline at::Tensor hard_cap_polynomial(const at::Tensor& X, const at::Tensor& b /
 // the solver cannot separate) cost nothing; error ~ eps * ||X||. One Gram, one
 // eigh of the small side, two small-side GEMMs: on CPU and for small matrices
 // several times cheaper than two msigns. A matrix with a non-finite entry is NaN.
-inline at::Tensor hard_cap_eigh(const at::Tensor& X, const at::Tensor& b /*[B, 1, 1]*/) {
-  const at::Tensor finite = at::isfinite(X).flatten(1).all(1).view({-1, 1, 1});
-  const at::Tensor Xs = at::where(finite, X, at::zeros({}, X.options()));
+// `finite` [B, 1, 1]: whether each matrix is finite; when all are (one host read of B
+// flags, the common case) no pass over X is spent on selecting them.
+inline at::Tensor hard_cap_eigh(const at::Tensor& X, const at::Tensor& b /*[B, 1, 1]*/,
+                                const at::Tensor& finite) {
+  const bool all_finite = finite.all().item<bool>();
+  const at::Tensor Xs = all_finite ? X : at::where(finite, X, at::zeros({}, X.options()));
   auto [lam, V] = at::linalg_eigh(small_side_gram(Xs));
   // l <= 0 (rounding of a zero direction): rsqrt = inf, g = max(0, -inf) = 0
   const at::Tensor g = (1.0 - b.view({-1, 1}) * at::rsqrt(lam.clamp_min(0))).clamp_min(0);
   const at::Tensor M = at::bmm(V * g.unsqueeze(-2), V.mT());
   const at::Tensor out = small_side_update(Xs, M, -1.0);
+  if (all_finite) return out;
   return at::where(finite, out, at::full({}, std::numeric_limits<double>::quiet_NaN(), X.options()));
 }
 
-// hard_cap_eigh on X / s (s [B, 1, 1] from max_abs_scale), scaled back.
+// hard_cap_eigh on X / s (s [B, 1, 1] from max_abs_scale: NaN exactly for a matrix with a
+// non-finite entry), scaled back.
 inline at::Tensor hard_cap_eigh_scaled(const at::Tensor& X, const at::Tensor& s, double b) {
-  return hard_cap_eigh(X / s, (b / s).to(X.scalar_type())) * s;
+  return hard_cap_eigh(X / s, (b / s).to(X.scalar_type()), at::isfinite(s)) * s;
 }
 
 inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double sigma_max,
@@ -210,12 +232,17 @@ inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double s
   if (method == "eigh") {  // eigh has no half-precision kernels: float32 (float64 for float64)
     // float32 eigh resolves singular values near the cap to ~1e-7 (||X|| / b)^2 relative:
     // far above the cap (Frobenius > 100 b) the batch runs in float64 instead
+    // (max|W| < 2 s with s = max_abs_scale(W), a power of two, the same in float64, so
+    // ||W||_F < 2 s sqrt(m n): the norm pass only where that bound does not settle it)
+    const at::Tensor s = max_abs_scale(W3);
+    const double entries = static_cast<double>(W3.size(1)) * static_cast<double>(W3.size(2));
     const bool wide_range =
         W3.scalar_type() != at::kDouble &&
+        !(s * (2.0 * std::sqrt(entries)) <= 100.0 * sigma_max).all().item<bool>() &&
         (at::linalg_vector_norm(W3, 2, at::IntArrayRef{-2, -1}, false, at::kDouble) > 100.0 * sigma_max)
             .any().item<bool>();
     const at::Tensor Xe = wide_range ? W3.to(at::kDouble) : W3;
-    return hard_cap_eigh_scaled(Xe, max_abs_scale(Xe), sigma_max)
+    return hard_cap_eigh_scaled(Xe, s.to(Xe.scalar_type()), sigma_max)
         .reshape(W.sizes()).to(W.scalar_type()).contiguous();
   }
   const at::Tensor s = max_abs_scale(W3);

@@ -342,10 +342,10 @@ class SpectralHardCap(Constraint):
         self.steps = int(steps)
 
     def method_for(self, W: torch.Tensor) -> str:
-        """The op method used for weights ``W`` (resolves ``"auto"`` by device)."""
+        """The op method used for weights ``W`` (``"auto"``: ``ops.choices.choose``, the measured rule)."""
         if self.method != "auto":
             return self.method
-        return "eigh" if W.device.type == "cpu" else "msign"
+        return ops.choices.choose("hard_cap_method", W.device, W.dtype, tuple(W.shape[-2:]))
 
     def _apply(self, W3, *, lr, update_norm, decay, state):
         return ops.spectral_hard_cap(W3, self.sigma_max * rms_scale(W3), self.method_for(W3), self.steps)

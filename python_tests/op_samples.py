@@ -23,6 +23,13 @@ def _orthogonalize(dt):
             (_mat(5, 3, dtype=dt).mT, 4, "you", [], 1e-7, None)]  # non-contiguous
 
 
+def _orthogonalize_gram(dt):
+    # 6 steps: a restart inside (before step 2 in every dtype)
+    return [(_mat(2, 4, 9, dtype=dt), 6, "polar_express", [], 1e-7, None),
+            (_mat(9, 3, dtype=dt), 3, "custom", [3.0, -3.2, 1.2], 1e-7, None),
+            (_mat(7, 3, dtype=dt).mT, 5, "you", [], 1e-7, None)]  # non-contiguous
+
+
 def _ns_polynomial(dt):
     # inside [-1, 1], where the composites stay bounded (the op's domain after normalization)
     return [(torch.rand(7, dtype=dt) * 2 - 1, 5, "polar_express", []),
@@ -54,7 +61,8 @@ def _soft_cap_per_matrix(dt):
 def _hard_cap(method):
     def samples(dt):
         return [(_mat(2, 4, 6, dtype=dt), 0.5, method, 8, 16),
-                (_mat(6, 4, dtype=dt), 0.4, method, 6, 4)]
+                (_mat(6, 4, dtype=dt), 0.4, method, 6, 4),
+                (_mat(2, 3, 8, dtype=dt), 0.5, method, 6, 8)]  # aspect >= 2: Gram steps in float32/64
     return samples
 
 
@@ -69,6 +77,7 @@ def _svd_cap(dt):
 #: case id -> (op overload, samples(dtype) -> list of argument tuples)
 CASES: dict[str, tuple[torch._ops.OpOverload, Callable[[torch.dtype], list[tuple]]]] = {
     "orthogonalize": (L.orthogonalize.default, _orthogonalize),
+    "orthogonalize_gram": (L.orthogonalize_gram.default, _orthogonalize_gram),
     "ns_polynomial": (L.ns_polynomial.default, _ns_polynomial),
     "power_iteration": (L.power_iteration.default, _power_iteration),
     "spectral_normalize": (L.spectral_normalize.default, _rank1(0.5)),

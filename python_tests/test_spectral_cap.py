@@ -14,6 +14,8 @@ from reference import HARD_CAP_QUINTIC, soft_cap_scalar, svd_apply_f64, with_spe
 
 # (batch..., m, n) with spectra; r = min(m, n)
 SHAPES = [(48, 80), (80, 48), (1, 40), (40, 1), (3, 32, 32), (2, 2, 24, 40)]
+#: aspect >= 2: the hard cap's Newton-Schulz steps run on the small Gram matrix (float32/64)
+GRAM_SHAPES = [(24, 96), (96, 24), (2, 20, 64)]
 
 
 def spectrum(kind: str, batch, r: int, cap: float) -> torch.Tensor:
@@ -135,7 +137,7 @@ def test_soft_cap_low_precision():
 MSIGN_TOL = 5e-3
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + GRAM_SHAPES)
 @pytest.mark.parametrize("kind", ["spread", "rank_deficient", "repeated"])
 def test_msign_hard_cap_matches_clip(shape, kind):
     cap = 0.7
@@ -189,8 +191,9 @@ def test_eigh_hard_cap_at_the_cap_and_non_contiguous():
     assert torch.linalg.svdvals(out.double()).max() <= 1.0 + 1e-6
 
 
-def test_msign_hard_cap_float64_is_tight():
-    W = controlled((2, 40, 64), "spread", cap=1.0)
+@pytest.mark.parametrize("shape", [(2, 40, 64), (2, 32, 96)])
+def test_msign_hard_cap_float64_is_tight(shape):
+    W = controlled(shape, "spread", cap=1.0)
     out = ops.spectral_hard_cap(W, 1.0, steps=12)
     ref = svd_apply_f64(W, lambda S: S.clamp(max=1.0))
     assert torch.linalg.matrix_norm(out - ref, 2).max() < 1e-3
@@ -205,7 +208,7 @@ def test_hard_cap_zero_cap_and_zero_matrix():
     assert (ops.orthogonal_project(Z) == 0).all()
 
 
-@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (1, 40), (3, 32, 32)])
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (1, 40), (3, 32, 32), *GRAM_SHAPES])
 def test_polynomial_hard_cap_in_range_matches_quintic(shape):
     cap = 2.0
     *batch, m, n = shape

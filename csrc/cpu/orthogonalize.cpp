@@ -9,12 +9,17 @@
 
 namespace lipschitz {
 
-at::Tensor orthogonalize_cpu(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
-                             at::ArrayRef<double> custom, double eps,
-                             std::optional<at::ScalarType> compute_dtype) {
-  check_matrix_batch(G, "orthogonalize", "G");
-  check_nonnegative(eps, "orthogonalize", "eps");
-  const NSPlan plan = make_ns_plan(steps, coefficients, custom, "orthogonalize");
+namespace {
+
+// Both algorithms: checks, normalization G / (||G||_F * norm_scale + eps) in the
+// compute dtype, `iterate` (standard or Gram Newton-Schulz), G's shape and dtype back.
+template <typename Iterate>
+at::Tensor orthogonalize_with(const char* op, const at::Tensor& G, int64_t steps,
+                              c10::string_view coefficients, at::ArrayRef<double> custom, double eps,
+                              std::optional<at::ScalarType> compute_dtype, Iterate iterate) {
+  check_matrix_batch(G, op, "G");
+  check_nonnegative(eps, op, "eps");
+  const NSPlan plan = make_ns_plan(steps, coefficients, custom, op);
   // default float32 (float64 stays float64); bf16 GEMMs (oneDNN) accumulate in fp32
   const auto compute = ns_compute_dtype(G.scalar_type(), compute_dtype, at::kFloat);
   if (G.numel() == 0) return at::empty(G.sizes(), G.options());
@@ -36,8 +41,24 @@ at::Tensor orthogonalize_cpu(const at::Tensor& G, int64_t steps, c10::string_vie
   } else {
     X = (G3.to(at::kDouble) * inv).to(compute);
   }
-  X = newton_schulz_steps(X, plan);
+  X = iterate(X, plan);
   return X.reshape(G.sizes()).to(G.scalar_type()).contiguous();
+}
+
+}  // namespace
+
+at::Tensor orthogonalize_cpu(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
+                             at::ArrayRef<double> custom, double eps,
+                             std::optional<at::ScalarType> compute_dtype) {
+  return orthogonalize_with("orthogonalize", G, steps, coefficients, custom, eps, compute_dtype,
+                            &newton_schulz_steps);
+}
+
+at::Tensor orthogonalize_gram_cpu(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
+                                  at::ArrayRef<double> custom, double eps,
+                                  std::optional<at::ScalarType> compute_dtype) {
+  return orthogonalize_with("orthogonalize_gram", G, steps, coefficients, custom, eps, compute_dtype,
+                            &gram_newton_schulz_steps);
 }
 
 at::Tensor ns_polynomial_cpu(const at::Tensor& s, int64_t steps, c10::string_view coefficients,
@@ -55,6 +76,7 @@ at::Tensor ns_polynomial_cpu(const at::Tensor& s, int64_t steps, c10::string_vie
 
 TORCH_LIBRARY_IMPL(lipschitz, CPU, m) {
   m.impl("orthogonalize", &orthogonalize_cpu);
+  m.impl("orthogonalize_gram", &orthogonalize_gram_cpu);
   m.impl("ns_polynomial", &ns_polynomial_cpu);
 }
 

@@ -88,17 +88,21 @@ at::Tensor ns_polynomial_cuda(const at::Tensor& s, int64_t steps, c10::string_vi
   return out;
 }
 
-at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
-                              at::ArrayRef<double> custom, double eps,
-                              std::optional<at::ScalarType> compute_dtype) {
-  check_matrix_batch(G, "orthogonalize", "G");
-  check_nonnegative(eps, "orthogonalize", "eps");
-  const NSPlan plan = make_ns_plan(steps, coefficients, custom, "orthogonalize");
+namespace {
+
+// Both algorithms (gram: Gram Newton-Schulz, csrc/newton_schulz.h; otherwise the
+// standard steps, or the symmetric kernels under LIPSCHITZ_NS_BACKEND=symmetric).
+at::Tensor orthogonalize_cuda_impl(const char* op, bool gram, const at::Tensor& G, int64_t steps,
+                                   c10::string_view coefficients, at::ArrayRef<double> custom,
+                                   double eps, std::optional<at::ScalarType> compute_dtype) {
+  check_matrix_batch(G, op, "G");
+  check_nonnegative(eps, op, "eps");
+  const NSPlan plan = make_ns_plan(steps, coefficients, custom, op);
   // default bf16 (fp32 accumulation); float64 stays float64
   const auto compute = ns_compute_dtype(G.scalar_type(), compute_dtype, at::kBFloat16);
   if (G.numel() == 0) return at::empty(G.sizes(), G.options());
   // LIPSCHITZ_NS_BACKEND=symmetric (off by default): csrc/cuda/ns_symmetric.cu; bf16 compute only
-  if (ns_backend_from_env() == NSBackend::kSymmetric && compute == at::kBFloat16)
+  if (!gram && ns_backend_from_env() == NSBackend::kSymmetric && compute == at::kBFloat16)
     return orthogonalize_symmetric_cuda(G, plan, eps);
 
   const c10::cuda::CUDAGuard guard(G.device());
@@ -112,7 +116,7 @@ at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_vi
   const int blocks_per_matrix =
       static_cast<int>(std::min<int64_t>((per_matrix + kThreads - 1) / kThreads,
                                          std::max<int64_t>(1, 1024 / std::max<int64_t>(batch, 1))));
-  TORCH_CHECK(batch * blocks_per_matrix < (int64_t{1} << 31), "orthogonalize: batch too large");
+  TORCH_CHECK(batch * blocks_per_matrix < (int64_t{1} << 31), op, ": batch too large");
   const int64_t total = batch * per_matrix;
   const int cast_blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
 
@@ -136,12 +140,30 @@ at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_vi
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  X = newton_schulz_steps(X, plan);
+  X = gram ? gram_newton_schulz_steps(X, plan) : newton_schulz_steps(X, plan);
   return X.reshape(G.sizes()).to(G.scalar_type()).contiguous();
+}
+
+}  // namespace
+
+at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
+                              at::ArrayRef<double> custom, double eps,
+                              std::optional<at::ScalarType> compute_dtype) {
+  return orthogonalize_cuda_impl("orthogonalize", false, G, steps, coefficients, custom, eps, compute_dtype);
+}
+
+// Compiled and tested on CPU only so far: Python never picks it on CUDA by itself
+// (ops.orthogonalize(algorithm="auto") resolves to the standard steps there).
+at::Tensor orthogonalize_gram_cuda(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
+                                   at::ArrayRef<double> custom, double eps,
+                                   std::optional<at::ScalarType> compute_dtype) {
+  return orthogonalize_cuda_impl("orthogonalize_gram", true, G, steps, coefficients, custom, eps,
+                                 compute_dtype);
 }
 
 TORCH_LIBRARY_IMPL(lipschitz, CUDA, m) {
   m.impl("orthogonalize", &orthogonalize_cuda);
+  m.impl("orthogonalize_gram", &orthogonalize_gram_cuda);
   m.impl("ns_polynomial", &ns_polynomial_cuda);
 }
 

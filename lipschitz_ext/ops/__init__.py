@@ -10,6 +10,7 @@ family: ``orthogonalize.py`` here <-> ``csrc/cpu/orthogonalize.cpp`` <->
 ``csrc/cuda/orthogonalize.cu`` <-> ``python_tests/test_orthogonalize.py``.
 """
 
+from . import choices
 from .fp8_attention import E4M3_MAX, fp8_attention, fp8_saturation_count
 from .orthogonalize import COEFFICIENT_SETS, ns_max_gain, ns_polynomial, orthogonalize
 from .power_iteration import (
@@ -32,6 +33,7 @@ from .spectral_cap import (
 
 __all__ = [
     "COEFFICIENT_SETS",
+    "choices",
     "E4M3_MAX",
     "HARD_CAP_METHODS",
     "POLYNOMIAL_PRESCALE",

@@ -138,10 +138,22 @@ def hard_cap_polynomial_plan() -> Plan:
     return _TABLES["hard_cap_polynomial"]
 
 
+#: (steps, compute dtype) -> the steps before which Gram Newton-Schulz restarts
+_GRAM_RESTARTS: dict[tuple[int, torch.dtype], frozenset[int]] = {}
+
+
+def gram_ns_restarts(steps: int, compute: torch.dtype) -> frozenset[int]:
+    """The steps (0-based) before which ``orthogonalize_gram`` restarts (the C++ rule)."""
+    return _GRAM_RESTARTS[(steps, compute)]
+
+
 def _load_tables() -> None:
     for name in ("jordan", "you", "jiacheng", "polar_express"):
         _TABLES[name] = _unflatten(torch.ops.lipschitz.ns_plan(_MAX_STEPS, name, []))
     _TABLES["hard_cap_polynomial"] = _unflatten(torch.ops.lipschitz.hard_cap_polynomial_plan())
+    for dt in (torch.bfloat16, torch.float16, torch.float32, _DOUBLE):
+        for steps in range(1, _MAX_STEPS + 1):
+            _GRAM_RESTARTS[(steps, dt)] = frozenset(torch.ops.lipschitz.gram_ns_restarts(steps, dt))
 
 
 _load_tables()
@@ -157,6 +169,28 @@ def newton_schulz_steps(X: torch.Tensor, triples: Sequence[tuple[float, float, f
     return X
 
 
+def gram_newton_schulz_steps(X0: torch.Tensor, triples: Sequence[tuple[float, float, float]]) -> torch.Tensor:
+    """The same steps on the small Gram matrix, with restarts (as ``gram_newton_schulz_steps``
+    in csrc/newton_schulz.h: the same ATen calls in the same order)."""
+    tall = X0.shape[-2] > X0.shape[-1]
+    restarts = gram_ns_restarts(len(triples), X0.dtype)
+    X = X0.mT if tall else X0
+    R = torch.bmm(X, X.mT)
+    Q = None
+    for i, (a, b, c) in enumerate(triples):
+        if i in restarts:
+            X = torch.bmm(Q, X)
+            R = torch.bmm(X, X.mT)
+            Q = None
+        P = torch.baddbmm(R, R, R, beta=b, alpha=c)
+        P.diagonal(0, -2, -1).add_(a)
+        Q = P if Q is None else torch.bmm(Q, P)
+        if i + 1 < len(triples) and i + 1 not in restarts:
+            R = torch.bmm(P, torch.bmm(R, P))
+    X = torch.bmm(Q, X)
+    return X.mT if tall else X
+
+
 def scalar_div(c: float, t: torch.Tensor) -> torch.Tensor:
     """``c / t`` as ATen's C++ ``Scalar / Tensor`` computes it (a true division; Python's
     ``c / t`` multiplies by the reciprocal, which rounds differently)."""
@@ -169,13 +203,22 @@ def safe_reciprocal(d: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(d), torch.where(zero, torch.ones_like(d), d).reciprocal())
 
 
-def msign_batched(X: torch.Tensor, steps: int, gemm: torch.dtype) -> torch.Tensor:
+def cap_ns_steps(X: torch.Tensor, triples, gram: bool) -> torch.Tensor:
+    """The hard cap's steps (``cap_ns_steps`` in spectral_cap.h): Gram Newton-Schulz for
+    float32/float64 GEMMs at aspect >= 2 when ``gram``, else the standard steps."""
+    k, big = min(X.shape[-2:]), max(X.shape[-2:])
+    if gram and X.dtype in (torch.float32, _DOUBLE) and big >= 2 * k:
+        return gram_newton_schulz_steps(X, triples)
+    return newton_schulz_steps(X, triples)
+
+
+def msign_batched(X: torch.Tensor, steps: int, gemm: torch.dtype, gram: bool = False) -> torch.Tensor:
     """Polar Express msign of ``X [B, m, n]``, normalized by ``1.01 ||X||_F`` (spectral_cap.h)."""
     scale, triples = ns_plan(steps, "polar_express", ())
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=_DOUBLE)
     big = 1e300 if X.dtype == _DOUBLE else 1e38
     inv = torch.where(norm == 0, torch.zeros_like(norm), safe_reciprocal(norm * scale).clamp_max(big)).to(X.dtype)
-    return newton_schulz_steps((X * inv).to(gemm), triples).to(X.dtype)
+    return cap_ns_steps((X * inv).to(gemm), triples, gram).to(X.dtype)
 
 
 # ---------------------------------------------------------------------------

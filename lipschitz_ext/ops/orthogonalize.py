@@ -10,7 +10,7 @@ import torch
 
 from . import _recompute as R
 
-__all__ = ["orthogonalize", "ns_polynomial", "ns_max_gain", "COEFFICIENT_SETS", "COMPUTE_DTYPES",
+__all__ = ["orthogonalize", "ns_polynomial", "ns_max_gain", "ALGORITHMS", "COEFFICIENT_SETS", "COMPUTE_DTYPES",
            "native_bf16_matmul"]
 
 #: ``compute_dtype`` values :func:`orthogonalize` accepts (besides None, the device default).
@@ -77,6 +77,7 @@ def orthogonalize(
     coefficients: Coefficients = "polar_express",
     eps: float = 1e-7,
     compute_dtype: Union[torch.dtype, str, None] = None,
+    algorithm: str = "standard",
 ) -> torch.Tensor:
     """Muon's msign: approximately ``U V^T`` for ``G = U S V^T``, by Newton-Schulz.
 
@@ -96,6 +97,14 @@ def orthogonalize(
             default: bf16 on CUDA, float32 on CPU, float64 for float64 input. The
             Frobenius normalizer is always accumulated in float64.
             :func:`native_bf16_matmul` says where bf16 pays.
+        algorithm: ``"standard"`` (default): each step on ``X`` (three GEMMs, two of
+            them ``k x k x l`` for ``k = min(m, n)``, ``l = max(m, n)``); ``"gram"``: the
+            same polynomial by Gram Newton-Schulz (``lipschitz::orthogonalize_gram``: the
+            steps on the small Gram matrix ``X X^T`` with restarts, ``k x k`` GEMMs but for
+            ``~4 k^2 l`` multiply-adds in all; pays from aspect ``l / k`` ~3 up); ``"auto"``:
+            the measured rule of :func:`lipschitz_ext.ops.choices.choose` for this device,
+            dtype, thread count and shape. Both give the same singular values up to
+            rounding (docs/kernels.md, "Gram Newton-Schulz").
 
     Returns:
         Tensor of G's shape and dtype. Each singular value ``s`` of ``G`` becomes
@@ -104,11 +113,30 @@ def orthogonalize(
         of ``compute_dtype``. Non-finite input yields NaN output.
     """
     name, custom = _coefficient_args(coefficients)
-    return torch.ops.lipschitz.orthogonalize.default(G, int(steps), name, custom, float(eps),
-                                                      _compute_dtype_arg(compute_dtype))
+    op = torch.ops.lipschitz.orthogonalize_gram if _algorithm(algorithm, G, compute_dtype) == "gram" \
+        else torch.ops.lipschitz.orthogonalize
+    return op.default(G, int(steps), name, custom, float(eps), _compute_dtype_arg(compute_dtype))
+
+
+#: ``algorithm`` values :func:`orthogonalize` accepts.
+ALGORITHMS = ("standard", "gram", "auto")
+
+
+def _algorithm(algorithm: str, G: torch.Tensor, compute_dtype) -> str:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"orthogonalize: argument 'algorithm' must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm != "auto":
+        return algorithm
+    from .choices import choose  # noqa: PLC0415  (choices imports this module)
+
+    if not isinstance(G, torch.Tensor) or G.dim() < 2:
+        return "standard"  # the op names the bad argument
+    dt = _compute_dtype_arg(compute_dtype) or R.ns_compute_dtype(G.device, G.dtype, None)
+    return choose("ns_algorithm", G.device, dt, tuple(G.shape[-2:]))
 
 
 @torch.library.register_fake("lipschitz::orthogonalize")
+@torch.library.register_fake("lipschitz::orthogonalize_gram")
 def _orthogonalize_fake(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7, compute_dtype=None):
     torch._check(G.dim() >= 2, lambda: "orthogonalize: argument 'G' must have rank >= 2")
     torch._check(G.dtype.is_floating_point, lambda: "orthogonalize: argument 'G' must be floating")
@@ -158,7 +186,8 @@ def _ns_polynomial_fake(s, steps=5, coefficients="polar_express", custom=()):
 # and takes their vjp (lipschitz_ext/ops/_recompute.py)
 
 
-def _orthogonalize_mirror(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7, compute_dtype=None):
+def _orthogonalize_mirror(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7, compute_dtype=None,
+                          iterate=R.newton_schulz_steps):
     norm_scale, triples = R.ns_plan(steps, coefficients, custom)
     compute = R.ns_compute_dtype(G.device, G.dtype, compute_dtype)
     if G.numel() == 0:
@@ -172,7 +201,11 @@ def _orthogonalize_mirror(G, steps=5, coefficients="polar_express", custom=(), e
         # the kernel multiplies in float32 when every 1/denom is a normal float32 (a host-side
         # test there; both branches here, so the backward traces)
         X = torch.where(denom.amax() < 1e30, (G3.to(torch.float32) * inv.to(torch.float32)).to(compute), X)
-    return R.newton_schulz_steps(X, triples).reshape(G.shape).to(G.dtype)
+    return iterate(X, triples).reshape(G.shape).to(G.dtype)
+
+
+def _orthogonalize_gram_mirror(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7, compute_dtype=None):
+    return _orthogonalize_mirror(G, steps, coefficients, custom, eps, compute_dtype, R.gram_newton_schulz_steps)
 
 
 def _ns_polynomial_mirror(s, steps=5, coefficients="polar_express", custom=()):
@@ -185,3 +218,4 @@ def _ns_polynomial_mirror(s, steps=5, coefficients="polar_express", custom=()):
 
 R.register_recompute_autograd("lipschitz::orthogonalize", _orthogonalize_mirror)
 R.register_recompute_autograd("lipschitz::ns_polynomial", _ns_polynomial_mirror)
+R.register_recompute_autograd("lipschitz::orthogonalize_gram", _orthogonalize_gram_mirror)

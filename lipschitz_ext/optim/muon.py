@@ -41,7 +41,7 @@ import functools
 from dataclasses import dataclass, field
 
 from ..ops import ns_max_gain, orthogonalize
-from ..ops.orthogonalize import native_bf16_matmul
+from ..ops.choices import choose
 from . import distributed as _dist
 from .bucket import CSTATE_PREFIX, Bucket, Entry, gather_cstate, overlaps, scatter_cstate, stack
 from .state import ConstraintGroupsMixin
@@ -61,27 +61,32 @@ NS_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve(ns_dtype: str, device: str, param_dtype: torch.dtype) -> torch.dtype:
+def _resolve(ns_dtype: str, device: str, param_dtype: torch.dtype, shape: tuple[int, int],
+             threads: int) -> torch.dtype:
     if ns_dtype == "bfloat16":
         return torch.bfloat16
     if ns_dtype == "float32":
         return torch.float32
     if param_dtype == torch.float64:
         return torch.float64
-    return torch.bfloat16 if native_bf16_matmul(device) else torch.float32
+    return getattr(torch, choose("ns_dtype", device, param_dtype, shape, threads))
 
 
 def resolve_ns_dtype(ns_dtype: str, device: Union[torch.device, str] = "cpu",
-                     param_dtype: torch.dtype = torch.float32) -> torch.dtype:
+                     param_dtype: torch.dtype = torch.float32,
+                     shape: Optional[tuple[int, int]] = None) -> torch.dtype:
     """The dtype Muon's Newton-Schulz GEMMs run in for ``ns_dtype`` on ``device``.
 
     ``"bfloat16"`` / ``"float32"``: that dtype. ``"auto"``: float64 for float64
-    parameters, else bfloat16 where :func:`lipschitz_ext.ops.orthogonalize.native_bf16_matmul`
-    (CUDA; CPUs with AVX512-BF16 / AMX), float32 elsewhere.
+    parameters, else the measured rule ``lipschitz_ext.ops.choices.choose("ns_dtype", ...)``
+    for ``device``, the parameters' dtype, the current thread count and ``shape`` (the
+    ``(m, n)`` of the matrices; None: a rule independent of the shape). docs/benchmarks.md
+    shows the table.
     """
     if ns_dtype not in NS_DTYPES:
         raise ValueError(f"Muon: ns_dtype must be one of {NS_DTYPES}, got {ns_dtype!r}")
-    return _resolve(ns_dtype, str(torch.device(device)), param_dtype)
+    m, n = (0, 0) if shape is None else (int(shape[-2]), int(shape[-1]))
+    return _resolve(ns_dtype, str(torch.device(device)), param_dtype, (m, n), torch.get_num_threads())
 
 
 def update_scale_factor(mode: str, m: int, n: int) -> float:
@@ -228,9 +233,11 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
             ``constraints.make_constraint``, or None.
         update_scale: one of :data:`UPDATE_SCALES`, see :func:`update_scale_factor`.
         ns_dtype: the Newton-Schulz compute dtype, one of :data:`NS_DTYPES`:
-            ``"auto"`` (default: bf16 GEMMs with fp32 accumulation where the
-            hardware multiplies bf16 natively -- CUDA, CPUs with AVX512-BF16/AMX --
-            float32 elsewhere, float64 for float64 weights; :func:`resolve_ns_dtype`),
+            ``"auto"`` (default: the measured rule of docs/benchmarks.md per device,
+            dtype, thread count and shape -- bf16 GEMMs with fp32 accumulation where
+            the hardware multiplies bf16 natively, float32 elsewhere, until a
+            measurement says otherwise -- float64 for float64 weights;
+            :func:`resolve_ns_dtype`),
             ``"bfloat16"`` or ``"float32"``. The constraint runs in its own precision
             either way. :attr:`ns_dtype_resolved` names what it resolved to.
         update_norm_safety: multiplies the update-norm bound passed to the constraint
@@ -594,8 +601,10 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         scatter_cstate(states, pieces, cstate, full=True)
 
     def _orthogonalize(self, group: dict, G: torch.Tensor) -> torch.Tensor:
-        dt = resolve_ns_dtype(group["ns_dtype"], G.device, G.dtype)
-        return orthogonalize(G, group["ns_steps"], group["coefficients"], group["eps"], compute_dtype=dt)
+        dt = resolve_ns_dtype(group["ns_dtype"], G.device, G.dtype, tuple(G.shape[-2:]))
+        # algorithm="auto": Gram Newton-Schulz where the measured rule says it is faster
+        return orthogonalize(G, group["ns_steps"], group["coefficients"], group["eps"], compute_dtype=dt,
+                             algorithm="auto")
 
     # ---------------------------------------------------------- distributed path
     def _distributed_group_step(self, gi: int, group: dict, plan: _GroupPlan, gated: bool, capturing: bool) -> None:

@@ -33,6 +33,14 @@ SHAPES: dict[str, list[tuple[int, int, int]]] = {
 #: extra CPU shapes of the soft cap only (the GPT-2 MLP aspect 4 at a quarter of its batch)
 SOFT_CAP_CPU_SHAPES: list[tuple[int, int, int]] = [(8, 3072, 768)]
 
+#: model -> its weight buckets (batch, m, n), fp32 on CPU: the constraint step's cost per model
+#: (the ``ratios`` table below and the CPU cases of the runner)
+MODEL_GROUPS: dict[str, list[tuple[int, int, int]]] = {
+    "fashion_mlp": [(1, 256, 784), (1, 256, 256), (1, 10, 256)],  # the Fashion-MNIST MLP
+    "shakespeare_cpu_mlp": [(4, 128, 1024)],  # the shakespeare-cpu preset's MLP matrices
+    "gpt2_mlp": [(2, 768, 3072)],  # one GPT-2-small MLP (in, out transposed)
+}
+
 #: fixed parameters of every timed op
 PARAMS = {"iters": 16, "sigma_max": 1.0, "alpha": 0.132, "lam": 0.1, "steps": 10}
 
@@ -172,9 +180,11 @@ OPS: dict[str, tuple[Callable, Callable]] = {
         lambda W: torch_hard_cap_eigh(W, P["sigma_max"]),
     ),
     "orthogonal_project": (
-        lambda W: ops.orthogonal_project(W, P["sigma_max"], P["steps"]),
+        lambda W: ops.orthogonal_project(W, P["sigma_max"], P["steps"], method="msign"),
         lambda W: torch_orthogonal(W, P["sigma_max"], P["steps"]),
     ),
+    "orthogonal_project_gram": (lambda W: ops.orthogonal_project(W, P["sigma_max"], P["steps"], method="gram"),
+                                None),
     "svd_cap": (lambda W: ops.svd_cap(W, P["sigma_max"]), lambda W: torch_svd_cap(W, P["sigma_max"])),
     # one batched small-side Gram pass over the same batch: the yardstick for the GEMM-bound ops
     "gemm_reference": (small_side_gram, None),
@@ -201,6 +211,8 @@ def _op_flops(op: str, shape) -> float:
         "spectral_hard_cap_polynomial": 4 * (4 * m * m * n + 2 * m**3),
         "spectral_hard_cap_eigh": 4 * m * m * n + 2 * m**3,  # Gram, V g V^T, product (eigh not counted)
         "orthogonal_project": ns,
+        # Gram Newton-Schulz, 10 float32 steps (restarts before 2, 5, 8): docs/kernels.md
+        "orthogonal_project_gram": 2 * (8 * m * m * n + 28 * m**3),
         "gemm_reference": 2 * m * m * n,
     }.get(op, 0))
 
@@ -219,6 +231,10 @@ def gemm_passes(op: str, shape) -> float:
     m, n = min(m, n), max(m, n)
     return _op_flops(op, shape) / (2.0 * b * m * m * n)
 
+
+#: the capping methods (and the projection) timed at the MODEL_GROUPS buckets
+_CAP_OPS = ("spectral_soft_cap", "spectral_hard_cap_msign", "spectral_hard_cap_polynomial", "spectral_hard_cap_eigh",
+            "orthogonal_project", "orthogonal_project_gram", "svd_cap")
 
 #: ops timed only as a baseline of another case
 _BASELINE_ONLY = ("gemm_reference", "spectral_soft_cap_two_round")
@@ -244,6 +260,8 @@ def cases(cfg) -> list:
     pairs = [(shape, op) for shape in shapes for op in names]
     if not cfg.smoke and not cfg.is_cuda:
         pairs += [(shape, "spectral_soft_cap") for shape in SOFT_CAP_CPU_SHAPES]
+        # the models' buckets: every capping method beside svd_cap
+        pairs += [(shape, op) for group in MODEL_GROUPS.values() for shape in group for op in _CAP_OPS]
     out = []
     for shape, op in pairs:
         ours, plain = OPS[op]
@@ -321,7 +339,191 @@ def soft_cap_ab(shapes=((24, 3072, 768), (48, 768, 768)), repeats: int = 15, alp
     return out
 
 
+# ---------------------------------------------------------------------------
+# ratios: every method's time over svd_cap's at the MODEL_GROUPS, and the auto rules they imply
+
+#: method -> (choice it is a candidate of or None, value, callable on one bucket W)
+def _ratio_methods() -> dict[str, tuple]:
+    from lipschitz_ext.constraints import SpectralHardCap
+    from lipschitz_ext.optim import resolve_ns_dtype
+
+    b, steps = P["sigma_max"], P["steps"]
+
+    def ns(dtype, algorithm):
+        return lambda W: ops.orthogonalize(W, 5, compute_dtype=dtype, algorithm=algorithm)
+
+    def ns_auto(W):  # what Muon(ns_dtype="auto") runs
+        dt = resolve_ns_dtype("auto", W.device, W.dtype, tuple(W.shape[-2:]))
+        return ops.orthogonalize(W, 5, compute_dtype=dt, algorithm="auto")
+
+    auto_cap = SpectralHardCap(b)
+    return {
+        "svd_cap": (None, None, lambda W: ops.svd_cap(W, b)),
+        "soft_cap": (None, None, lambda W: ops.spectral_soft_cap(W, P["alpha"])),
+        "hard_cap_msign": ("hard_cap_method", "msign", lambda W: ops.spectral_hard_cap(W, b, "msign", steps)),
+        "hard_cap_polynomial": ("hard_cap_method", "polynomial",
+                                lambda W: ops.spectral_hard_cap(W, b, "polynomial", steps, P["iters"])),
+        "hard_cap_eigh": ("hard_cap_method", "eigh", lambda W: ops.spectral_hard_cap(W, b, "eigh")),
+        "hard_cap_auto": ("hard_cap_method", "auto", lambda W: ops.spectral_hard_cap(W, b, auto_cap.method_for(W), steps)),
+        "orthogonal_msign": ("orthogonal_project_method", "msign",
+                             lambda W: ops.orthogonal_project(W, b, steps, method="msign")),
+        "orthogonal_gram": ("orthogonal_project_method", "gram",
+                            lambda W: ops.orthogonal_project(W, b, steps, method="gram")),
+        "orthogonal_auto": ("orthogonal_project_method", "auto", lambda W: ops.orthogonal_project(W, b, steps)),
+        "ns_float32_standard": ("ns", ("float32", "standard"), ns(torch.float32, "standard")),
+        "ns_float32_gram": ("ns", ("float32", "gram"), ns(torch.float32, "gram")),
+        "ns_bfloat16_standard": ("ns", ("bfloat16", "standard"), ns(torch.bfloat16, "standard")),
+        "ns_bfloat16_gram": ("ns", ("bfloat16", "gram"), ns(torch.bfloat16, "gram")),
+        "ns_auto": ("ns", "auto", ns_auto),
+    }
+
+
+def ratios(threads=(1, 2), repeats: int = 7, groups=None, seed: int = 0) -> dict:
+    """Median time of every capping method, the projection and Newton-Schulz (fp32/bf16,
+    standard/Gram) per model of :data:`MODEL_GROUPS`, float32 weights at 1.2x the cap on
+    CPU, one call at a time in the runner's C++ loop, methods interleaved (the order flips
+    every repeat), at each thread count in ``threads``, all in this one process.
+
+    Returns ``{"threads": {t: {"groups": {group: {"svd_cap_ms", "ms", "ratio"}},
+    "buckets": {"b x m x n": {method: ms}}}}, "load_before", "load_after", "rules"}``;
+    ``rules`` are the :class:`lipschitz_ext.ops.choices.Rule` rows the timings imply.
+    """
+    import os
+    import statistics
+
+    from lipschitz_ext import _bench
+
+    groups = list(groups or MODEL_GROUPS)
+    methods = _ratio_methods()
+    names = list(methods)
+    out = {"device": "cpu", "torch": torch.__version__, "repeats": repeats, "load_before": os.getloadavg(),
+           "threads": {}}
+    saved = torch.get_num_threads()
+    try:
+        for t in threads:
+            torch.set_num_threads(int(t))
+            res = {"groups": {}, "buckets": {}}
+            for group in groups:
+                Ws = [make_input(shape, torch.float32, "cpu", seed) * (1.2 / 1.06) for shape in MODEL_GROUPS[group]]
+                for k in names:  # warm-up
+                    for W in Ws:
+                        methods[k][2](W)
+                per = {k: [[] for _ in Ws] for k in names}
+                for r in range(repeats):
+                    for k in names if r % 2 == 0 else names[::-1]:
+                        for i, W in enumerate(Ws):
+                            per[k][i].append(_bench.time_callable(methods[k][2], [(W,)], 0, 1, -1, 1)[0])
+                tot = {k: statistics.median([sum(v[i][r] for i in range(len(Ws))) for r in range(repeats)])
+                       for k, v in per.items()}
+                res["groups"][group] = {"svd_cap_ms": tot["svd_cap"], "ms": tot,
+                                        "ratio": {k: v / tot["svd_cap"] for k, v in tot.items()}}
+                for i, shape in enumerate(MODEL_GROUPS[group]):
+                    res["buckets"]["x".join(map(str, shape))] = {k: statistics.median(v[i]) for k, v in per.items()}
+            out["threads"][int(t)] = res
+    finally:
+        torch.set_num_threads(saved)
+    out["load_after"] = os.getloadavg()
+    out["rules"] = derive_rules(out)
+    return out
+
+
+def _pick(data: list[tuple[tuple[int, int], dict[str, float]]], values: list, slack: float = 0.10,
+          prefer=None):
+    """A split at an aspect ratio (``(lo, hi, aspect)``: each side's fastest value in total,
+    each within ``slack`` of the best at every bucket of its side) where the fastest value
+    changes with the aspect, else one value within ``slack`` of the best everywhere;
+    ``None`` if neither holds. ``prefer`` (the reference algorithm) wins wherever it is
+    within ``slack`` of the best."""
+    def ok(v, rows):
+        return all(t[v] <= (1 + slack) * min(t[u] for u in values) for _, t in rows)
+
+    def best_total(rows):
+        if prefer is not None and ok(prefer, rows):
+            return prefer
+        return min(values, key=lambda v: sum(t[v] for _, t in rows))
+
+    def aspect(s):
+        return max(s) / max(min(s), 1)
+
+    for a in sorted({aspect(s) for s, _ in data})[1:]:
+        lo = [(s, t) for s, t in data if aspect(s) < a]
+        hi = [(s, t) for s, t in data if aspect(s) >= a]
+        vl, vh = best_total(lo), best_total(hi)
+        if vl != vh and ok(vl, lo) and ok(vh, hi):
+            return (vl, vh, a)
+    good = [v for v in values if ok(v, data)]
+    if good:
+        return best_total(data) if best_total(data) in good else good[0]
+    return None
+
+
+def derive_rules(measured: dict) -> list[str]:
+    """The rows (as ``Rule(...)`` source, first match wins) that pick, at every benched bucket
+    and thread count, a value within 10% of the fastest fixed choice (split at an aspect
+    ratio where the fastest changes with it); a comment line where no such rule exists."""
+    rows: list[str] = []
+    per_thread: dict[str, dict[int, object]] = {}
+    for t, res in measured["threads"].items():
+        data = [(tuple(int(x) for x in key.split("x")[1:]), ms) for key, ms in res["buckets"].items()]
+        data = [(s, ms) for s, ms in data if min(s) >= 16]  # tiny buckets (10x256) cost ~nothing either way
+        cap = _pick([(s, {v: ms[f"hard_cap_{v}"] for v in ("msign", "polynomial", "eigh")}) for s, ms in data],
+                    ["msign", "polynomial", "eigh"])
+        proj = _pick([(s, {v: ms[f"orthogonal_{v}"] for v in ("msign", "gram")}) for s, ms in data], ["msign", "gram"],
+                     prefer="msign")
+        dtype = _pick([(s, {d: min(ms[f"ns_{d}_standard"], ms[f"ns_{d}_gram"]) for d in ("float32", "bfloat16")})
+                       for s, ms in data], ["float32", "bfloat16"])
+        # bf16 Gram is timed but never a candidate (docs/kernels.md: a Muon regression diverges with it)
+        algo = {"float32": _pick([(s, {a: ms[f"ns_float32_{a}"] for a in ("standard", "gram")}) for s, ms in data],
+                                 ["standard", "gram"], prefer="standard")}
+        per_thread.setdefault("hard_cap_method", {})[int(t)] = cap
+        per_thread.setdefault("orthogonal_project_method", {})[int(t)] = proj
+        per_thread.setdefault("ns_dtype", {})[int(t)] = dtype
+        for d, v in algo.items():
+            per_thread.setdefault(f"ns_algorithm/{d}", {})[int(t)] = v
+    for key, by_t in per_thread.items():
+        choice, _, ns_dt = key.partition("/")
+        dt = ns_dt or "float32"
+        same = len({repr(v) for v in by_t.values()}) == 1
+        ranges = {min(by_t): (1, 1 << 20)} if same else {
+            t: ((t, t) if t != max(by_t) else (t, 1 << 20)) for t in sorted(by_t)}
+        for t, rng in ranges.items():
+            v = by_t[t]
+            th = "" if rng == (1, 1 << 20) else f", threads={rng}"
+            if v is None:
+                rows.append(f"# {choice} ({dt}, {t} threads): no value within 10% of the best at every bucket")
+            elif isinstance(v, tuple):
+                lo, hi, a = v
+                rows.append(f'Rule("{choice}", "{hi}", device="cpu", dtype="{dt}"{th}, min_aspect={a:.3g}, source=SRC)')
+                rows.append(f'Rule("{choice}", "{lo}", device="cpu", dtype="{dt}"{th}, source=SRC)')
+            else:
+                rows.append(f'Rule("{choice}", "{v}", device="cpu", dtype="{dt}"{th}, source=SRC)')
+    return rows
+
+
+def ratios_markdown(measured: dict) -> str:
+    """The ratio tables (one per thread count): svd_cap's median ms, every method over it."""
+    lines = []
+    cols = [k for k in next(iter(measured["threads"].values()))["groups"][next(iter(
+        next(iter(measured["threads"].values()))["groups"]))]["ratio"] if k != "svd_cap"]
+    for t, res in measured["threads"].items():
+        lines.append(f"\n{t} thread(s); load average before/after: "
+                     f"{measured['load_before'][0]:.2f} / {measured['load_after'][0]:.2f}\n")
+        lines.append("| model | svd_cap ms | " + " | ".join(cols) + " |")
+        lines.append("|---|---|" + "---|" * len(cols))
+        for g, r in res["groups"].items():
+            lines.append(f"| {g} | {r['svd_cap_ms']:.1f} | " + " | ".join(f"{r['ratio'][k]:.2f}" for k in cols) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite constraints [its options]
+    if sys.argv[1:2] == ["ratios"]:  # python -m lipschitz_ext.bench.suites.bench_constraints ratios [REPEATS] [OUT.json] [GROUP ...]
+        result = ratios(repeats=int(sys.argv[2]) if len(sys.argv) > 2 else 7, groups=sys.argv[4:] or None)
+        print(ratios_markdown(result))
+        print("\n".join(["", "implied rules:", *result["rules"]]))
+        if len(sys.argv) > 3:
+            with open(sys.argv[3], "x") as f:  # never overwrite an earlier measurement
+                json.dump(result, f, indent=1)
+        sys.exit(0)
     if sys.argv[1:2] == ["soft-cap-ab"]:  # python -m lipschitz_ext.bench.suites.bench_constraints soft-cap-ab [REPEATS] [OUT.json]
         result = soft_cap_ab(repeats=int(sys.argv[2]) if len(sys.argv) > 2 else 15)
         if len(sys.argv) > 3:

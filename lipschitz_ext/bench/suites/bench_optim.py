@@ -226,6 +226,77 @@ def muon_cases(cfg) -> list:
     return out
 
 
+#: the Fashion-MNIST MLP's weights (fan_out, fan_in) and the batch of its forward+backward
+MLP_SHAPES: list[tuple[int, int]] = [(256, 784), (256, 256), (10, 256)]
+MLP_BATCH = 512
+#: ``mlp_step``'s implementations: ours (Muon, auto dtype and algorithm, + the auto hard cap), ours
+#: forced to float32 / bfloat16 Newton-Schulz, AdamW's step, and the MLP's forward+backward
+MLP_IMPLS = ("muon_hard_cap", "muon_hard_cap_float32", "muon_hard_cap_bfloat16", "adamw_step", "forward_backward")
+
+
+def make_mlp_step(impl: str, params: list[torch.nn.Parameter], seed: int = 0) -> Callable[[], None]:
+    """One step of ``impl`` (:data:`MLP_IMPLS`) on the MLP weights ``params`` (grads set)."""
+    if impl.startswith("muon_hard_cap"):
+        ns = {"muon_hard_cap": "auto", "muon_hard_cap_float32": "float32", "muon_hard_cap_bfloat16": "bfloat16"}[impl]
+        opt = Muon(params, lr=PARAMS["lr"], momentum=PARAMS["momentum"], ns_steps=PARAMS["ns_steps"],
+                   constraint=constraints.SpectralHardCap(PARAMS["sigma_max"]), ns_dtype=ns)
+        return opt.step
+    if impl == "adamw_step":
+        return torch.optim.AdamW(params, lr=1e-3).step
+    if impl == "forward_backward":
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(MLP_BATCH, params[0].shape[1], generator=g).to(params[0])
+        y = torch.randint(0, params[-1].shape[0], (MLP_BATCH,), generator=g, device=params[0].device)
+
+        def fwd_bwd():
+            h = x
+            for i, W in enumerate(params):
+                h = h @ W.mT
+                if i + 1 < len(params):
+                    h = torch.relu(h)
+            torch.nn.functional.cross_entropy(h, y).backward()
+
+        return fwd_bwd
+    raise ValueError(f"bench_optim: unknown impl {impl!r}; choose from {MLP_IMPLS}")
+
+
+def _mlp_factory(impl: str, shapes: list[tuple[int, int]], dtype: torch.dtype, device: str):
+    from lipschitz_ext.bench import Setup
+
+    def build(n_sets: int) -> Setup:
+        g = torch.Generator().manual_seed(0)
+        params = []
+        for m, n in shapes:
+            W = torch.randn(m, n, generator=g) * (1.2 / (math.sqrt(m) + math.sqrt(n)))  # 1.2x the cap
+            p = torch.nn.Parameter(W.to(device=device, dtype=dtype))
+            p.grad = torch.randn(m, n, generator=g).to(device=device, dtype=dtype)
+            params.append(p)
+        return Setup(make_mlp_step(impl, params), [()])
+
+    return build
+
+
+def mlp_cases(cfg) -> list:
+    """``mlp_step``: the Fashion-MNIST MLP's whole Muon + hard-cap step (``auto`` everywhere),
+    beside the same step in float32 / bf16 Newton-Schulz, AdamW's step and the model's
+    forward+backward at batch 512, in the same run (smoke: two tiny matrices)."""
+    from lipschitz_ext.bench import Case
+
+    device = str(cfg.device)
+    dtype = cfg.dtype or torch.float32
+    shapes = [(16, 24), (4, 16)] if cfg.smoke else MLP_SHAPES
+    return [Case(
+        name="mlp_step", shape=(len(shapes), max(max(s) for s in shapes)), dtype=dtype,
+        params={"model": "smoke" if cfg.smoke else "fashion_mlp", "shapes": [list(s) for s in shapes],
+                "constraint": "hard_cap(auto)", "batch": MLP_BATCH,
+                **{k: v for k, v in PARAMS.items() if k != "constraint"}},
+        ours=_mlp_factory(MLP_IMPLS[0], shapes, dtype, device),
+        baselines={impl: _mlp_factory(impl, shapes, dtype, device) for impl in MLP_IMPLS[1:]},
+        flops=ns_flops(shapes), bytes=5.0 * sum(m * n for m, n in shapes) * dtype.itemsize,
+        peak=None if cfg.is_cuda else "fp32_tflops",
+    )]
+
+
 def _factory(impl: str, model: str, dtype: torch.dtype, device: str):
     from lipschitz_ext.bench import Setup
 
@@ -266,7 +337,7 @@ def cases(cfg) -> list:
             bytes=5.0 * n_elem * dtype.itemsize,
             peak=None if cfg.is_cuda else "fp32_tflops",
         ))
-    return out + muon_cases(cfg)
+    return out + muon_cases(cfg) + mlp_cases(cfg)
 
 
 if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite optim [its options]
