@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import lipschitz_ext
 from lipschitz_ext import cli, data as data_mod
 from lipschitz_ext import run as run_mod
 from lipschitz_ext.certify import certify
@@ -84,7 +85,11 @@ def test_committed_checkpoints_load_as_plain_tensors(capsys):
     assert paths
     for p in paths:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        assert {"config", "model", "tokenizer"} <= set(ckpt), p
+        classifier = ckpt["config"].get("task") == "classify"  # lipschitz-classify: no tokenizer
+        assert ({"config", "model", "hyperparameters"} if classifier else {"config", "model", "tokenizer"}) \
+            <= set(ckpt), p
+        if classifier:
+            assert lipschitz_ext.load_run(os.path.dirname(p)).model is not None, p
     run = next(os.path.dirname(p) for p in paths
                if torch.load(p, weights_only=True)["config"].get("model") == "lipschitz")
     assert cli.eval_main(["certify", run, "--json"]) == 0
