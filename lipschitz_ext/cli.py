@@ -235,7 +235,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     for sp in (r, a, s):
         sp.add_argument("--batches", type=int, default=4, help="validation batches" if sp is not s else argparse.SUPPRESS)
     for sp in (r, a, f, s):
-        sp.add_argument("--out", default=None, help="output folder (default runs/eval-<cmd>)")
+        sp.add_argument("--out", default=None, help="output folder (default runs/eval-<cmd>-<date>-<time>); its result files must not exist yet")
         sp.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     return p
 
@@ -277,7 +277,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from .tables import print_table
 
     args = _eval_parser().parse_args(argv)
-    out = getattr(args, "out", None) or os.path.join("runs", f"eval-{args.cmd}")
+    out = getattr(args, "out", None) or os.path.join("runs", f"eval-{args.cmd}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         _check_eval_args(args)
         if args.cmd == "certify":

@@ -151,7 +151,7 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
     bad = [e for e in eps_list if not (math.isfinite(e) and e >= 0)]
     if bad:
         raise ValueError(f"--eps values must be finite and >= 0, got {bad}")
-    make_output_dir(out)  # --out: a file or unwritable path is a clear error
+    make_output_dir(out, writes=("robustness.csv", "robustness.png"))  # a file, unwritable path or earlier result: a clear error
     rows: list[dict] = []
     for run in run_dirs:
         model, cfg, data = load_run_data(run, device=device, arg="--checkpoint")
@@ -214,7 +214,7 @@ def activations(run_dir: str, out: str, baseline: str | None = None, n_batches: 
     of entries beyond e4m3's 448 at static scale 1), optionally beside a baseline."""
     from .nn import activation_stats
 
-    make_output_dir(out)  # --out: a file or unwritable path is a clear error
+    make_output_dir(out, writes=("activations.csv", "activations.png"))  # a file, unwritable path or earlier result: a clear error
     rows: list[dict] = []
     for role, run in (("model", run_dir), ("baseline", baseline)):
         if run is None:

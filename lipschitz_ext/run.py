@@ -199,11 +199,16 @@ def check_new_out_dir(out: str, flag: str = "--out") -> None:
                                  f"choose a new or empty {flag} (its files are left as they are)")
 
 
-def make_output_dir(out: str, flag: str = "--out") -> str:
+def make_output_dir(out: str, flag: str = "--out", writes: tuple[str, ...] = ()) -> str:
     """Create the output folder ``out`` of an analysis command; :class:`RunFolderError` when
-    it is a file or cannot be created or written. Its absolute path."""
+    it is a file, cannot be created or written, or already holds one of the files ``writes``
+    names (an earlier result is never written over). Its absolute path."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunFolderError(f"{flag} {out}: exists and is not a folder")
+    taken = [n for n in writes if os.path.lexists(os.path.join(out, n))]
+    if taken:
+        raise RunFolderError(f"{flag} {out}: already holds {', '.join(taken)}; choose another {flag} "
+                             "(earlier results are never written over)")
     try:
         os.makedirs(out, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)

@@ -89,7 +89,7 @@ def frontier(run_dirs: list[str], out: str) -> list[dict]:
     if not rows:
         raise CheckpointError(f"no certified (LipschitzGPT) runs among the given folders; baselines have no "
                               f"certified bound: {', '.join(skipped)}")
-    make_output_dir(out)
+    make_output_dir(out, writes=("frontier.csv", "frontier.png"))
     write_frontier(rows, out)
     return rows
 

@@ -281,6 +281,24 @@ def test_sweep_never_overwrites_a_users_frontier(corpus, tmp_path, capsys):
     assert (out / "frontier.csv").read_text() == "my,own,results\n"
 
 
+@pytest.mark.parametrize("cmd, files", [
+    (["robustness", "--checkpoint", "{run}", "--batches", "1"], ("robustness.csv", "robustness.png")),
+    (["activations", "--checkpoint", "{run}", "--batches", "1"], ("activations.csv", "activations.png")),
+    (["frontier", "{run}"], ("frontier.csv", "frontier.png")),
+])
+def test_analysis_commands_never_overwrite_earlier_results(finished, tmp_path, capsys, cmd, files):
+    out = tmp_path / "analysis"
+    out.mkdir()
+    for name in files:  # a user's (or an earlier run's) results in the chosen folder
+        (out / name).write_text("mine\n")
+        argv = [a.replace("{run}", finished) for a in cmd] + ["--out", str(out)]
+        assert cli.eval_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"already holds {name}" in err and "Traceback" not in err, err
+        assert (out / name).read_text() == "mine\n"
+        (out / name).unlink()
+
+
 @pytest.mark.parametrize("argv, match", [
     (["lr-sensitivity", "--lrs", ","], "--lrs must be one or more"),
     (["lr-sensitivity", "--sizes", "abc"], "--sizes"),
