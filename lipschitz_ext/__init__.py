@@ -11,15 +11,7 @@ tokenizer of a ``lipschitz-train`` run folder).
 
 from __future__ import annotations
 
-import os
-
-# Idle OpenMP threads sleep instead of spinning (unless the user chose a policy). Read once,
-# when torch loads its OpenMP runtime, so it applies to the command-line tools and to programs
-# that import lipschitz_ext before torch. On a 2-core CPU shared with other jobs, spinning
-# threads made 2-thread evaluation 3.3x slower than passive ones (docs/training.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402,F401  (loads libtorch before our extension)
+import torch  # noqa: F401  (loads libtorch before our extension)
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.lipschitz.*)

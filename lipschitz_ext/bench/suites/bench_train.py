@@ -18,6 +18,9 @@ Implementations, each in the same run (``speedup`` = baseline ms / ours):
   ``--no-compile``: ``params.compile`` says which ran);
 - ``lipschitz_eager``: the same step eager (``--compile none``): its speedup is what
   compiling buys;
+- ``lipschitz_forward_backward``: the same model's forward+backward alone, compiled as ours
+  is (no optimizer step): ``1 / speedup`` is the whole step over its forward+backward, the
+  cost of Muon, Adam and the constraints;
 - ``baseline_gpt_eager`` / ``baseline_gpt_compiled``: :class:`lipschitz_ext.nn.BaselineGPT`
   (pre-LayerNorm, content attention, AdamW) at the same d, layers, heads, MLP ratio, batch
   and context: its speedup below 1 is what the constraints and the Muon step cost.
@@ -99,8 +102,10 @@ def _batches(tc: C.TrainConfig, device: torch.device, seed: int, n_sets: int) ->
 
 
 def _step(tc: C.TrainConfig, model_kind: str, n_sets: int, *, device: torch.device, seed: int, compiled: bool,
-          enabled: bool) -> Setup:
-    """One training step of ``model_kind`` (``lipschitz`` | ``baseline``), compiled or eager."""
+          enabled: bool, optimizer: bool = True) -> Setup:
+    """One training step of ``model_kind`` (``lipschitz`` | ``baseline``), compiled or eager;
+    with ``optimizer=False`` only its forward+backward (the yardstick of what the optimizer
+    step and the constraints add)."""
     if compiled and not enabled:
         raise Skip("torch.compile baselines disabled (--smoke or --no-compile)")
     tc, model, opt = _build(tc, model_kind, device)
@@ -111,7 +116,8 @@ def _step(tc: C.TrainConfig, model_kind: str, n_sets: int, *, device: torch.devi
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         loss_fn(x, y).backward()
-        opt.step()
+        if optimizer:
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     return Setup(step, _batches(tc, device, seed, max(2, n_sets)))
@@ -126,11 +132,12 @@ def cases(cfg: SuiteConfig) -> list[Case]:
     _, base, _ = _build(tc, "baseline", torch.device("cpu"))
     ours_compiled = cfg.compile
 
-    def step(kind: str, compiled: bool):
+    def step(kind: str, compiled: bool, optimizer: bool = True):
         return functools.partial(_step, tc, kind, device=device, seed=cfg.seed, compiled=compiled,
-                                 enabled=cfg.compile)
+                                 enabled=cfg.compile, optimizer=optimizer)
 
-    baselines = {"baseline_gpt_eager": step("baseline", False), "baseline_gpt_compiled": step("baseline", True)}
+    baselines = {"lipschitz_forward_backward": step("lipschitz", ours_compiled, optimizer=False),
+                 "baseline_gpt_eager": step("baseline", False), "baseline_gpt_compiled": step("baseline", True)}
     if ours_compiled:
         baselines = {"lipschitz_eager": step("lipschitz", False), **baselines}
     tokens = tc.batch_size * tc.seq_len
