@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from lipschitz_ext import ops
+from lipschitz_ext.ops._recompute import ns_plan
 from lipschitz_ext.ops.spectral_cap import soft_cap_two_round_reference
 
 #: suite -> list of (batch, m, n): same-shape weight buckets of each model.
@@ -101,23 +102,13 @@ def torch_soft_cap(W, alpha=0.132):
 
 
 def _torch_msign(X, steps):
-    # Polar Express with the 1.01 safety factor, as in ops.orthogonalize
-    raw = [
-        (8.28721201814563, -23.595886519098837, 17.300387312530933),
-        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
-        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
-        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
-        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
-        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
-        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
-    ]
-    coeffs = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in raw] + [(1.875, -1.25, 0.375)]
+    # Polar Express with the 1.01 safety factor: the kernels' own table (ops.ns_plan)
+    scale, coeffs = ns_plan(steps, "polar_express", ())
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
-    X = X / (torch.linalg.matrix_norm(X, keepdim=True) * 1.01 + 1e-30)
-    for i in range(steps):
-        a, b, c = coeffs[min(i, len(coeffs) - 1)]
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) * scale + 1e-30)
+    for a, b, c in coeffs:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
