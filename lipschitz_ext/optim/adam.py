@@ -127,9 +127,11 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
         return nonfinite_grads(self.param_groups)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, checked: bool = False):
         """Adam's step, then the constraints; returns ``closure()``'s loss if given. A
-        non-finite gradient skips the whole step (``nonfinite``, see the class)."""
+        non-finite gradient skips the whole step (``nonfinite``, see the class);
+        ``checked=True``: the caller has just found every gradient finite (as
+        :class:`~lipschitz_ext.optim.OptimizerSet` does), so the check is not repeated."""
         for gi, group in enumerate(self.param_groups):
             self.check_group_hyper(group, gi)
         if closure is not None:
@@ -137,7 +139,7 @@ class ConstrainedAdam(ConstraintGroupsMixin, torch.optim.Adam):
                 loss = closure()
         else:
             loss = None
-        if self.nonfinite != "ignore":
+        if self.nonfinite != "ignore" and not checked:
             bad = self.nonfinite_groups()
             if bad:
                 self.skipped_steps += 1

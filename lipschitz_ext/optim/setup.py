@@ -158,28 +158,32 @@ class OptimizerSet:
         """Step every optimizer, or none: a non-finite gradient anywhere (in a group whose
         ``nonfinite`` policy is not ``"ignore"``) skips the step of all of them, so the
         model is never left half-updated; ``"raise"`` (the default) then raises NonFiniteGradient (a RuntimeError)
-        saying so, ``"skip"`` counts it in :attr:`skipped_steps`. One host sync (none while a
-        CUDA graph is captured: each optimizer's own check applies there)."""
+        saying so, ``"skip"`` counts it in :attr:`skipped_steps`. One host sync for all the
+        optimizers, whose own checks are then not repeated (none while a CUDA graph is
+        captured: each optimizer's own check applies there)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         if not capturing:
-            checked = [(name, [g for g in o.param_groups if _policy(o, g) != "ignore"])
-                       for name, o in self.by_name.items()]
-            bad = [(name, groups, found) for name, groups in checked if groups
-                   for found in [nonfinite_grads(groups)] if found]
-            if bad:
+            # every checked group of every optimizer, in one list: one host sync in all
+            owners = [(name, gi, _policy(o, g)) for name, o in self.by_name.items()
+                      for gi, g in enumerate(o.param_groups) if _policy(o, g) != "ignore"]
+            found = nonfinite_grads([self.by_name[name].param_groups[gi] for name, gi, _ in owners])
+            if found:
                 self.skipped_steps += 1
-                if any(_policy(self.by_name[name], groups[gi]) == "raise" for name, groups, found in bad
-                       for gi, _ in found):
-                    where = "; ".join(f"{name}: {describe_nonfinite(found)}" for name, groups, found in bad)
+                if any(owners[k][2] == "raise" for k, _ in found):
+                    where = "; ".join(f"{owners[k][0]}: {describe_nonfinite([(owners[k][1], shapes)])}"
+                                      for k, shapes in found)
                     raise NonFiniteGradient(f"OptimizerSet: {where}; the step of every optimizer was skipped, nothing "
-                                       "was changed")
+                                            "was changed")
                 return loss
         for o in self.optimizers:
-            o.step()
+            if isinstance(o, ConstrainedAdam) and not capturing:
+                o.step(checked=True)
+            else:
+                o.step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
