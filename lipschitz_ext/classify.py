@@ -41,8 +41,8 @@ from .image_data import DATASETS, ImageData, load_image_data
 from .nn.classifier import ACTIVATIONS, INITS, LipschitzMLPClassifier
 from .optim.muon import NonFiniteGradient
 from .optimizers import set_lrs
-from .run import (CheckpointError, append_metric, atomic_torch_save, prepare_out_dir, read_json,
-                  release_run_folder, truncate_metrics, write_json)
+from .run import (CheckpointError, append_metric, atomic_torch_save, load_checkpoint_file, prepare_out_dir,
+                  read_json, release_run_folder, truncate_metrics, write_json)
 
 __all__ = ["ClassifyConfig", "CLASSIFY_PRESETS", "OPTIMIZERS", "LOSSES", "TASK", "classify_config",
            "build_classifier", "build_classifier_optimizer", "classification_loss", "linear_decay", "batch_indices",
@@ -318,12 +318,9 @@ def _checkpoint(cfg, model, opt, step, elapsed) -> dict:
 
 def _read_ckpt(path: str) -> dict:
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file: say which and why
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ck, dict) or "model" not in ck or "hyperparameters" not in ck:
-        raise CheckpointError(f"{path}: not a lipschitz-classify checkpoint")
-    return ck
+        return load_checkpoint_file(path, ("model", "hyperparameters"))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not a usable lipschitz-classify checkpoint ({exc})") from None
 
 
 #: fields a resumed run may change (how long it runs, how often it reports, where the data is)

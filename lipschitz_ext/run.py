@@ -55,7 +55,7 @@ from .config import TrainConfig, build_model
 
 __all__ = ["CheckpointError", "RunFolderError", "LoadedRun", "RunLock", "run_data", "prepare_out_dir", "is_run_folder",
            "resolve_data_path", "lock_run_folder", "check_new_out_dir", "make_output_dir", "check_weights_fit",
-           "remove_stale_temporaries", "load_run", "load_run_data", "read_checkpoint", "checkpoint_dict",
+           "remove_stale_temporaries", "load_run", "load_run_data", "read_checkpoint", "load_checkpoint_file", "checkpoint_dict",
            "atomic_torch_save", "atomic_write_text", "read_metrics", "append_metric", "truncate_metrics",
            "write_json", "read_json", "release_run_folder", "held_run_locks", "release_run_locks", "json_safe", "default_out_dir", "format_summary", "CHECKPOINT_KEYS"]
 
@@ -464,16 +464,18 @@ def checkpoint_dict(cfg: TrainConfig, model: torch.nn.Module, optimizer, sampler
             "tokens": tokens, "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size}
 
 
-def _load_one(path: str, required: tuple[str, ...]) -> tuple[dict, TrainConfig]:
-    """The checkpoint at ``path`` and its config; ``ValueError`` saying why it is not one."""
+def load_checkpoint_file(path: str, required: tuple[str, ...] = ()) -> dict:
+    """The checkpoint dict at ``path``, loaded with ``weights_only=True`` from a regular
+    file only, holding the keys ``required``; ``ValueError`` saying why it is not one.
+    Every run checkpoint (``lipschitz-train`` and ``lipschitz-classify``) is read here."""
     if not os.path.exists(path):
         raise ValueError("missing")
     if os.path.isdir(path):
         raise ValueError("a folder, not a file")
+    if not os.path.isfile(path):  # before reading anything: a FIFO or device would block or never end
+        raise ValueError("not a regular file")
     if os.path.getsize(path) == 0:
         raise ValueError("empty file")
-    if not os.path.isfile(path):
-        raise ValueError("not a regular file")
     try:
         # weights_only: tensors, numbers, strings, lists and dicts; a pickled object that
         # would run code when loaded (a shared or downloaded run folder) is refused, never run
@@ -492,6 +494,12 @@ def _load_one(path: str, required: tuple[str, ...]) -> tuple[dict, TrainConfig]:
     missing = [k for k in required if k not in ckpt]
     if missing:
         raise ValueError(f"lacks {', '.join(missing)}")
+    return ckpt
+
+
+def _load_one(path: str, required: tuple[str, ...]) -> tuple[dict, TrainConfig]:
+    """The checkpoint at ``path`` and its config; ``ValueError`` saying why it is not one."""
+    ckpt = load_checkpoint_file(path, required)
     try:
         cfg = TrainConfig(**ckpt["config"])
     except (TypeError, KeyError) as exc:

@@ -303,6 +303,27 @@ def test_train_run_folder_load_run_and_resume(idx_dir, tmp_path):
         train_classifier(cfg, quiet=True)
 
 
+def test_classifier_checkpoints_are_read_safely(tmp_path):
+    """A classifier run's checkpoint is read as run checkpoints are: weights only (a pickled
+    object that would run code is refused, not run), regular files only."""
+    from lipschitz_ext.classify import _read_ckpt
+    from lipschitz_ext.run import CheckpointError
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"model": Payload(), "hyperparameters": {}}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        _read_ckpt(str(tmp_path / "model.pt"))
+    assert not marker.exists()
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        _read_ckpt(str(tmp_path / "fifo.pt"))
+
+
 def test_cli_train_certify_attack(idx_dir, tmp_path, capsys):
     out = str(tmp_path / "cli")
     rc = classify_main(["train", "--data", idx_dir, "--out", out, "--steps", "6", "--widths", "16",
