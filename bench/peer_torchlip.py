@@ -75,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         print("peer_torchlip: deel-torchlip is not installed; skipped (pip install --no-deps deel-torchlip)")
         return 0
     import lipschitz_ext  # noqa: F401
-    from lipschitz_ext.classifier_certify import DEFAULT_RADII, certified_accuracy, evaluate_classifier, pixels
-    from lipschitz_ext.classify import batch_indices, linear_decay
-    from lipschitz_ext.image_data import load_image_data
-    from lipschitz_ext.run import prepare_out_dir, write_json
+    from lipschitz_ext.certify.classifier import DEFAULT_RADII, certified_accuracy, evaluate_classifier, pixels
+    from lipschitz_ext.training.classifier import batch_indices
+    from lipschitz_ext.training.classifier_config import linear_decay
+    from lipschitz_ext.data.images import load_image_data
+    from lipschitz_ext.storage.folder import prepare_out_dir
+    from lipschitz_ext.storage.files import write_json
 
     out = prepare_out_dir(args.out)
     torch.set_num_threads(args.threads)

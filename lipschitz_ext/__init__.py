@@ -1,12 +1,13 @@
-"""lipschitz_ext: train transformers with enforced and certified Lipschitz constants.
+"""lipschitz_ext: train neural networks with enforced and certified Lipschitz constants.
 
 Importing the package loads the compiled op library (``torch.ops.lipschitz.*``).
-The public API lives in submodules: :mod:`lipschitz_ext.ops` (kernels),
-:mod:`lipschitz_ext.nn` (Lipschitz transformer modules) and
-:mod:`lipschitz_ext.certify` (a callable module: ``lipschitz_ext.certify(model)``
-returns a Certificate; ``lipschitz_ext.certify.empirical_lipschitz`` is a lower bound),
-and :func:`load_run` (``lipschitz_ext.load_run("runs/x")``: the model, config and
-tokenizer of a ``lipschitz-train`` run folder).
+Subpackages, imports going one way (``docs/layout.md``): :mod:`~lipschitz_ext.ops`
+(kernels) -> :mod:`~lipschitz_ext.constraints` -> :mod:`~lipschitz_ext.nn` ->
+:mod:`~lipschitz_ext.optim` -> :mod:`~lipschitz_ext.certify` -> :mod:`~lipschitz_ext.evaluation`
+-> :mod:`~lipschitz_ext.training` -> :mod:`~lipschitz_ext.experiments` -> :mod:`~lipschitz_ext.cli`,
+with :mod:`~lipschitz_ext.data` and :mod:`~lipschitz_ext.storage` below them all.
+:func:`load_run` (``lipschitz_ext.load_run("runs/x")``) returns the model, config and
+tokenizer of a ``lipschitz-train`` run folder.
 """
 
 from __future__ import annotations
@@ -23,15 +24,9 @@ except ImportError as exc:  # pragma: no cover - only without a build
         f"install, run from another directory. Original error: {exc}"
     ) from exc
 
-from . import fp8_scales, ops  # noqa: E402
-from . import constraints  # noqa: E402
-from .ops import orthogonalize  # noqa: E402
-from . import nn  # noqa: E402
-from . import certify  # noqa: E402  (callable module, see lipschitz_ext/certify.py)
-from . import optim  # noqa: E402
-from .run import LoadedRun, load_run  # noqa: E402  (a trained run folder: model, config, tokenizer)
+from . import certify, constraints, nn, ops, optim  # noqa: E402
+from .training.run import LoadedRun, load_run  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["LoadedRun", "certify", "constraints", "fp8_scales", "load_run", "nn", "ops", "optim", "orthogonalize",
-           "__version__"]
+__all__ = ["LoadedRun", "certify", "constraints", "load_run", "nn", "ops", "optim", "__version__"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lipschitz_ext import _bench
-from lipschitz_ext.bench.cli import main
+from lipschitz_ext.cli.bench import main
 
 TOP_KEYS = {"device", "torch", "cuda", "commit", "created", "peak", "cases"}
 PEAK_KEYS = {"bf16_tflops", "fp8_tflops", "copy_tbps"}
@@ -84,7 +84,7 @@ def test_time_callable_cuda_events_track_work():
 
 def test_console_script_is_declared():
     eps = importlib.metadata.entry_points(group="console_scripts")
-    assert any(ep.name == "lipschitz-bench" and ep.value == "lipschitz_ext.bench.cli:main" for ep in eps)
+    assert any(ep.name == "lipschitz-bench" and ep.value == "lipschitz_ext.cli.bench:main" for ep in eps)
 
 
 def _check_design_json(res: dict, device_type: str) -> None:

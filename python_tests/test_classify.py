@@ -16,13 +16,12 @@ import pytest
 import torch
 
 import lipschitz_ext
-from lipschitz_ext.classifier_certify import (certified_accuracy, certified_radii, l2_bound, pgd_l2,
-                                              soundness_check)
-from lipschitz_ext.classify import (ClassifyConfig, build_classifier, build_classifier_optimizer,
-                                    classification_loss, classify_config, linear_decay, train_classifier)
-from lipschitz_ext.cli_classify import main as classify_main
-from lipschitz_ext.image_data import (ImageDataError, RestrictedUnpickler, load_cifar10, load_image_data,
-                                      read_idx)
+from lipschitz_ext.certify.classifier import certified_accuracy, certified_radii, l2_bound, pgd_l2, soundness_check
+from lipschitz_ext.training.classifier_config import ClassifyConfig, build_classifier, build_classifier_optimizer, classify_config, linear_decay
+from lipschitz_ext.nn.losses import classification_loss
+from lipschitz_ext.training.classifier import train_classifier
+from lipschitz_ext.cli.classify import main as classify_main
+from lipschitz_ext.data.images import ImageDataError, RestrictedUnpickler, load_cifar10, load_image_data, read_idx
 from lipschitz_ext.nn.classifier import LipschitzMLPClassifier, MaxMin
 from lipschitz_ext.optim import NonFiniteGradient
 from image_samples import blobs, idx_bytes, make_idx_set
@@ -306,8 +305,8 @@ def test_train_run_folder_load_run_and_resume(idx_dir, tmp_path):
 def test_classifier_checkpoints_are_read_safely(tmp_path):
     """A classifier run's checkpoint is read as run checkpoints are: weights only (a pickled
     object that would run code is refused, not run), regular files only."""
-    from lipschitz_ext.classify import _read_ckpt
-    from lipschitz_ext.run import CheckpointError
+    from lipschitz_ext.training.classifier import _read_ckpt
+    from lipschitz_ext.storage.files import CheckpointError
 
     marker = tmp_path / "ran"
 
@@ -417,7 +416,7 @@ def test_peer_conversion_keeps_the_logits():
 
 
 def test_distribution_folder_is_the_default(idx_dir, monkeypatch):
-    from lipschitz_ext import image_data
+    from lipschitz_ext.data import images as image_data
 
     monkeypatch.setitem(image_data.DEFAULT_DIRS, "fashion-mnist", idx_dir)
     assert image_data.default_data_dir("fashion-mnist") == idx_dir

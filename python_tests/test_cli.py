@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import lipschitz_ext
-from lipschitz_ext import cli
-from lipschitz_ext import config as C
-from lipschitz_ext.certify import certify, worst_case_certificate
+from lipschitz_ext.cli import train as cli_train
+from lipschitz_ext.cli import eval as cli_eval
+from lipschitz_ext.training import config as C
+from lipschitz_ext.certify.certificate import certify, worst_case_certificate
 from tiny_runs import TINY, tiny_run, write_corpus
 
 
@@ -29,7 +30,7 @@ def runs(tmp_path_factory):
 
 def _help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.train_main(argv + ["--help"])
+        cli_train.train_main(argv + ["--help"])
     assert exc.value.code == 0
     return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
 
@@ -52,7 +53,7 @@ def test_help_of_the_default_preset_is_shakespeare_cpu(capsys):
 
 @pytest.mark.parametrize("sweep", [False, True])
 def test_every_flag_has_help(sweep):
-    parser = cli._train_parser("shakespeare-cpu", sweep)
+    parser = cli_train._train_parser("shakespeare-cpu", sweep)
     for action in parser._actions:
         assert action.help and action.help.strip(), action.option_strings
     for f in C.dataclasses.fields(C.TrainConfig):
@@ -60,7 +61,7 @@ def test_every_flag_has_help(sweep):
 
 
 def test_eval_subcommands_have_help():
-    parser = cli._eval_parser()
+    parser = cli_eval._eval_parser()
     sub = next(a for a in parser._actions if a.dest == "cmd")
     assert {"certify", "sample", "robustness", "activations", "frontier", "lr-sensitivity"} <= set(sub.choices)
     for name, sp in sub.choices.items():
@@ -69,7 +70,7 @@ def test_eval_subcommands_have_help():
 
 
 def test_presets_command_lists_every_setting(capsys):
-    assert cli.train_main(["presets"]) == 0
+    assert cli_train.train_main(["presets"]) == 0
     out = capsys.readouterr().out
     blocks, name = {}, None
     for line in out.splitlines():
@@ -85,13 +86,13 @@ def test_presets_command_lists_every_setting(capsys):
 
 def test_sigma_max_override_says_it_drops_the_group_caps_once(tmp_path, capsys):
     missing = str(tmp_path / "missing.txt")  # stops at the data, after the config is built
-    assert cli.train_main(["--sigma-max", "0.5", "--data", missing, "--out", str(tmp_path / "o")]) == 2
+    assert cli_train.train_main(["--sigma-max", "0.5", "--data", missing, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("replaces preset shakespeare-cpu's per-group caps") == 1
     assert "--attn-sigma-max 1.5" in err and "--mlp-sigma-max 2" in err
     # given with them (or without --sigma-max) there is nothing to say
-    assert cli.train_main(["--sigma-max", "0.5", "--attn-sigma-max", "1", "--mlp-sigma-max", "1", "--data", missing]) == 2
-    assert cli.train_main(["--data", missing]) == 2
+    assert cli_train.train_main(["--sigma-max", "0.5", "--attn-sigma-max", "1", "--mlp-sigma-max", "1", "--data", missing]) == 2
+    assert cli_train.train_main(["--data", missing]) == 2
     assert "per-group caps" not in capsys.readouterr().err
 
 
@@ -112,12 +113,12 @@ def test_certify_command_table_and_json(runs, capsys):
     model = lipschitz_ext.load_run(runs.lip, which="latest").model
     want = certify(model, input_rms=model.input_rms())
     summary = json.loads(open(f"{runs.lip}/summary.json", encoding="utf-8").read())
-    assert cli.eval_main(["certify", runs.lip]) == 0
+    assert cli_eval.eval_main(["certify", runs.lip]) == 0
     text = capsys.readouterr().out
     assert f"certified bound (these weights, per-token RMS <= {model.input_rms():.4g}): {want.bound:.6g}" in text
     for row in want.rows:
         assert row.name in text
-    assert cli.eval_main(["certify", runs.lip, "--json"]) == 0
+    assert cli_eval.eval_main(["certify", runs.lip, "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["bound"] == pytest.approx(summary["certified_bound"], rel=1e-9)
     assert rep["bound"] == pytest.approx(want.bound, rel=1e-12)
@@ -131,24 +132,24 @@ def test_certify_command_table_and_json(runs, capsys):
 def test_sample_command(runs, capsys):
     prompt = "1 little pigs"
     args = ["sample", runs.lip, "--prompt", prompt, "--chars", "25", "--seed", "3"]
-    assert cli.eval_main(args) == 0
+    assert cli_eval.eval_main(args) == 0
     first = capsys.readouterr().out
     assert first.startswith(prompt) and len(first) == len(prompt) + 25 + 1  # + print's newline
-    assert cli.eval_main(args) == 0 and capsys.readouterr().out == first  # seeded
+    assert cli_eval.eval_main(args) == 0 and capsys.readouterr().out == first  # seeded
     # a vanishing temperature samples the argmax: compare with greedy decoding in float64
     run = lipschitz_ext.load_run(runs.lip)
     m64, ids = run.model.double(), torch.as_tensor(run.tokenizer.encode(prompt), dtype=torch.long)
     with torch.no_grad():
         for _ in range(10):
             ids = torch.cat([ids, m64(ids[None, -run.config.seq_len:])[0, -1].argmax()[None]])
-    assert cli.eval_main(["sample", runs.lip, "--prompt", prompt, "--chars", "10", "--temperature", "1e-9"]) == 0
+    assert cli_eval.eval_main(["sample", runs.lip, "--prompt", prompt, "--chars", "10", "--temperature", "1e-9"]) == 0
     assert capsys.readouterr().out == run.tokenizer.decode(ids.tolist()) + "\n"
-    assert cli.eval_main(["sample", runs.base, "--chars", "5"]) == 0  # the baseline samples too, no prompt
+    assert cli_eval.eval_main(["sample", runs.base, "--chars", "5"]) == 0  # the baseline samples too, no prompt
     assert len(capsys.readouterr().out) == 5 + 1
 
 
 def _fails(argv, capsys, *needles):
-    assert cli.eval_main(argv) == 2
+    assert cli_eval.eval_main(argv) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and err.startswith("lipschitz-eval: error:"), err

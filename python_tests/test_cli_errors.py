@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from lipschitz_ext import cli
-from lipschitz_ext.bench import cli as bench_cli
-from lipschitz_ext.constraints import SpectralSoftCap
+from lipschitz_ext.cli import eval as cli
+from lipschitz_ext.cli import bench as bench_cli
+from lipschitz_ext.constraints.spectral import SpectralSoftCap
 from lipschitz_ext.optim import Muon
 
 
@@ -53,7 +53,7 @@ def test_frontier_names_the_corrupt_file(tmp_path, capsys, summary, config, bad,
 
 def test_frontier_still_reads_a_good_fake_run(tmp_path):
     """The checks refuse only bad files: a well-formed pair gives its row."""
-    from lipschitz_ext.sweep import frontier
+    from lipschitz_ext.experiments.sweep import frontier
 
     run = _fake_run(tmp_path / "run", _SUMMARY, _CONFIG)
     (row,) = frontier([str(run)], str(tmp_path / "o"))

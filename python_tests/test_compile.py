@@ -18,12 +18,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipschitz_ext import config as C
-from lipschitz_ext import train as T
-from lipschitz_ext.evaluate import evaluate
-from lipschitz_ext.optimizers import build_optimizer
-from lipschitz_ext.run import load_run, run_data
-from lipschitz_ext.runtime import AUTO_COMPILE_MIN_SECONDS, AUTO_COMPILE_MIN_STEPS, resolve_compile
+from lipschitz_ext.training import config as C
+from lipschitz_ext.training import loop as T
+from lipschitz_ext.evaluation.metrics import evaluate
+from lipschitz_ext.training.optimizers import build_optimizer
+from lipschitz_ext.training.run import load_run, run_data
+from lipschitz_ext.training.runtime import AUTO_COMPILE_MIN_SECONDS, AUTO_COMPILE_MIN_STEPS, resolve_compile
 from tiny_runs import TINY, tiny_run, write_corpus
 
 CPU = torch.device("cpu")
@@ -40,7 +40,7 @@ def test_bad_compile_settings_are_refused(bad, match):
 
 
 def test_cli_refuses_a_bad_compile_mode(tmp_path, capsys):
-    from lipschitz_ext.cli import train_main
+    from lipschitz_ext.cli.train import train_main
 
     assert train_main(["--compile", "always", "--out", str(tmp_path / "r")]) == 2
     assert "--compile must be one of auto, none, model" in capsys.readouterr().err
@@ -175,7 +175,7 @@ def test_auto_falls_back_to_eager_when_compiling_fails(tmp_path, monkeypatch, ca
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    import lipschitz_ext.runtime as R
+    from lipschitz_ext.training import runtime as R
 
     monkeypatch.setattr(R, "AUTO_COMPILE_DEVICES", ("cuda", "cpu"))  # auto compiles on CUDA only
     corpus = write_corpus(tmp_path)

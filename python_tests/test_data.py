@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipschitz_ext import data
+from lipschitz_ext.data import text as data
 
 
 def test_char_tokenizer_round_trip_and_split(tmp_path):

@@ -3,7 +3,7 @@ clone: a renamed flag, preset, corpus or path fails here, not in a reader's term
 
 Each command is split into its programs (``&&``, ``;``), and each program is checked:
 
-- ``lipschitz-train`` (also under ``torchrun -m lipschitz_ext.train``), ``lipschitz-eval``,
+- ``lipschitz-train`` (also under ``torchrun -m lipschitz_ext.cli.train``), ``lipschitz-eval``,
   ``lipschitz-bench``: its arguments parse with the tool's own parser and, for training, the
   config they describe validates; the repository paths it names exist.
 - Every ``lipschitz-train`` command then runs for real with a tiny model and a two-step
@@ -31,10 +31,13 @@ from pathlib import Path
 import pytest
 
 from image_samples import make_idx_set
-from lipschitz_ext import cli, cli_classify
-from lipschitz_ext.bench import cli as bench_cli
-from lipschitz_ext.classify import classify_config
-from lipschitz_ext.config import config_from_preset
+from lipschitz_ext.cli import train as cli_train
+from lipschitz_ext.cli import common as cli_common
+from lipschitz_ext.cli import eval as cli_eval
+from lipschitz_ext.cli import classify as cli_classify
+from lipschitz_ext.cli import bench as bench_cli
+from lipschitz_ext.training.classifier_config import classify_config
+from lipschitz_ext.training.config import config_from_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -88,7 +91,7 @@ def _program(argv: list[str]) -> tuple[str, list[str]]:
     head = argv[0].rsplit("/", 1)[-1] if argv else ""
     if head in ("lipschitz-train", "lipschitz-eval", "lipschitz-bench", "lipschitz-classify"):
         return head, argv[1:]
-    if head == "torchrun" and "-m" in argv and argv[argv.index("-m") + 1] == "lipschitz_ext.train":
+    if head == "torchrun" and "-m" in argv and argv[argv.index("-m") + 1] == "lipschitz_ext.cli.train":
         return "lipschitz-train", argv[argv.index("-m") + 2:]
     if head.startswith("python"):
         if argv[1:3] == ["-m", "lipschitz_ext.bench"]:
@@ -126,7 +129,7 @@ def _check_paths(args: list[str], where: str) -> None:
 def _train_parser(args: list[str]):
     sweep = args[:1] == ["sweep"]
     rest = args[1:] if sweep or args[:1] == ["presets"] else args
-    return cli._train_parser(cli._preset_of(rest), sweep), rest
+    return cli_train._train_parser(cli_common._preset_of(rest), sweep), rest
 
 
 def test_the_docs_have_commands():
@@ -147,11 +150,11 @@ def test_doc_command_parses(where, argv):
         parser, rest = _train_parser(args)
         ns = _parse(parser, rest, where)
         if ns is not None and not getattr(ns, "resume", None):
-            config_from_preset(ns.preset, **cli._overrides(ns))  # values validate too
+            config_from_preset(ns.preset, **cli_common._overrides(ns))  # values validate too
     elif kind == "lipschitz-eval":
-        ns = _parse(cli._eval_parser(), args, where)
+        ns = _parse(cli_eval._eval_parser(), args, where)
         if ns is not None and not any(PLACEHOLDER.match(a) for a in args):
-            cli._check_eval_args(ns)  # the committed run folders it names are usable
+            cli_eval._check_eval_args(ns)  # the committed run folders it names are usable
     elif kind == "lipschitz-bench":
         _parse(bench_cli._parser(), args, where)
     elif kind == "lipschitz-classify":
@@ -186,7 +189,7 @@ def tiny_runs(tmp_path_factory):
         # read the small built-in corpus unless they name one (the final scores cover the whole split)
         data = [] if not folders or "--data" in args else ["--data", "tiny-shakespeare"]
         out = base / f"run{i}"
-        status = cli.train_main([*args, *TINY, *data, "--out", str(out)])
+        status = cli_train.train_main([*args, *TINY, *data, "--out", str(out)])
         assert status == 0, f"{where}: exit status {status} with a tiny budget"
         folders[key] = out
     return folders
@@ -213,7 +216,7 @@ def test_doc_eval_commands_run(tiny_runs, capsys, monkeypatch):
         args = [str(run) if PLACEHOLDER.match(a) else a for a in args]
         if args[0] == "accuracy" and any(a.startswith("docs/runs/") for a in args):
             args = [*args, "--protocol", "paper"]  # one protocol of the committed run: seconds
-        assert cli.eval_main(args) == 0, f"{where}: failed ({capsys.readouterr().err.strip()})"
+        assert cli_eval.eval_main(args) == 0, f"{where}: failed ({capsys.readouterr().err.strip()})"
         ran += 1
     assert ran, "no certify / sample / accuracy command in the docs"
 

@@ -1,4 +1,4 @@
-"""lipschitz-eval (lipschitz_ext.eval) on tiny runs: robustness and the certified
+"""lipschitz-eval (lipschitz_ext.cli.eval) on tiny runs: robustness and the certified
 radius checked by attacks, activation tables, the accuracy-bound frontier, the
 learning-rate sensitivity sweep, and clear errors for bad run folders.
 
@@ -16,10 +16,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lipschitz_ext import config as C
-from lipschitz_ext import eval as E
-from lipschitz_ext import run as R
-from lipschitz_ext.certify import certify
+from lipschitz_ext.cli.eval import eval_main
+from lipschitz_ext.training import config as C
+from lipschitz_ext.certify import robustness as E_robustness
+from lipschitz_ext.experiments import analyses as E_analyses
+from lipschitz_ext.evaluation import logits as E_logits
+from lipschitz_ext.training import run as R
+from lipschitz_ext.certify.certificate import certify
 from tiny_runs import tiny_run, write_corpus
 
 TINY = dict(target_bound=0.0, d_model=32, n_layers=1, residual_scale=1.0, n_heads=2, seq_len=32, batch_size=8, steps=40, eval_every=40,
@@ -77,7 +80,7 @@ def domain_rms(model):
 def test_robustness_cli_tables_and_consistency(runs, tmp_path):
     out = tmp_path / "rob"
     eps = [0.2, 0.001, 0.01, 0.05, 1.0]  # unsorted on purpose
-    assert E.main(["robustness", "--checkpoint", runs.lip, "--checkpoint", runs.lip_wide, "--checkpoint", runs.base,
+    assert eval_main(["robustness", "--checkpoint", runs.lip, "--checkpoint", runs.lip_wide, "--checkpoint", runs.base,
                    "--eps", ",".join(map(str, eps)), "--pgd-steps", "10", "--batches", "2", "--out", str(out)]) == 0
     for name in ("robustness.csv", "robustness.json", "robustness.png"):
         assert (out / name).stat().st_size > 0, name
@@ -97,7 +100,7 @@ def test_robustness_cli_tables_and_consistency(runs, tmp_path):
         assert rr[-1]["pgd_accuracy"] <= 0.5 * clean and rr[-1]["fgsm_accuracy"] < clean
 
         model, cfg, data = R.load_run_data(run)
-        batches = list(E._val_batches(cfg, data, 2, 16))
+        batches = list(E_analyses._val_batches(cfg, data, 2, 16))
         embeds = [model.embed(x).detach() for x, _ in batches]
         scale = torch.cat([e.pow(2).mean(-1).sqrt().flatten() for e in embeds]).mean().item()
         for r in rr:  # eps is relative to the mean clean token RMS
@@ -136,10 +139,10 @@ def test_robustness_cli_tables_and_consistency(runs, tmp_path):
 def test_certified_radius_formula(runs):
     model, cfg, data = R.load_run_data(runs.lip)
     cert = certify(model, input_rms=domain_rms(model))
-    x, _ = next(iter(E._val_batches(cfg, data, 1, 4)))
+    x, _ = next(iter(E_analyses._val_batches(cfg, data, 1, 4)))
     with torch.no_grad():
         z = model(x).double()
-    r = E.certified_radius(z, cert.bound)
+    r = E_robustness.certified_radius(z, cert.bound)
     assert r.shape == x.shape and r.dtype == torch.float64 and (r >= 0).all()
     top2 = z.topk(2, dim=-1).values
     margin = top2[..., 0] - top2[..., 1]
@@ -149,10 +152,10 @@ def test_certified_radius_formula(runs):
     assert all(r[b, t].item() == pytest.approx(cert.certified_radius(margin[b, t].item()), rel=1e-12)
                for b in range(2) for t in range(0, x.shape[1], 7))
     tie = torch.zeros(3, V)
-    assert (E.certified_radius(tie, cert.bound) == 0).all()
+    assert (E_robustness.certified_radius(tie, cert.bound) == 0).all()
     for bad in (None, float("nan"), -1.0):
         with pytest.raises(ValueError, match="baseline models have none"):
-            E.certified_radius(z, bad)
+            E_robustness.certified_radius(z, bad)
 
 
 def _attack_positions(model64, e, pred, radius, n_per_seq, gen):
@@ -175,11 +178,11 @@ def _flips(model64, xe, y, ti, eps, rho, steps=50, restarts=3):
     target = y[rows, ti]
     flipped = torch.zeros(len(ti), dtype=torch.bool)
     for k in range(restarts):
-        xa = E.pgd_attack(model64, xe, y, eps, steps=steps, domain_rms=rho,
+        xa = E_robustness.pgd_attack(model64, xe, y, eps, steps=steps, domain_rms=rho,
                           generator=torch.Generator().manual_seed(k))
         # the attack is inside the certificate's ball and domain
-        assert (E._token_rms(xa - xe).squeeze(-1) <= eps[:, None] * (1 + 1e-9)).all()
-        assert (E._token_rms(xa) <= rho * (1 + 1e-12)).all()
+        assert (E_robustness._token_rms(xa - xe).squeeze(-1) <= eps[:, None] * (1 + 1e-9)).all()
+        assert (E_robustness._token_rms(xa) <= rho * (1 + 1e-12)).all()
         with torch.no_grad():
             flipped |= model64.forward_embeddings(xa)[rows, ti].argmax(-1) != target
     return flipped
@@ -197,11 +200,11 @@ def test_certified_radius_survives_strong_attack(runs):
         m64 = copy.deepcopy(model).double()
         for p in m64.parameters():
             p.requires_grad_(False)
-        x, _ = next(iter(E._val_batches(cfg, data, 1, 8)))
+        x, _ = next(iter(E_analyses._val_batches(cfg, data, 1, 8)))
         e = m64.embed(x)
         with torch.no_grad():
             z = m64.forward_embeddings(e)
-        radius = E.certified_radius(z, bound)
+        radius = E_robustness.certified_radius(z, bound)
         xe, y, bi, ti = _attack_positions(m64, e, z.argmax(-1), radius, 6, torch.Generator().manual_seed(0))
         assert len(ti) >= 40
         r = radius[bi, ti]
@@ -220,16 +223,16 @@ def test_pgd_attack_respects_ball_and_domain(runs):
     model, cfg, data = R.load_run_data(runs.lip_wide)
     for p in model.parameters():
         p.requires_grad_(False)
-    x, y = next(iter(E._val_batches(cfg, data, 1, 4)))
+    x, y = next(iter(E_analyses._val_batches(cfg, data, 1, 4)))
     e = model.embed(x).detach()
     rho = domain_rms(model)
-    assert torch.equal(E.pgd_attack(model, e, y, 0.0), e)
+    assert torch.equal(E_robustness.pgd_attack(model, e, y, 0.0), e)
     for eps, steps, step in ((0.05, 1, 0.05), (0.05, 10, None), (torch.tensor([0.0, 0.01, 0.1, 3.0]), 5, None)):
-        xa = E.pgd_attack(model, e, y, eps, steps, step, rho, torch.Generator().manual_seed(0))
+        xa = E_robustness.pgd_attack(model, e, y, eps, steps, step, rho, torch.Generator().manual_seed(0))
         bound = torch.as_tensor(eps).reshape(-1, 1)
-        moved = E._token_rms(xa - e).squeeze(-1)
+        moved = E_robustness._token_rms(xa - e).squeeze(-1)
         assert (moved <= bound * (1 + 1e-5) + 1e-7).all()
-        assert (E._token_rms(xa) <= rho * (1 + 1e-5)).all()
+        assert (E_robustness._token_rms(xa) <= rho * (1 + 1e-5)).all()
         if steps == 1:  # single step: every token moves by exactly eps (inside the domain)
             assert moved.min() > 0.5 * eps
         with torch.no_grad():
@@ -243,7 +246,7 @@ def test_pgd_attack_respects_ball_and_domain(runs):
 # ---------------------------------------------------------------------------
 def test_activations_cli(runs, tmp_path):
     out = tmp_path / "act"
-    assert E.main(["activations", "--checkpoint", runs.lip, "--baseline", runs.base, "--batches", "2",
+    assert eval_main(["activations", "--checkpoint", runs.lip, "--baseline", runs.base, "--batches", "2",
                    "--out", str(out)]) == 0
     assert_png(out / "activations.png")
     rows = json.loads((out / "activations.json").read_text())
@@ -260,7 +263,7 @@ def test_activations_cli(runs, tmp_path):
             assert 0 <= r["e4m3_saturated_fraction"] <= 1
         # the head row is the logits: compare with a direct computation
         with torch.no_grad():
-            z = torch.cat([model(x) for x, _ in E._val_batches(cfg, data, 2, 16)]).double()
+            z = torch.cat([model(x) for x, _ in E_analyses._val_batches(cfg, data, 2, 16)]).double()
         assert rr["head"]["max_abs"] == pytest.approx(z.abs().max().item(), rel=1e-5)
         assert rr["head"]["rms"] == pytest.approx(z.pow(2).mean().sqrt().item(), rel=1e-4)
         assert rr["head"]["e4m3_saturated_fraction"] == (z.abs() > 448).double().mean().item()
@@ -271,7 +274,7 @@ def test_activations_cli(runs, tmp_path):
 # ---------------------------------------------------------------------------
 def test_frontier_cli(runs, tmp_path):
     out = tmp_path / "fr"
-    assert E.main(["frontier", os.path.join(str(runs.root), "lip*"), runs.base, "--out", str(out)]) == 0
+    assert eval_main(["frontier", os.path.join(str(runs.root), "lip*"), runs.base, "--out", str(out)]) == 0
     assert_png(out / "frontier.png")
     rows = read_csv(out / "frontier.csv")
     assert sorted(r["run"] for r in rows) == sorted([runs.lip, runs.lip_normalize])  # the baseline has no bound
@@ -290,7 +293,7 @@ def test_frontier_cli(runs, tmp_path):
 # ---------------------------------------------------------------------------
 def test_lr_sensitivity_cli(runs, tmp_path):
     out = tmp_path / "lrs"
-    assert E.main(["lr-sensitivity", "--data", runs.corpus, "--lrs", "0.5,2", "--sizes", "16x2", "--steps", "3",
+    assert eval_main(["lr-sensitivity", "--data", runs.corpus, "--lrs", "0.5,2", "--sizes", "16x2", "--steps", "3",
                    "--out", str(out)]) == 0
     assert_png(out / "lr_sensitivity.png")
     rows = json.loads((out / "lr_sensitivity.json").read_text())
@@ -316,7 +319,7 @@ def test_attention_logits_reproduce_attention(runs):
     each attention output from them matches the module's own output."""
     for run in (runs.lip, runs.base):
         model, cfg, data = R.load_run_data(run)
-        x, _ = next(iter(E._val_batches(cfg, data, 1, 2)))
+        x, _ = next(iter(E_analyses._val_batches(cfg, data, 1, 2)))
         seen = []
         att = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
         handles = [m.register_forward_hook(lambda m, i, o: seen.append((m, i[0], o))) for m in att]
@@ -327,7 +330,7 @@ def test_attention_logits_reproduce_attention(runs):
         assert len(seen) == cfg.n_layers
         top = -math.inf
         for m, xin, o in seen:
-            logits = E.attention_logits(m, xin)
+            logits = E_logits.attention_logits(m, xin)
             B, Tn, d = xin.shape
             if hasattr(m, "v"):  # LipschitzAttention
                 v, proj, factor = m._heads(m.v(xin)), m.o, m.out_factor
@@ -338,9 +341,9 @@ def test_attention_logits_reproduce_attention(runs):
             assert torch.allclose(y, o, rtol=1e-4, atol=1e-6)
             assert torch.isinf(logits[..., 0, 1:]).all()  # causal
             top = max(top, logits.max().item())
-        assert E.attention_logit_max(model, x) == top
+        assert E_logits.attention_logit_max(model, x) == top
     with pytest.raises(ValueError, match="no attention module"):
-        E.attention_logit_max(torch.nn.Embedding(4, 4), torch.zeros(1, 2, dtype=torch.long))
+        E_logits.attention_logit_max(torch.nn.Embedding(4, 4), torch.zeros(1, 2, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------
@@ -348,7 +351,7 @@ def test_attention_logits_reproduce_attention(runs):
 # ---------------------------------------------------------------------------
 def test_clear_errors(runs, tmp_path, capsys):
     def fails(argv, *needles):
-        assert E.main(argv + ["--out", str(tmp_path / "o")]) == 2
+        assert eval_main(argv + ["--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         for n in needles:
             assert n in err, err
@@ -382,7 +385,7 @@ def test_attention_logits_include_positional_bias():
     with torch.no_grad():
         m.bias_table.copy_(3 * torch.randn_like(m.bias_table))
     xin = torch.randn(2, 9, 16)
-    logits = E.attention_logits(m, xin)
+    logits = E_logits.attention_logits(m, xin)
     with torch.no_grad():
         y = m.o((torch.softmax(logits, -1) @ m._heads(m.v(xin))).transpose(1, 2).reshape(2, 9, 16)) * m.out_factor
         assert torch.allclose(y, m(xin), rtol=1e-4, atol=1e-6)

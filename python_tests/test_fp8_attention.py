@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fp8_reference import emulate_fp8_attention, exact_attention, sqnr_db
 from lipschitz_ext import ops
-from lipschitz_ext.fp8_scales import fp8_entry_bound, fp8_static_scales
+from lipschitz_ext.nn.fp8_scales import fp8_entry_bound, fp8_static_scales
 
 # Awkward sizes: a single key, below/above the 64-row query block and the 128-key tile.
 SEQ_LENS = [1, 63, 130, 300]

@@ -7,7 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lipschitz_ext
-from lipschitz_ext.fp8_scales import configure_fp8_attention, fp8_scales_from_certificate
+from lipschitz_ext.certify.fp8 import configure_fp8_attention
+from lipschitz_ext.nn.fp8_scales import fp8_scales_from_certificate
 from lipschitz_ext.nn import FP8_BACKEND, Fp8AttentionBackend, GPTConfig, LipschitzGPT, fp8_backend_of
 
 
@@ -75,7 +76,7 @@ def test_certified_scales_bound_the_real_entries():
 
 def test_scales_from_certificate_walks_the_rows():
     m = model("sdpa")
-    cert = lipschitz_ext.certify(m)
+    cert = lipschitz_ext.certify.certify(m)
     got = fp8_scales_from_certificate(cert, 64, 64)
     # Every weight at RMS->RMS norm 1 (1 + 1e-9 in the certificate) and inputs of
     # RMS <= 1: bound 8 * 1.02 / 448 -> 2^-5.

@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from lipschitz_ext.run import read_metrics
+from lipschitz_ext.storage.files import read_metrics
 from tiny_runs import TINY, tiny_run, write_corpus
 
 # A checkpoint (latest.pt, written after each eval) every 2 steps: most kills land between
@@ -46,7 +46,7 @@ def _step(out: str) -> int:
 
 def _launch(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lipschitz_ext.train", *argv], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "lipschitz_ext.cli.train", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

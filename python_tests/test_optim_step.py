@@ -306,8 +306,8 @@ def test_cuda_graph_captures_and_replays_a_step(nonfinite):
     ("bfloat16", "none", "bfloat16"),
 ])
 def test_train_config_ns_dtype_reaches_muon(ns_dtype, autocast, expected):
-    from lipschitz_ext import config as TC
-    from lipschitz_ext.optimizers import build_optimizer
+    from lipschitz_ext.training import config as TC
+    from lipschitz_ext.training.optimizers import build_optimizer
 
     cfg = TC.config_from_preset("shakespeare-cpu", d_model=32, n_layers=2, mlp_ratio=2, seq_len=16,
                                 ns_dtype=ns_dtype, autocast=autocast)
@@ -316,7 +316,7 @@ def test_train_config_ns_dtype_reaches_muon(ns_dtype, autocast, expected):
 
 
 def test_train_config_refuses_a_bad_ns_dtype():
-    from lipschitz_ext import config as TC
+    from lipschitz_ext.training import config as TC
 
     with pytest.raises(ValueError, match="--ns-dtype must be one of auto, bfloat16, float32"):
         TC.config_from_preset("shakespeare-cpu", ns_dtype="fp16")

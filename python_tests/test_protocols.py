@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lipschitz_ext import data
-from lipschitz_ext.protocols import IGNORE_INDEX, protocol_batches
+from lipschitz_ext.data import text as data
+from lipschitz_ext.evaluation.protocols import IGNORE_INDEX, protocol_batches
 
 
 def _targets(batches):
@@ -81,7 +81,7 @@ class _Bigram(torch.nn.Module):
 
 
 def test_score_counts_only_scored_targets():
-    from lipschitz_ext.protocols import evaluate_protocols
+    from lipschitz_ext.evaluation.protocols import evaluate_protocols
 
     vocab = 300
     tokens = np.arange(2000, dtype=np.int64) % vocab

@@ -16,10 +16,12 @@ import signal
 import pytest
 import torch
 
-from lipschitz_ext import cli
-from lipschitz_ext import config as C
-from lipschitz_ext import run as run_mod
-from lipschitz_ext import train as T
+from lipschitz_ext.cli import train as cli_train
+from lipschitz_ext.cli import eval as cli_eval
+from lipschitz_ext.training import config as C
+from lipschitz_ext.storage import files as run_mod_files
+from lipschitz_ext.training import run as run_mod_run
+from lipschitz_ext.training import loop as T
 from tiny_runs import TINY, tiny_run, write_corpus
 
 
@@ -33,7 +35,7 @@ def _flags(settings: dict) -> list[str]:
 def _train(argv: list[str]) -> int:
     """``lipschitz-train argv`` in this process; a KeyboardInterrupt or OSError escaping it fails the test."""
     try:
-        return cli.train_main(argv)
+        return cli_train.train_main(argv)
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped lipschitz-train (a traceback for the user)")
 
@@ -66,7 +68,7 @@ def test_torn_last_metrics_line_is_repaired_on_resume(corpus, tmp_path, capsys):
     metrics = os.path.join(out, "metrics.jsonl")
     with open(metrics, "a") as fh:
         fh.write('{"step": 6, "train_lo')  # a process killed mid-append
-    assert [r["step"] for r in run_mod.read_metrics(metrics)] == [2, 4, 4]  # the torn line left out
+    assert [r["step"] for r in run_mod_files.read_metrics(metrics)] == [2, 4, 4]  # the torn line left out
     assert _train(["--resume", out, "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "metrics.jsonl: dropped a torn last line" in err, err
@@ -77,8 +79,8 @@ def test_torn_last_metrics_line_is_repaired_on_resume(corpus, tmp_path, capsys):
     # a bad line before the last is an error naming the file and line, never a bare JSON message
     with open(metrics, "w") as fh:
         fh.write('{"step": 2}\nnot json\n{"step": 4}\n')
-    with pytest.raises(run_mod.CheckpointError, match=r"metrics.jsonl: line 2 is not JSON"):
-        run_mod.read_metrics(metrics)
+    with pytest.raises(run_mod_files.CheckpointError, match=r"metrics.jsonl: line 2 is not JSON"):
+        run_mod_files.read_metrics(metrics)
 
 
 def test_summary_and_metrics_are_strict_json(corpus, tmp_path):
@@ -87,9 +89,9 @@ def test_summary_and_metrics_are_strict_json(corpus, tmp_path):
     assert _train(["--data", corpus, "--out", out, "--quiet", *_flags({**TINY, "steps": 8, "stop_after": 2})]) == 0
     summary = _strict_json(os.path.join(out, "summary.json"))
     assert summary["status"] == "paused" and summary["best_val_loss"] is None
-    run_mod.append_metric(os.path.join(out, "metrics.jsonl"), {"step": 3, "val_loss": math.nan, "x": -math.inf})
-    assert run_mod.read_metrics(os.path.join(out, "metrics.jsonl"))[-1] == {"step": 3, "val_loss": None, "x": None}
-    run_mod.write_json(str(tmp_path / "x.json"), {"a": [1.0, math.inf], "b": {"c": math.nan}})
+    run_mod_files.append_metric(os.path.join(out, "metrics.jsonl"), {"step": 3, "val_loss": math.nan, "x": -math.inf})
+    assert run_mod_files.read_metrics(os.path.join(out, "metrics.jsonl"))[-1] == {"step": 3, "val_loss": None, "x": None}
+    run_mod_files.write_json(str(tmp_path / "x.json"), {"a": [1.0, math.inf], "b": {"c": math.nan}})
     assert _strict_json(str(tmp_path / "x.json")) == {"a": [1.0, None], "b": {"c": None}}
 
 
@@ -148,7 +150,7 @@ def test_ctrl_c_at_each_phase_exits_cleanly_and_resumes(corpus, tmp_path, monkey
     assert _train(["--resume", out, "--quiet"]) == 0
     summary = _strict_json(os.path.join(out, "summary.json"))
     assert summary["status"] == "completed" and summary["steps"] == 6
-    steps = [r["step"] for r in run_mod.read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in r]
+    steps = [r["step"] for r in run_mod_files.read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in r]
     assert steps == sorted(set(steps))
 
 
@@ -166,7 +168,7 @@ def test_disk_full_mid_run_is_one_line_and_keeps_the_last_checkpoint(corpus, tmp
         fh.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(run_mod.torch, "save", full_disk_save)
+    monkeypatch.setattr(run_mod_run.torch, "save", full_disk_save)
     assert _train(["--data", corpus, "--out", out, "--quiet", *_flags({**TINY, "steps": 8})]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err and f"--resume {out}" in err, err
@@ -219,11 +221,11 @@ def test_config_is_checked_against_the_weights_before_the_model_is_built(finishe
             return build(cfg, vocab_size)
         return build_model
 
-    monkeypatch.setattr(run_mod, "build_model", guarded(run_mod.build_model))
+    monkeypatch.setattr(run_mod_run, "build_model", guarded(run_mod_run.build_model))
     monkeypatch.setattr(T, "build_model", guarded(T.build_model))
-    with pytest.raises(run_mod.CheckpointError, match=r"weights do not fit .*shape of embed.weight"):
-        run_mod.load_run(run)
-    assert cli.eval_main(["certify", run]) == 2
+    with pytest.raises(run_mod_files.CheckpointError, match=r"weights do not fit .*shape of embed.weight"):
+        run_mod_run.load_run(run)
+    assert cli_eval.eval_main(["certify", run]) == 2
     assert "weights do not fit" in capsys.readouterr().err
     assert _train(["--resume", run, "--quiet"]) == 2
     assert "weights do not fit" in capsys.readouterr().err
@@ -232,8 +234,8 @@ def test_config_is_checked_against_the_weights_before_the_model_is_built(finishe
     ckpt = torch.load(path, weights_only=True)
     ckpt["config"].update(d_model=32, n_layers=10**7)
     torch.save(ckpt, path)
-    with pytest.raises(run_mod.CheckpointError, match="config n_layers 10000000, weights of 1 blocks"):
-        run_mod.load_run(run)
+    with pytest.raises(run_mod_files.CheckpointError, match="config n_layers 10000000, weights of 1 blocks"):
+        run_mod_run.load_run(run)
 
 
 # ---------------------------------------------------------------------------
@@ -256,13 +258,13 @@ def test_out_naming_a_file_is_a_clear_error_everywhere(finished, corpus, tmp_pat
     f = tmp_path / "a-file"
     f.write_text("mine\n")
     commands = [
-        (cli.eval_main, ["robustness", "--checkpoint", finished, "--out", str(f)]),
-        (cli.eval_main, ["activations", "--checkpoint", finished, "--out", str(f)]),
-        (cli.eval_main, ["frontier", finished, "--out", str(f)]),
-        (cli.eval_main, ["lr-sensitivity", "--steps", "2", "--lrs", "1", "--sizes", "32x1", "--data", corpus,
+        (cli_eval.eval_main, ["robustness", "--checkpoint", finished, "--out", str(f)]),
+        (cli_eval.eval_main, ["activations", "--checkpoint", finished, "--out", str(f)]),
+        (cli_eval.eval_main, ["frontier", finished, "--out", str(f)]),
+        (cli_eval.eval_main, ["lr-sensitivity", "--steps", "2", "--lrs", "1", "--sizes", "32x1", "--data", corpus,
                          "--out", str(f)]),
-        (cli.train_main, ["sweep", "--sigma-max", "1", "--data", corpus, "--out", str(f), "--quiet", *_flags(TINY)]),
-        (cli.train_main, ["--data", corpus, "--out", str(f), "--quiet", *_flags(TINY)]),
+        (cli_train.train_main, ["sweep", "--sigma-max", "1", "--data", corpus, "--out", str(f), "--quiet", *_flags(TINY)]),
+        (cli_train.train_main, ["--data", corpus, "--out", str(f), "--quiet", *_flags(TINY)]),
     ]
     for main, argv in commands:
         assert main(argv) == 2, argv
@@ -275,7 +277,7 @@ def test_sweep_never_overwrites_a_users_frontier(corpus, tmp_path, capsys):
     out = tmp_path / "sweep"
     out.mkdir()
     (out / "frontier.csv").write_text("my,own,results\n")
-    assert cli.train_main(["sweep", "--sigma-max", "1", "--data", corpus, "--out", str(out), "--quiet",
+    assert cli_train.train_main(["sweep", "--sigma-max", "1", "--data", corpus, "--out", str(out), "--quiet",
                            *_flags(TINY)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "frontier.csv").read_text() == "my,own,results\n"
@@ -292,7 +294,7 @@ def test_analysis_commands_never_overwrite_earlier_results(finished, tmp_path, c
     for name in files:  # a user's (or an earlier run's) results in the chosen folder
         (out / name).write_text("mine\n")
         argv = [a.replace("{run}", finished) for a in cmd] + ["--out", str(out)]
-        assert cli.eval_main(argv) == 2, argv
+        assert cli_eval.eval_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert f"already holds {name}" in err and "Traceback" not in err, err
         assert (out / name).read_text() == "mine\n"
@@ -306,7 +308,7 @@ def test_analysis_commands_never_overwrite_earlier_results(finished, tmp_path, c
 ])
 def test_lr_sensitivity_flags_name_themselves(tmp_path, capsys, argv, match):
     try:
-        rc = cli.eval_main([*argv, "--out", str(tmp_path / "o")])
+        rc = cli_eval.eval_main([*argv, "--out", str(tmp_path / "o")])
     except SystemExit as exc:  # argparse's own one-line error
         rc = exc.code
     assert rc == 2
@@ -331,7 +333,7 @@ def test_eval_protocol_is_checked_at_startup_and_may_change_on_resume(tmp_path, 
 def test_tiny_temperature_samples_the_most_likely_token(finished, capsys):
     texts = {}
     for t in ("1e-300", "1e-30"):
-        assert cli.eval_main(["sample", finished, "--chars", "12", "--temperature", t, "--prompt", "3 little"]) == 0
+        assert cli_eval.eval_main(["sample", finished, "--chars", "12", "--temperature", t, "--prompt", "3 little"]) == 0
         texts[t] = capsys.readouterr().out
     assert texts["1e-300"] == texts["1e-30"] and len(texts["1e-300"]) >= 12
 
@@ -396,7 +398,7 @@ def test_nonfinite_gradient_leaves_the_whole_model_untouched():
 
 
 def test_normalize_keeps_its_cap_under_muon_at_lr_005():
-    from lipschitz_ext.constraints import make_constraint
+    from lipschitz_ext.constraints.registry import make_constraint
     from lipschitz_ext.optim import Muon
 
     torch.manual_seed(0)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import lipschitz_ext
-from lipschitz_ext import cli
-from lipschitz_ext import data as D
-from lipschitz_ext.certify import paper_bound
-from lipschitz_ext.protocols import IGNORE_INDEX, protocol_batches
+from lipschitz_ext.cli import eval as cli
+from lipschitz_ext.data import text as D
+from lipschitz_ext.certify.published import paper_bound
+from lipschitz_ext.evaluation.protocols import IGNORE_INDEX, protocol_batches
 from tiny_runs import TINY as TINY_RUN
 from tiny_runs import tiny_run, write_corpus
 

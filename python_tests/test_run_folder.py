@@ -9,9 +9,11 @@ import shutil
 import pytest
 import torch
 
-from lipschitz_ext import cli
-from lipschitz_ext import train as T
-from lipschitz_ext.run import read_checkpoint, read_metrics
+from lipschitz_ext.cli import train as cli_train
+from lipschitz_ext.cli import eval as cli_eval
+from lipschitz_ext.training import loop as T
+from lipschitz_ext.training.run import read_checkpoint
+from lipschitz_ext.storage.files import read_metrics
 from tiny_runs import TINY, tiny_run, write_corpus
 
 
@@ -56,7 +58,7 @@ def test_new_run_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     (out / "notes.txt").write_text("keep me")
     before = _snapshot(out)
     # the data file does not exist: the refusal comes before any data is read
-    assert cli.train_main(["--data", str(tmp_path / "absent.txt"), "--out", str(out), *_argv()]) == 2
+    assert cli_train.train_main(["--data", str(tmp_path / "absent.txt"), "--out", str(out), *_argv()]) == 2
     err = _one_line_error(capsys)
     assert "not empty" in err and str(out) in err and "data" not in err.split(str(out))[-1]
     assert _snapshot(out) == before
@@ -65,7 +67,7 @@ def test_new_run_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 def test_new_run_refuses_an_existing_run_without_resume(finished, tmp_path, capsys):
     run = _copy(finished, tmp_path)
     before = _snapshot(run)
-    assert cli.train_main(["--data", finished[0], "--out", run, *_argv(steps=2)]) == 2
+    assert cli_train.train_main(["--data", finished[0], "--out", run, *_argv(steps=2)]) == 2
     err = _one_line_error(capsys)
     assert f"--resume {run}" in err and "another --out" in err
     assert _snapshot(run) == before
@@ -74,7 +76,7 @@ def test_new_run_refuses_an_existing_run_without_resume(finished, tmp_path, caps
 def test_new_run_into_an_empty_folder_works(finished, tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
-    assert cli.train_main(["--data", finished[0], "--out", str(out), *_argv()]) == 0
+    assert cli_train.train_main(["--data", finished[0], "--out", str(out), *_argv()]) == 0
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
 
 
@@ -86,7 +88,7 @@ def test_unusable_out_fails_in_one_line_before_the_data(tmp_path, capsys):
     if os.path.isdir("/sys") and not os.path.exists("/sys/lipschitz-train-test"):
         outs.append("/sys/lipschitz-train-test")  # sysfs: not writable even as root
     for out in outs:
-        assert cli.train_main(["--data", str(tmp_path / "absent.txt"), "--out", out, *_argv()]) == 2, out
+        assert cli_train.train_main(["--data", str(tmp_path / "absent.txt"), "--out", out, *_argv()]) == 2, out
         err = _one_line_error(capsys)
         assert out in err and "data file not found" not in err, err
     assert a_file.read_text() == "x"
@@ -98,7 +100,7 @@ def test_read_only_out_fails_in_one_line(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        assert cli.train_main(["--data", str(tmp_path / "absent.txt"), "--out", str(ro), *_argv()]) == 2
+        assert cli_train.train_main(["--data", str(tmp_path / "absent.txt"), "--out", str(ro), *_argv()]) == 2
         assert "cannot write" in _one_line_error(capsys)
     finally:
         ro.chmod(0o755)
@@ -130,7 +132,7 @@ def test_resume_falls_back_to_best_when_latest_is_unusable(finished, tmp_path, c
     run = _copy(finished, tmp_path)
     best_step = torch.load(os.path.join(run, "best.pt"), weights_only=True)["step"]
     _corrupt(os.path.join(run, "latest.pt"), kind)
-    assert cli.train_main(["--resume", run, "--quiet", "--steps", "5"]) == 0
+    assert cli_train.train_main(["--resume", run, "--quiet", "--steps", "5"]) == 0
     err = capsys.readouterr().err
     assert "latest.pt" in err and f"using {os.path.join(run, 'best.pt')}" in err, err
     assert json.loads(open(os.path.join(run, "summary.json")).read())["steps"] == 5
@@ -142,7 +144,7 @@ def test_resume_with_no_usable_checkpoint_fails_in_one_line(finished, tmp_path, 
     run = _copy(finished, tmp_path)
     _corrupt(os.path.join(run, "latest.pt"), "truncated")
     _corrupt(os.path.join(run, "best.pt"), "random")
-    assert cli.train_main(["--resume", run, "--quiet"]) == 2
+    assert cli_train.train_main(["--resume", run, "--quiet"]) == 2
     err = _one_line_error(capsys)
     assert "latest.pt is not a lipschitz-train checkpoint" in err and "best.pt is not" in err
 
@@ -151,8 +153,8 @@ def test_resume_with_no_usable_checkpoint_fails_in_one_line(finished, tmp_path, 
 def test_eval_uses_latest_when_best_is_corrupt(finished, tmp_path, capsys, kind):
     run = _copy(finished, tmp_path)
     _corrupt(os.path.join(run, "best.pt"), kind)
-    assert cli.eval_main(["certify", run, "--which", "best", "--json"]) == 0
-    assert cli.eval_main(["sample", run, "--chars", "5"]) == 0
+    assert cli_eval.eval_main(["certify", run, "--which", "best", "--json"]) == 0
+    assert cli_eval.eval_main(["sample", run, "--chars", "5"]) == 0
     err = capsys.readouterr().err
     assert f"using {os.path.join(run, 'latest.pt')}" in err, err
     ckpt, _, path = read_checkpoint(run, ("best", "latest"))
@@ -166,12 +168,12 @@ def test_data_path_is_stored_absolute(finished, tmp_path, monkeypatch, capsys):
     elsewhere.mkdir()
     shutil.copy(finished[0], work / "corpus.txt")
     monkeypatch.chdir(work)
-    assert cli.train_main(["--data", "corpus.txt", "--out", "run", *_argv(steps=2, eval_every=2)]) == 0
+    assert cli_train.train_main(["--data", "corpus.txt", "--out", "run", *_argv(steps=2, eval_every=2)]) == 0
     cfg = json.loads((work / "run" / "config.json").read_text())
     assert cfg["data"] == str(work / "corpus.txt") and cfg["out"] == str(work / "run")
     monkeypatch.chdir(elsewhere)
-    assert cli.train_main(["--resume", str(work / "run"), "--quiet", "--steps", "3"]) == 0
-    assert cli.eval_main(["accuracy", str(work / "run"), "--protocol", "spread", "--json"]) == 0
+    assert cli_train.train_main(["--resume", str(work / "run"), "--quiet", "--steps", "3"]) == 0
+    assert cli_eval.eval_main(["accuracy", str(work / "run"), "--protocol", "spread", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 3
 
 
@@ -185,8 +187,8 @@ def test_old_run_folder_with_a_relative_data_path_still_loads(finished, tmp_path
         ck["config"]["data"] = "text.txt"
         torch.save(ck, os.path.join(run, name))
     monkeypatch.chdir(tmp_path)  # text.txt is not here: found beside the run
-    assert cli.eval_main(["accuracy", run, "--protocol", "spread", "--json"]) == 0
-    assert cli.train_main(["--resume", run, "--quiet", "--steps", "5"]) == 0
+    assert cli_eval.eval_main(["accuracy", run, "--protocol", "spread", "--json"]) == 0
+    assert cli_train.train_main(["--resume", run, "--quiet", "--steps", "5"]) == 0
     assert json.loads(open(os.path.join(run, "config.json")).read())["data"] == os.path.join(run, "text.txt")
 
 
@@ -208,7 +210,7 @@ def test_leftover_temporaries_of_a_killed_run_are_removed(finished, tmp_path):
     stale = [os.path.join(run, "latest.pt.tmp-999999"), os.path.join(run, "metrics.jsonl.tmp-12")]
     for p in stale:
         open(p, "wb").write(b"half a checkpoint")
-    assert cli.train_main(["--resume", run, "--quiet"]) == 0
+    assert cli_train.train_main(["--resume", run, "--quiet"]) == 0
     assert not any(os.path.exists(p) for p in stale)
     assert not any(".tmp-" in n for n in os.listdir(run))
 
@@ -232,7 +234,7 @@ def test_eval_refuses_unusable_flags_in_one_line(finished, tmp_path, capsys, arg
     argv = [a if a != "RUN" else run for a in argv]
     cmd, rest = argv[0], argv[1:]
     where = [run] if cmd == "certify" else ["--checkpoint", run, "--out", str(tmp_path / "o")]
-    assert cli.eval_main([cmd, *where, *rest]) == 2
+    assert cli_eval.eval_main([cmd, *where, *rest]) == 2
     assert needle in _one_line_error(capsys, "lipschitz-eval")
     assert not (tmp_path / "o").exists()
 
@@ -242,13 +244,13 @@ def test_eval_refuses_unusable_flags_in_one_line(finished, tmp_path, capsys, arg
 def test_eval_device_cuda_without_cuda_fails_in_one_line(finished, tmp_path, capsys, cmd):
     run = finished[1]
     where = [run] if cmd in ("certify", "sample", "accuracy") else ["--checkpoint", run, "--out", str(tmp_path / "o")]
-    assert cli.eval_main([cmd, *where, "--device", "cuda"]) == 2
+    assert cli_eval.eval_main([cmd, *where, "--device", "cuda"]) == 2
     assert "no CUDA device" in _one_line_error(capsys, "lipschitz-eval")
 
 
 @pytest.mark.parametrize("field, value", [("steps", 2.7), ("batch_size", 8.0), ("eval_every", True), ("seed", "1")])
 def test_integer_settings_must_be_integers(field, value):
-    from lipschitz_ext import config as C
+    from lipschitz_ext.training import config as C
 
     with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be an integer"):
         C.config_from_preset("shakespeare-cpu", **{field: value})

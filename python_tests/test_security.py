@@ -23,9 +23,13 @@ import pytest
 import torch
 
 import lipschitz_ext
-from lipschitz_ext import cli, data as data_mod
-from lipschitz_ext import run as run_mod
-from lipschitz_ext.certify import certify
+from lipschitz_ext.cli import eval as cli_eval
+from lipschitz_ext.cli import train as cli_train
+from lipschitz_ext.data import text as data_mod
+from lipschitz_ext.storage import files as run_mod_files
+from lipschitz_ext.training import run as run_mod_run
+from lipschitz_ext.storage import folder as run_mod_folder
+from lipschitz_ext.certify.certificate import certify
 from lipschitz_ext.nn import GPTConfig, LipschitzGPT
 from tiny_runs import TINY, tiny_run, write_corpus
 
@@ -67,14 +71,14 @@ def test_malicious_checkpoint_is_refused_not_executed(tmp_path, capsys):
     marker = str(tmp_path / "marker")
     run = _malicious_run_folder(tmp_path / "run", marker)
     for argv in (["certify", run], ["sample", run, "--chars", "3"], ["accuracy", run]):
-        assert cli.eval_main(argv) == 2, argv
+        assert cli_eval.eval_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "refused" in err and "execute code" in err and "Traceback" not in err, err
         assert not os.path.exists(marker), f"lipschitz-eval {argv[0]} executed the checkpoint's code"
-    assert cli.train_main(["--resume", run, "--quiet"]) == 2
+    assert cli_train.train_main(["--resume", run, "--quiet"]) == 2
     assert "refused" in capsys.readouterr().err
-    with pytest.raises(run_mod.CheckpointError, match="refused"):
-        run_mod.load_run(run)
+    with pytest.raises(run_mod_files.CheckpointError, match="refused"):
+        run_mod_run.load_run(run)
     assert not os.path.exists(marker), "resuming executed the checkpoint's code"
 
 
@@ -92,7 +96,7 @@ def test_committed_checkpoints_load_as_plain_tensors(capsys):
             assert lipschitz_ext.load_run(os.path.dirname(p)).model is not None, p
     run = next(os.path.dirname(p) for p in paths
                if torch.load(p, weights_only=True)["config"].get("model") == "lipschitz")
-    assert cli.eval_main(["certify", run, "--json"]) == 0
+    assert cli_eval.eval_main(["certify", run, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["bound"] > 0
 
 
@@ -108,7 +112,7 @@ def cases(cfg):
 
 
 def test_planted_bench_folder_in_cwd_does_not_run(tmp_path, monkeypatch, capsys):
-    from lipschitz_ext.bench import cli as bench_cli
+    from lipschitz_ext.cli import bench as bench_cli
     from lipschitz_ext.bench import registry
 
     marker = tmp_path / "marker"
@@ -134,12 +138,12 @@ def test_planted_bench_folder_in_cwd_does_not_run(tmp_path, monkeypatch, capsys)
 # ---------------------------------------------------------------------------
 def _launch(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lipschitz_ext.train", *argv], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "lipschitz_ext.cli.train", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _steps_logged(out: str) -> list[int]:
-    return [r["step"] for r in run_mod.read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in r]
+    return [r["step"] for r in run_mod_files.read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in r]
 
 
 def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -162,12 +166,12 @@ def test_second_trainer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path
         _wait_for(lambda: os.path.isfile(os.path.join(out, "latest.pt")) and len(_steps_logged(out)) >= 2, first)
         # a second trainer, resuming (--steps keeps it short should it run) or new with the same --out
         step = torch.load(os.path.join(out, "latest.pt"), weights_only=True)["step"]
-        assert cli.train_main(["--resume", out, "--quiet", "--steps", str(step + 2)]) == 2
+        assert cli_train.train_main(["--resume", out, "--quiet", "--steps", str(step + 2)]) == 2
         err = capsys.readouterr().err
         assert f"another lipschitz-train process (pid {first.pid}" in err and "Traceback" not in err, err
-        assert cli.train_main(["--data", corpus, "--out", out, "--quiet", *_flags(TINY)]) == 2
+        assert cli_train.train_main(["--data", corpus, "--out", out, "--quiet", *_flags(TINY)]) == 2
         assert "--out" in capsys.readouterr().err
-        lock = os.path.join(out, run_mod.LOCK_NAME)
+        lock = os.path.join(out, run_mod_folder.LOCK_NAME)
         assert open(lock).read().split()[0] == str(first.pid)  # the holder, named for the message
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -177,7 +181,7 @@ def test_second_trainer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path
             first.wait()
     # the kernel released the killed process's lock: the next run takes it over
     step = torch.load(os.path.join(out, "latest.pt"), weights_only=True)["step"]
-    assert cli.train_main(["--resume", out, "--quiet", "--steps", str(step + 5)]) == 0
+    assert cli_train.train_main(["--resume", out, "--quiet", "--steps", str(step + 5)]) == 0
     assert "took over the lock" in capsys.readouterr().err
     steps = _steps_logged(out)
     assert len(steps) == len(set(steps)) and steps == sorted(steps), steps

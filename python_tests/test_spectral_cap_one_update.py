@@ -124,7 +124,7 @@ def test_opcheck_tall_wide_and_per_matrix():
 def test_constraint_still_caps_far_out_of_range_weights():
     """The one update changes nothing about the RMS-frame pre-scale: a weight 50x above
     the cap still comes back under it."""
-    from lipschitz_ext.constraints import SpectralSoftCap
+    from lipschitz_ext.constraints.spectral import SpectralSoftCap
 
     torch.manual_seed(1)
     W = torch.randn(2, 64, 32) * 50.0

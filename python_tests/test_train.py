@@ -11,11 +11,12 @@ import textwrap
 import pytest
 import torch
 
-from lipschitz_ext import config as C
-from lipschitz_ext import evaluate as EV
-from lipschitz_ext import optimizers as O
-from lipschitz_ext import runtime as RT
-from lipschitz_ext import train as T
+from lipschitz_ext.cli.train import train_main
+from lipschitz_ext.training import config as C
+from lipschitz_ext.evaluation import metrics as EV
+from lipschitz_ext.training import optimizers as O
+from lipschitz_ext.training import runtime as RT
+from lipschitz_ext.training import loop as T
 
 TINY = dict(target_bound=0.0, d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8, steps=12, eval_every=6,
             eval_batches=2, log_every=3, sample_chars=40, head_sigma_max=4.0, device="cpu", threads=1)
@@ -92,7 +93,7 @@ def test_bf16_autocast_trains_and_evaluates_in_float32(corpus, tmp_path, model):
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     assert losses[-1] < losses[0]
     # weights stay float32; the reported evaluation is the float32 model's
-    from lipschitz_ext.run import load_run_data
+    from lipschitz_ext.training.run import load_run_data
 
     net, cfg, data = load_run_data(str(tmp_path / model), which="latest")
     assert all(p.dtype == torch.float32 for p in net.parameters())
@@ -119,8 +120,8 @@ def test_logit_scale_is_a_loss_temperature_only(corpus, tmp_path):
     with logit_scale 1 gives the same accuracy and a different loss."""
     import dataclasses
 
-    from lipschitz_ext import data as D
-    from lipschitz_ext.certify import certify
+    from lipschitz_ext.data import text as D
+    from lipschitz_ext.certify.certificate import certify
 
     s = run(corpus, tmp_path / "t", pos_bias="learned", logit_scale=4.0, head_sigma_max=1.0, steps=6,
             eval_every=6)
@@ -190,7 +191,7 @@ def test_explicit_sigma_max_replaces_preset_group_caps():
 def test_target_bound_scales_the_head_by_the_worst_case():
     """--target-bound multiplies the head cap and head lr by k = target / worst case (less
     a relative margin of 1e-3) and divides the loss temperature by k."""
-    from lipschitz_ext.certify import worst_case_certificate
+    from lipschitz_ext.certify.certificate import worst_case_certificate
 
     base = C.config_from_preset("shakespeare-cpu", target_bound=0.0)
     cfg = C.apply_target_bound(C.config_from_preset("shakespeare-cpu", target_bound=2.0))
@@ -258,13 +259,13 @@ def test_bad_configs(kw, match):
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert T.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
+    assert train_main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
     assert "data file not found" in capsys.readouterr().err
     short = tmp_path / "short.txt"
     short.write_text("hello", encoding="utf-8")
-    assert T.main(["--data", str(short), "--out", str(tmp_path / "y")]) == 2
+    assert train_main(["--data", str(short), "--out", str(tmp_path / "y")]) == 2
     assert "too short" in capsys.readouterr().err
-    assert T.main(["--resume", str(tmp_path / "nothing")]) == 2
+    assert train_main(["--resume", str(tmp_path / "nothing")]) == 2
 
 
 def test_resume_with_other_vocabulary_is_refused(corpus, tmp_path):
@@ -293,7 +294,8 @@ def test_sigterm_leaves_resumable_checkpoint(corpus, tmp_path):
     out = tmp_path / "sig"
     code = textwrap.dedent(f"""
         import os, signal, sys
-        from lipschitz_ext import data, train as T
+        from lipschitz_ext.data import text as data
+        from lipschitz_ext.cli.train import train_main
         calls = [0]
         real_next = data.BatchSampler.next
         def next_and_signal(self, device="cpu"):
@@ -302,7 +304,7 @@ def test_sigterm_leaves_resumable_checkpoint(corpus, tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
             return real_next(self, device)
         data.BatchSampler.next = next_and_signal
-        sys.exit(T.main(["--data", {corpus!r}, "--out", {str(out)!r}, "--quiet"] + {T_args()!r}))
+        sys.exit(train_main(["--data", {corpus!r}, "--out", {str(out)!r}, "--quiet"] + {T_args()!r}))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 130, r.stderr
@@ -322,7 +324,7 @@ def T_args():
 
 def test_sweep_writes_frontier(corpus, tmp_path):
     out = tmp_path / "sw"
-    assert T.main(["sweep", "--sigma-max", "0.5,2", "--constraint", "soft_cap,normalize", "--data", corpus,
+    assert train_main(["sweep", "--sigma-max", "0.5,2", "--constraint", "soft_cap,normalize", "--data", corpus,
                    "--out", str(out), "--quiet", *T_args()]) == 0
     lines = (out / "frontier.csv").read_text().splitlines()
     assert len(lines) == 5 and lines[0].startswith("constraint,sigma_max,certified_bound")
@@ -336,7 +338,7 @@ def test_sweep_writes_frontier(corpus, tmp_path):
 def torchrun2(corpus, out, port, *extra):
     """``lipschitz-train`` on the TINY config under a 2-process CPU (gloo) torchrun; the summary."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "lipschitz_ext.train", "--data", corpus, "--out", str(out), "--quiet", *T_args(), *extra]
+           "-m", "lipschitz_ext.cli.train", "--data", corpus, "--out", str(out), "--quiet", *T_args(), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())

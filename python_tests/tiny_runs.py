@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from lipschitz_ext import config as C
-from lipschitz_ext import train as T
+from lipschitz_ext.training import config as C
+from lipschitz_ext.training import loop as T
 
 
 #: A 4-step run of a one-block d=32 model in float32 on one thread (seconds on a CPU).

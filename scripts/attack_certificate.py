@@ -26,7 +26,8 @@ import math
 import torch
 
 from lipschitz_ext import nn as lnn
-from lipschitz_ext.certify import _project, attack_lipschitz, certify
+from lipschitz_ext.certify.attacks import _project, attack_lipschitz
+from lipschitz_ext.certify.certificate import certify
 
 #: (label, softmax_scale, pos_bias, n_layers, input radius)
 MODELS = [
@@ -108,7 +109,7 @@ def radii(steps: int, restarts: int, seed: int) -> None:
 
 
 def trained(run_dir: str, steps: int, restarts: int, seed: int, structured: bool) -> None:
-    from lipschitz_ext.run import load_run
+    from lipschitz_ext.training.run import load_run
 
     model = load_run(run_dir, "latest").model.double()
     radius = model.input_rms()

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..storage.files import json_safe
 from .peak import PeakProbe
 from .registry import Case, dtype_name, peak_key_for
 from .timing import Timing
@@ -119,6 +120,4 @@ def result_path(out_dir: Path, device: torch.device, label: str, when: _dt.datet
 
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    from ..run import json_safe
-
     path.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")  # strict JSON

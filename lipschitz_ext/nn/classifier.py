@@ -11,7 +11,7 @@ with ``mean`` a fixed buffer (input centring, a translation: Lipschitz constant 
 gradient norm), so ``||f(x) - f(x')||_2 <= prod_k sigma_max(W_k) * ||x - x'||_2``; biases
 do not change the constant. The optimizer keeps each ``sigma_max(W_k) <= cap`` (see
 :meth:`LipschitzMLPClassifier.param_groups_spec`); the certificate is computed from the
-weights themselves (``lipschitz_ext.classifier_certify``). With ``constrained=False`` the
+weights themselves (``lipschitz_ext.certify.classifier``). With ``constrained=False`` the
 same network is the unconstrained baseline.
 """
 

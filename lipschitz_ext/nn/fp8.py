@@ -1,6 +1,6 @@
 """The ``"fp8"`` attention backend: :func:`lipschitz_ext.ops.fp8_attention` with
 static q/k/v scales (set from the certificate by
-:func:`lipschitz_ext.fp8_scales.configure_fp8_attention`)."""
+:func:`lipschitz_ext.certify.configure_fp8_attention`)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def fp8_backend_of(model: torch.nn.Module) -> Fp8AttentionBackend | None:
     ``model``: a ``LipschitzGPT`` (all its layers share one instance), a
     ``LipschitzAttention`` or any module holding them (DDP / compiled wrappers
     included). Set ``.scales`` on the result (or call
-    :func:`lipschitz_ext.fp8_scales.configure_fp8_attention`) to change this
+    :func:`lipschitz_ext.certify.configure_fp8_attention`) to change this
     model's scales only.
     """
     if not isinstance(model, torch.nn.Module):

@@ -123,7 +123,7 @@ def fp8_attention(
         q_scale, k_scale, v_scale: static per-tensor scales; each tensor is stored
             as ``e4m3(x / scale)`` and entries with ``|x / scale| > 448`` saturate
             (count them with :func:`fp8_saturation_count`; choose the scales with
-            :func:`lipschitz_ext.fp8_scales.fp8_static_scales`). Powers of two
+            :func:`lipschitz_ext.nn.fp8_scales.fp8_static_scales`). Powers of two
             make the division exact.
         backward: ``"exact"`` or ``"saved"`` statistics for the gradient (see
             the module docstring).

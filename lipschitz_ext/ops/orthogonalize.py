@@ -43,7 +43,7 @@ def native_bf16_matmul(device: Union[torch.device, str]) -> bool:
     CUDA: where ``torch.cuda.is_bf16_supported()``. CPU: an x86 core with AVX512-BF16
     or AMX (torch's ``torch.cpu`` probes; oneDNN then multiplies bf16 natively);
     without them oneDNN emulates bf16 and float32 is faster. Other devices: False.
-    ``lipschitz_ext.runtime.native_bf16`` (which picks autocast) calls this one.
+    ``lipschitz_ext.training.runtime.native_bf16`` (which picks autocast) calls this one.
     """
     dev = torch.device(device)
     if dev.type == "cuda":

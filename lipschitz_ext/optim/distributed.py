@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
 from .bucket import Bucket, gather_cstate, overlaps, scatter_cstate, stack
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .muon import Muon
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -53,6 +50,17 @@ class Mode:
 
 
 LOCAL = Mode("local")
+
+
+class BucketUpdater(Protocol):
+    """What a distributed step needs from its optimizer (:class:`~lipschitz_ext.optim.Muon`
+    provides it): the stacked update direction of some of a bucket's matrices, and the
+    in-place update of a stack of them."""
+
+    def direction(self, group: dict[str, Any], entries: list, pieces) -> torch.Tensor: ...
+
+    def update_(self, group: dict[str, Any], W: torch.Tensor, G: torch.Tensor, hyper: dict, cstate: dict,
+                commit_to: Any = "self") -> None: ...
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -126,21 +134,22 @@ def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def _cstate_layout(opt: "Muon", gi: int, bucket: Bucket, cstate: dict, group: Any) -> dict:
+def _cstate_layout(layouts: dict, gi: int, bucket: Bucket, cstate: dict, group: Any) -> dict:
     """Keys, trailing shapes and dtypes of the constraint state, agreed from group rank 0.
 
     Rank 0 always holds a non-empty chunk; ranks with none (K < world) learn the
     layout from it. Cached per (param group, bucket).
     """
     key = (gi, bucket.key)
-    if key not in opt._layout_cache:
+    if key not in layouts:
         obj = [{k: (tuple(v.shape[1:]), v.dtype) for k, v in cstate.items()}]
         dist.broadcast_object_list(obj, src=dist.get_global_rank(group, 0), group=group)
-        opt._layout_cache[key] = obj[0]
-    return opt._layout_cache[key]
+        layouts[key] = obj[0]
+    return layouts[key]
 
 
-def replicated_step(opt: "Muon", gi: int, group: dict, bucket: Bucket, hyper: dict, mode: Mode) -> None:
+def replicated_step(opt: BucketUpdater, gi: int, group: dict, bucket: Bucket, hyper: dict, mode: Mode,
+                    layouts: dict) -> None:
     """Each rank updates ``ceil(K / world)`` of the bucket's matrices; all-gather the rest."""
     pg = mode.group
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
@@ -167,7 +176,7 @@ def replicated_step(opt: "Muon", gi: int, group: dict, bucket: Bucket, hyper: di
     torch._foreach_copy_(values, list(out[:K].split(counts)))
     if group["constraint"] is None:
         return
-    layout = _cstate_layout(opt, gi, bucket, cstate, pg)
+    layout = _cstate_layout(layouts, gi, bucket, cstate, pg)
     full: dict = {}
     for k, (shape, dtype) in layout.items():
         piece = cstate.get(k)
@@ -185,7 +194,7 @@ def _shard_sizes(length: int, world: int) -> list[int]:
     return [max(0, min(size, length - r * size)) for r in range(world)]
 
 
-def sharded_step(opt: "Muon", gi: int, group: dict, bucket: Bucket, hyper: dict, mode: Mode) -> None:
+def sharded_step(opt: BucketUpdater, gi: int, group: dict, bucket: Bucket, hyper: dict, mode: Mode) -> None:
     """FSDP2 path: all-to-all whole matrices to owners, update there, all-to-all back."""
     pg, axis = mode.group, mode.axis
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)

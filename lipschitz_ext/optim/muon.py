@@ -40,6 +40,7 @@ import torch.distributed as dist
 import functools
 from dataclasses import dataclass, field
 
+from .. import constraints
 from ..ops import ns_max_gain, orthogonalize
 from ..ops.choices import choose
 from . import distributed as _dist
@@ -329,8 +330,6 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         super().add_param_group(param_group)
         g = self.param_groups[-1]
         if isinstance(g["constraint"], str):
-            from .. import constraints  # lazy: optim must import without it
-
             g["constraint"] = constraints.make_constraint(g["constraint"])
         c = g["constraint"]
         if c is not None and not callable(getattr(c, "apply_", None)):
@@ -713,7 +712,7 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
             hyper["ok"] = ok.to(dev)
             hyper["gate"] = hyper["ok"].to(bucket.key[3])  # 1 / 0, exact in every float dtype
         if mode.kind == "replicated":
-            _dist.replicated_step(self, gi, group, bucket, hyper, mode)
+            _dist.replicated_step(self, gi, group, bucket, hyper, mode, self._layout_cache)
         elif mode.kind == "sharded":
             _dist.sharded_step(self, gi, group, bucket, hyper, mode)
         else:

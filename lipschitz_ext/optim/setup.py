@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .. import constraints
 from .adam import ConstrainedAdam, describe_nonfinite, nonfinite_grads
 from .muon import Muon, NonFiniteGradient
 
@@ -111,8 +112,6 @@ def _make(spec: ConstraintSpec, sigma: float, kwarg: str = "sigma_max"):
     if spec is None:
         return None
     if isinstance(spec, str):
-        from .. import constraints  # lazy: the constraints module is only needed by name
-
         if spec == "none":
             return None
         # which names take a cap: the registry in constraints.py (one home for constraint facts)

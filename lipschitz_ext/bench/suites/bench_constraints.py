@@ -335,7 +335,7 @@ def soft_cap_ab(shapes=((24, 3072, 768), (48, 768, 768)), repeats: int = 15, alp
 
 #: method -> (choice it is a candidate of or None, value, callable on one bucket W)
 def _ratio_methods() -> dict[str, tuple]:
-    from lipschitz_ext.constraints import SpectralHardCap
+    from lipschitz_ext.constraints.spectral import SpectralHardCap
     from lipschitz_ext.optim import resolve_ns_dtype
 
     b, steps = P["sigma_max"], P["steps"]
@@ -521,6 +521,6 @@ if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite constra
             with open(sys.argv[3], "w") as f:
                 json.dump(result, f, indent=1)
         sys.exit(0)
-    from lipschitz_ext.bench.cli import main
+    from lipschitz_ext.cli.bench import main
 
     sys.exit(main(["--suite", "constraints", *sys.argv[1:]]))

@@ -145,7 +145,7 @@ def step_flops(model: str) -> float:
 
 def preset_hidden_shapes(preset: str = "shakespeare-cpu") -> list[tuple[int, int]]:
     """The hidden (Muon, constrained) matrix shapes of a training preset's model."""
-    from lipschitz_ext import config
+    from lipschitz_ext.training import config
 
     model = config.build_model(config.config_from_preset(preset), 65)
     return [tuple(p.shape) for d in model.param_groups_spec() if d["kind"] == "hidden" for p in d["params"]]
@@ -343,6 +343,6 @@ def cases(cfg) -> list:
 if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite optim [its options]
     import sys
 
-    from lipschitz_ext.bench.cli import main
+    from lipschitz_ext.cli.bench import main
 
     sys.exit(main(["--suite", "optim", *sys.argv[1:]]))

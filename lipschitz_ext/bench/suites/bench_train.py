@@ -4,10 +4,10 @@
     lipschitz-bench --suite train --device cuda
     python -m lipschitz_ext.bench.suites.bench_train [lipschitz-bench options]   # the same
 
-The step is :mod:`lipschitz_ext.train`'s: ``loss = training_loss_fn(model)(x, y)`` (forward
+The step is :mod:`lipschitz_ext.training.loop`'s: ``loss = training_loss_fn(model)(x, y)`` (forward
 under the preset's resolved autocast, cross-entropy in float32), ``loss.backward()``,
 ``opt.step()``, ``opt.zero_grad()``, on the model and optimizer ``lipschitz-train`` builds
-(:func:`lipschitz_ext.config.build_model`, :func:`lipschitz_ext.optimizers.build_optimizer`).
+(:func:`lipschitz_ext.training.config.build_model`, :func:`lipschitz_ext.training.optimizers.build_optimizer`).
 Shapes: the ``shakespeare-cpu`` preset on a CPU (batch 32 x 128 tokens, d 128, 2 layers, MLP
 8d, positional attention), the ``shakespeare`` preset on CUDA, a one-block d=32 model in
 ``--smoke``.
@@ -41,12 +41,12 @@ import functools
 
 import torch
 
-from lipschitz_ext import config as C
+from lipschitz_ext.training import config as C
 from lipschitz_ext.bench import Case, Setup, Skip, SuiteConfig
 from lipschitz_ext.nn import LipschitzGPT
-from lipschitz_ext.optimizers import build_optimizer
-from lipschitz_ext.runtime import resolve_autocast
-from lipschitz_ext.train import training_loss_fn
+from lipschitz_ext.training.optimizers import build_optimizer
+from lipschitz_ext.training.runtime import resolve_autocast
+from lipschitz_ext.training.loop import training_loss_fn
 
 #: Characters of the built-in corpus's vocabulary (the shakespeare presets' tokenizer).
 VOCAB = 65
@@ -161,6 +161,6 @@ def cases(cfg: SuiteConfig) -> list[Case]:
 if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite train [its options]
     import sys
 
-    from lipschitz_ext.bench.cli import main
+    from lipschitz_ext.cli.bench import main
 
     sys.exit(main(["--suite", "train", *sys.argv[1:]]))
