@@ -126,7 +126,7 @@ def _print_run(run: CaseRun) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``lipschitz-bench`` / ``python -m lipschitz_ext.bench``; returns the exit code."""
+    """Entry point of ``lipschitz-bench`` / ``python -m lipschitz_ext.cli.bench``; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
         return _threaded(args)
@@ -205,3 +205,7 @@ def _run(args: argparse.Namespace) -> int:
     if failed:
         print(f"lipschitz-bench: {failed} case(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,10 +12,10 @@ __all__ = ["pyplot", "save_figure", "plot_curves", "plot_frontier"]
 
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
+    import matplotlib  # optional until a figure is drawn; the backend must be set before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     return plt
 

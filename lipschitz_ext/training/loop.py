@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..certify.fp8 import configure_fp8_attention
 from ..data import text as data_mod
@@ -365,8 +366,6 @@ def _restore_last_eval(run: Run) -> None:
 def loop(run: Run, quiet: bool = False) -> tuple[str, str]:
     """Train until ``--steps``, the time budget, ``--stop-after``, a signal or a non-finite
     loss; returns ``(status, message)``."""
-    from tqdm import tqdm
-
     cfg, dist, device = run.cfg, run.dist, run.device
     # under a time schedule --steps is only an upper limit: no step total to show
     bar = tqdm(total=None if cfg.schedule == "time" else cfg.steps, initial=run.step,

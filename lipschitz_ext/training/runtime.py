@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..ops.orthogonalize import native_bf16_matmul
 
@@ -83,7 +84,7 @@ def compile_counters() -> dict[str, int]:
     recompilation included), ``graphs`` (unique graphs) and ``graph_breaks``. A run reads
     them before and after to count its own compilations: one frame and one graph, no
     break, for a compiled training step that never recompiles."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # dynamo is heavy to import and only needed when a run compiles
 
     return {"frames": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"]),
             "graph_breaks": int(sum(counters["graph_break"].values()))}
@@ -126,8 +127,6 @@ def init_distributed(device: torch.device) -> Dist:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU) when ``WORLD_SIZE`` > 1."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
-    import torch.distributed as dist
-
     backend = "nccl" if device.type == "cuda" else "gloo"
     owns = not dist.is_initialized()
     if owns:

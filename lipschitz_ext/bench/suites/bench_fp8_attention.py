@@ -31,9 +31,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lipschitz_ext.ops import fp8_attention
 from lipschitz_ext.ops.fp8_attention import fp8_attention_bwd_path, quantize_e4m3
+from lipschitz_ext.bench import Case, Setup, Skip
 
 GPU_CONFIGS = [(4, 16, n, d) for d in (64, 128) for n in (1024, 4096, 16384)]
 CPU_CONFIGS = [(1, 2, 256, 64)]
@@ -76,8 +78,6 @@ def sdpa_forward(q, k, v, causal: bool, backend: Optional[str] = None) -> torch.
     """bf16 SDPA with scale 1/d; ``backend`` forces one SDPBackend member by name."""
     if backend is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0 / q.shape[-1])
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel(getattr(SDPBackend, backend)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0 / q.shape[-1])
 
@@ -90,8 +90,6 @@ def forward_backward(forward: Callable[..., torch.Tensor], q, k, v, grad_out, ca
 
 def _setup(fn, config, causal: bool, backward: bool, device, seed: int, n_sets: int, probe: bool,
            e4m3: bool = False, **kw):
-    from lipschitz_ext.bench import Setup, Skip
-
     sets = [make_inputs(*config, device, seed + i, requires_grad=backward) for i in range(n_sets)]
     if e4m3:  # quantized once here, outside the timed call (unit scales)
         sets = [tuple(quantize_e4m3(t, 1.0) for t in s) for s in sets]
@@ -107,8 +105,6 @@ def _setup(fn, config, causal: bool, backward: bool, device, seed: int, n_sets: 
 
 def cases(cfg) -> list:
     """The attention cases for ``cfg`` (a ``lipschitz_ext.bench.SuiteConfig``)."""
-    from lipschitz_ext.bench import Case
-
     configs = SMOKE_CONFIGS if cfg.smoke else (GPU_CONFIGS if cfg.is_cuda else CPU_CONFIGS)
     # The backward kernel this process's LIPSCHITZ_FP8_ATTN_BWD selects, on this device.
     major = torch.cuda.get_device_capability(cfg.device)[0] if cfg.is_cuda else 0

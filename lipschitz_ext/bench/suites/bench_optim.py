@@ -40,6 +40,9 @@ import torch
 
 from lipschitz_ext import constraints, ops
 from lipschitz_ext.optim import Muon
+from lipschitz_ext.bench import Case, Setup, Skip
+from lipschitz_ext.optim import resolve_ns_dtype
+from lipschitz_ext.training import config
 
 #: model -> (layers, d); "gpt2_block" is one GPT-2 layer (CPU runs), "smoke" the CI smoke.
 MODELS: dict[str, tuple[int, int]] = {
@@ -145,8 +148,6 @@ def step_flops(model: str) -> float:
 
 def preset_hidden_shapes(preset: str = "shakespeare-cpu") -> list[tuple[int, int]]:
     """The hidden (Muon, constrained) matrix shapes of a training preset's model."""
-    from lipschitz_ext.training import config
-
     model = config.build_model(config.config_from_preset(preset), 65)
     return [tuple(p.shape) for d in model.param_groups_spec() if d["kind"] == "hidden" for p in d["params"]]
 
@@ -165,8 +166,6 @@ def make_muon_step(impl: str, params: list[torch.nn.Parameter], soft_cap: bool) 
         return opt.step
     if impl == "torch_optim_muon":
         if not hasattr(torch.optim, "Muon"):
-            from lipschitz_ext.bench import Skip
-
             raise Skip(f"torch {torch.__version__} has no torch.optim.Muon")
         return _torch_muon_step(params, soft_cap)
     raise ValueError(f"bench_optim: unknown impl {impl!r}; choose from {MUON_IMPLS}")
@@ -182,8 +181,6 @@ def ns_flops(shapes: list[tuple[int, int]]) -> float:
 
 
 def _muon_factory(impl: str, shapes: list[tuple[int, int]], dtype: torch.dtype, device: str, soft_cap: bool):
-    from lipschitz_ext.bench import Setup
-
     def build(n_sets: int) -> Setup:
         g = torch.Generator().manual_seed(0)
         params = []
@@ -200,9 +197,6 @@ def _muon_factory(impl: str, shapes: list[tuple[int, int]], dtype: torch.dtype, 
 def muon_cases(cfg) -> list:
     """``muon_step`` / ``muon_step_soft_cap`` on the shakespeare-cpu hidden matrices
     (smoke: two tiny matrices), ours vs torch.optim.Muon and ours in float32."""
-    from lipschitz_ext.bench import Case
-    from lipschitz_ext.optim import resolve_ns_dtype
-
     device = str(cfg.device)
     dtype = cfg.dtype or torch.float32
     shapes = [(16, 16), (64, 16), (16, 64)] if cfg.smoke else preset_hidden_shapes()
@@ -261,8 +255,6 @@ def make_mlp_step(impl: str, params: list[torch.nn.Parameter], seed: int = 0) ->
 
 
 def _mlp_factory(impl: str, shapes: list[tuple[int, int]], dtype: torch.dtype, device: str):
-    from lipschitz_ext.bench import Setup
-
     def build(n_sets: int) -> Setup:
         g = torch.Generator().manual_seed(0)
         params = []
@@ -280,8 +272,6 @@ def mlp_cases(cfg) -> list:
     """``mlp_step``: the Fashion-MNIST MLP's whole Muon + hard-cap step (``auto`` everywhere),
     beside the same step in float32 / bf16 Newton-Schulz, AdamW's step and the model's
     forward+backward at batch 512, in the same run (smoke: two tiny matrices)."""
-    from lipschitz_ext.bench import Case
-
     device = str(cfg.device)
     dtype = cfg.dtype or torch.float32
     shapes = [(16, 24), (4, 16)] if cfg.smoke else MLP_SHAPES
@@ -298,8 +288,6 @@ def mlp_cases(cfg) -> list:
 
 
 def _factory(impl: str, model: str, dtype: torch.dtype, device: str):
-    from lipschitz_ext.bench import Setup
-
     def build(n_sets: int) -> Setup:
         # One set: a step updates its weights in place, and the GPT-2 set is large.
         params, grads = make_params(model, dtype, device)
@@ -313,8 +301,6 @@ def _factory(impl: str, model: str, dtype: torch.dtype, device: str):
 def cases(cfg) -> list:
     """Cases for the shared runner: one full optimizer step per model (GPU: both
     models; CPU: Shakespeare and one GPT-2 layer, the full set takes ~45 s a step)."""
-    from lipschitz_ext.bench import Case
-
     device = str(cfg.device)
     dtype = cfg.dtype or (torch.bfloat16 if cfg.is_cuda else torch.float32)
     if cfg.smoke:

@@ -47,6 +47,7 @@ from lipschitz_ext.nn import LipschitzGPT
 from lipschitz_ext.training.optimizers import build_optimizer
 from lipschitz_ext.training.runtime import resolve_autocast
 from lipschitz_ext.training.loop import training_loss_fn
+from lipschitz_ext.optim import Muon
 
 #: Characters of the built-in corpus's vocabulary (the shakespeare presets' tokenizer).
 VOCAB = 65
@@ -88,8 +89,6 @@ def _build(tc: C.TrainConfig, model_kind: str, device: torch.device):
 
 
 def _muon_matrices(opt) -> list[tuple[int, int]]:
-    from lipschitz_ext.optim import Muon
-
     return [tuple(p.shape) for o in getattr(opt, "optimizers", []) if isinstance(o, Muon)
             for g in o.param_groups for p in g["params"]]
 
