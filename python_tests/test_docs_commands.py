@@ -94,8 +94,9 @@ def _program(argv: list[str]) -> tuple[str, list[str]]:
     if head == "torchrun" and "-m" in argv and argv[argv.index("-m") + 1] == "lipschitz_ext.cli.train":
         return "lipschitz-train", argv[argv.index("-m") + 2:]
     if head.startswith("python"):
-        if argv[1:3] == ["-m", "lipschitz_ext.bench"]:
-            return "lipschitz-bench", argv[3:]
+        commands = {f"lipschitz_ext.cli.{c}": f"lipschitz-{c}" for c in ("train", "eval", "bench", "classify")}
+        if argv[1:2] == ["-m"] and argv[2:3] and argv[2] in commands:
+            return commands[argv[2]], argv[3:]
         if argv[1:3] == ["-m", "pytest"]:
             return "pytest", argv[3:]
         return "script", argv[1:2]

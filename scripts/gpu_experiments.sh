@@ -49,7 +49,7 @@ export OMP_NUM_THREADS=1
 
 train() {  # train NAME [flags...]: one run in $R/NAME, stopped by the deadline
   local name=$1; shift
-  $PY -m lipschitz_ext.train --data "$DATA" --device $DEV --quiet --out "$R/$name" \
+  $PY -m lipschitz_ext.cli.train --data "$DATA" --device $DEV --quiet --out "$R/$name" \
       --time-budget "$(left)" "$@" > "$R/$name.log" 2>&1
   echo "[$(now)s] $name: exit $? $(grep -o '"val_accuracy": [0-9.]*' "$R/$name/summary.json" 2>/dev/null)"
 }
@@ -100,10 +100,10 @@ for wd in 0.05 0.2; do
   train "frontier/weight_decay-wd$wd" "${FR[@]}" --constraint weight_decay --weight-decay $wd &
 done
 # lr sensitivity (Lipschitz vs baseline, two sizes, 7 lr multipliers)
-(OMP_NUM_THREADS=1 $PY -m lipschitz_ext.eval lr-sensitivity --device $DEV --steps $LR_STEPS --data "$DATA" \
+(OMP_NUM_THREADS=1 $PY -m lipschitz_ext.cli.eval lr-sensitivity --device $DEV --steps $LR_STEPS --data "$DATA" \
    --out "$R/lr-sensitivity" > "$R/lr-sensitivity.log" 2>&1; log "lr-sensitivity: exit $?") &
 # keep waiting while training runs are active; the test job and lr-sensitivity may outlive them
-while pgrep -f "lipschitz_ext.train" > /dev/null; do sleep 3; done
+while pgrep -f "lipschitz_ext.cli.train" > /dev/null; do sleep 3; done
 log "training runs done"
 
 best=$($PY - "$R" <<'EOF'
@@ -125,12 +125,12 @@ EOF
 log "best headline run: ${best:-none}"
 EV=(--device $DEV --batches 8)
 if [ -n "$best" ]; then
-  $PY -m lipschitz_ext.eval robustness --checkpoint "$best" --checkpoint "$R/baseline" \
+  $PY -m lipschitz_ext.cli.eval robustness --checkpoint "$best" --checkpoint "$R/baseline" \
       --eps 0.01,0.02,0.05,0.1,0.2,0.5 --out "$R/eval-robustness" "${EV[@]}" || log "robustness failed"
-  $PY -m lipschitz_ext.eval activations --checkpoint "$best" --baseline "$R/baseline" \
+  $PY -m lipschitz_ext.cli.eval activations --checkpoint "$best" --baseline "$R/baseline" \
       --out "$R/eval-activations" "${EV[@]}" || log "activations failed"
 fi
-$PY -m lipschitz_ext.eval frontier "$R"/frontier/*/ --out "$R/eval-frontier" || log "frontier failed"
+$PY -m lipschitz_ext.cli.eval frontier "$R"/frontier/*/ --out "$R/eval-frontier" || log "frontier failed"
 
 # pack: summaries, metrics, curves, samples, configs, eval outputs; the best headline
 # model's weights (no optimizer state) for CPU-side checks. Packed once now and again
