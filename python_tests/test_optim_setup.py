@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import dataclasses
+
 import pytest
 import torch
 from optim_helpers import PowerNormalize, one_thread  # noqa: F401 (autouse fixture)
@@ -157,6 +159,30 @@ def test_errors():
                 return [{"name": "w", "params": [self.w], "kind": "matrix"}]
 
         build_optimizers(Bad())
+
+
+def test_config_is_typed_and_checked():
+    from lipschitz_ext.optim import OptimizerConfig
+
+    cfg = OptimizerConfig(lr=0.02, head_names=["head"])
+    assert cfg.head_names == ("head",)  # any iterable, stored as a tuple
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    for bad, match in ((dict(update_scale="bogus"), "update_scale"), (dict(ns_dtype="fp8"), "ns_dtype"),
+                       (dict(distributed="ddp"), "distributed"), (dict(lr=float("nan")), "lr"),
+                       (dict(head_lr=-1.0), "head_lr"), (dict(embed_max_rms=True), "embed_max_rms")):
+        with pytest.raises(ValueError, match=match):
+            OptimizerConfig(**bad)
+    with pytest.raises(TypeError, match="unknown setting"):
+        build_optimizers(SpecModel(), lrr=0.1)
+    with pytest.raises(TypeError, match="OptimizerConfig"):
+        build_optimizers(SpecModel(), {"lr": 0.1})
+    # a config and keyword overrides of it build the same optimizers
+    a = build_optimizers(SpecModel(), OptimizerConfig(lr=0.02, momentum=0.9))
+    b = build_optimizers(SpecModel(), OptimizerConfig(lr=0.5), lr=0.02, momentum=0.9)
+    ga, gb = a["muon"].param_groups, b["muon"].param_groups
+    assert [(g["lr"], g["momentum"]) for g in ga] == [(g["lr"], g["momentum"]) for g in gb]
+    assert {g["lr"] for g in ga} == {0.02, 0.002}  # the head at lr / 10
 
 
 def test_every_registered_constraint_name_builds_with_the_caps_it_takes():

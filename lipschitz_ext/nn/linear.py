@@ -1,4 +1,10 @@
-"""LipschitzLinear: a bias-free linear map initialized in the RMS->RMS frame."""
+"""LipschitzLinear: a bias-free linear map initialized in the RMS->RMS frame.
+
+The layer itself enforces no cap: its norm is held by the optimizer's constraint, applied
+to the weight after every step (:func:`lipschitz_ext.optim.build_optimizers` puts each
+LipschitzLinear of a LipschitzGPT under the spectral constraint of its group), and the
+certificate (:mod:`lipschitz_ext.certify`) measures the weights as they are, whatever
+held them."""
 
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ class LipschitzLinear(nn.Module):
     ``W' = W / sqrt(fan_out / fan_in)`` equals ``init_scale``: the RMS->RMS norm is
     ``init_scale`` exactly. Init ``"zero"``: all zeros (output projections).
     Shapes: ``x [..., in_features] -> [..., out_features]``, any float dtype.
+
+    Enforces nothing itself: the cap after each step is the optimizer's constraint's
+    (see the module docstring); ``rms_norm()`` reports where the weight is now.
     """
 
     def __init__(

@@ -11,13 +11,14 @@
 
 from .adam import ConstrainedAdam
 from .muon import NS_DTYPES, UPDATE_SCALES, Muon, NonFiniteGradient, resolve_ns_dtype, update_scale_factor
-from .setup import OptimizerSet, ParamRole, build_optimizers, classify_parameters
+from .setup import OptimizerConfig, OptimizerSet, ParamRole, build_optimizers, classify_parameters
 
 __all__ = [
     "ConstrainedAdam",
     "Muon",
     "NonFiniteGradient",
     "NS_DTYPES",
+    "OptimizerConfig",
     "OptimizerSet",
     "ParamRole",
     "UPDATE_SCALES",

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import torch
 import torch.distributed as dist
@@ -41,24 +41,35 @@ import functools
 from dataclasses import dataclass, field
 
 from .. import constraints
+from ..constraints import Constraint
 from ..ops import ns_max_gain, orthogonalize
 from ..ops.choices import choose
 from . import distributed as _dist
-from .bucket import CSTATE_PREFIX, Bucket, Entry, gather_cstate, overlaps, scatter_cstate, stack
+from .bucket import Bucket, Entry, gather_cstate, overlaps, scatter_cstate, stack
 from .state import ConstraintGroupsMixin
 
-__all__ = ["Muon", "NonFiniteGradient", "NS_DTYPES", "UPDATE_SCALES", "resolve_ns_dtype", "update_scale_factor"]
+__all__ = ["Muon", "NonFiniteGradient", "NS_DTYPES", "UPDATE_SCALES", "DISTRIBUTED_MODES", "NONFINITE_POLICIES",
+           "UpdateScale", "NsDtype", "DistributedMode", "NonFinitePolicy", "resolve_ns_dtype", "update_scale_factor"]
+
+#: How the orthogonalized update is scaled for an ``m x n`` matrix (:func:`update_scale_factor`).
+UpdateScale = Literal["fan_ratio", "none", "original", "match_rms_adamw"]
+#: What a step does with a NaN/inf gradient.
+NonFinitePolicy = Literal["raise", "skip", "ignore"]
+#: How parameters are laid out across ranks (``"auto"``: from the parameters and torch.distributed).
+DistributedMode = Literal["auto", "replicated", "none"]
+#: The Newton-Schulz compute dtype (``"auto"``: the measured rule of :mod:`lipschitz_ext.ops.choices`).
+NsDtype = Literal["auto", "bfloat16", "float32"]
 
 #: Accepted values of ``update_scale``.
-UPDATE_SCALES = ("fan_ratio", "none", "original", "match_rms_adamw")
-NONFINITE_POLICIES = ("raise", "skip", "ignore")
+UPDATE_SCALES: tuple[str, ...] = get_args(UpdateScale)
+NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
 
 
 class NonFiniteGradient(RuntimeError):
     """A step skipped for a NaN/inf gradient under ``nonfinite="raise"`` (nothing was changed)."""
-DISTRIBUTED_MODES = ("auto", "replicated", "none")
+DISTRIBUTED_MODES: tuple[str, ...] = get_args(DistributedMode)
 #: Accepted values of ``ns_dtype`` (the Newton-Schulz compute dtype).
-NS_DTYPES = ("auto", "bfloat16", "float32")
+NS_DTYPES: tuple[str, ...] = get_args(NsDtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -289,14 +300,14 @@ class Muon(ConstraintGroupsMixin, torch.optim.Optimizer):
         ns_steps: int = 5,
         coefficients: Union[str, Iterable[Iterable[float]]] = "polar_express",
         weight_decay: float = 0.0,
-        constraint: Any = None,
-        update_scale: str = "fan_ratio",
+        constraint: Constraint | str | None = None,
+        update_scale: UpdateScale = "fan_ratio",
         *,
-        ns_dtype: str = "auto",
+        ns_dtype: NsDtype = "auto",
         eps: float = 1e-7,
         update_norm_safety: float = 1.05,
-        nonfinite: str = "raise",
-        distributed: str = "auto",
+        nonfinite: NonFinitePolicy = "raise",
+        distributed: DistributedMode = "auto",
         process_group: Optional[dist.ProcessGroup] = None,
     ) -> None:
         if distributed not in DISTRIBUTED_MODES:

@@ -20,6 +20,8 @@ as an embedding.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,14 +32,68 @@ from torch import nn
 
 from .. import constraints
 from .adam import ConstrainedAdam, describe_nonfinite, nonfinite_grads
-from .muon import Muon, NonFiniteGradient
+from .muon import (DISTRIBUTED_MODES, NS_DTYPES, UPDATE_SCALES, DistributedMode, Muon, NonFiniteGradient, NsDtype,
+                   UpdateScale)
 
-__all__ = ["OptimizerSet", "ParamRole", "build_optimizers", "classify_parameters"]
+__all__ = ["OptimizerConfig", "OptimizerSet", "ParamRole", "build_optimizers", "classify_parameters"]
 
 KINDS = ("embedding", "hidden", "head", "vector")
 _HEAD_NAME = re.compile(r"(^|\.)(lm_head|head|output)$")
 
-ConstraintSpec = Union[str, Any, None, Callable[[float], Any]]
+#: A role's constraint: a name for :func:`lipschitz_ext.constraints.make_constraint` (caps get
+#: ``sigma_max=``, ``"embedding_rms"`` gets ``max_rms=``), a constraint object, a callable
+#: ``cap -> constraint``, or None.
+ConstraintSpec = Union[str, constraints.Constraint, None, Callable[[float], Any]]
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Everything :func:`build_optimizers` sets, in four groups. Defaults follow the paper's
+    NanoGPT run: Muon lr 0.05 (head 10x smaller), momentum 0.95 Nesterov, embedding Adam lr
+    0.1 with betas (0.8, 0.95), every cap 1."""
+
+    # Muon: hidden and head matrices
+    lr: float = 0.05
+    head_lr: Optional[float] = None  # None: lr / 10
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    coefficients: Union[str, tuple[tuple[float, float, float], ...]] = "polar_express"
+    weight_decay: float = 0.0
+    update_scale: UpdateScale = "fan_ratio"
+    ns_dtype: NsDtype = "auto"
+    distributed: DistributedMode = "auto"
+    # Adam: embeddings and vectors
+    embed_lr: float = 0.1
+    vector_lr: float = 0.01
+    adam_betas: tuple[float, float] = (0.8, 0.95)
+    adam_eps: float = 1e-10
+    # constraints and their caps (a role's own sigma_max from param_groups_spec() wins)
+    hidden_constraint: ConstraintSpec = "soft_cap"
+    head_constraint: ConstraintSpec = "soft_cap"
+    embedding_constraint: ConstraintSpec = "embedding_rms"
+    hidden_sigma_max: float = 1.0
+    head_sigma_max: float = 1.0
+    embed_max_rms: float = 1.0
+    # which parameter is which (see the module docstring)
+    vocab_size: Optional[int] = None
+    head_names: Optional[tuple[str, ...]] = None
+    embedding_names: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("update_scale", UPDATE_SCALES), ("ns_dtype", NS_DTYPES),
+                              ("distributed", DISTRIBUTED_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"OptimizerConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("lr", "embed_lr", "vector_lr", "weight_decay", "hidden_sigma_max", "head_sigma_max",
+                     "embed_max_rms") + (("head_lr",) if self.head_lr is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"OptimizerConfig: {name} must be a finite number >= 0, got {v!r}")
+        for name in ("head_names", "embedding_names"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, tuple):
+                object.__setattr__(self, name, tuple(v))  # any iterable of names; stored hashable
 
 
 @dataclass
@@ -216,50 +272,33 @@ class OptimizerSet:
         return [factory(o) for o in self.optimizers]
 
 
-def build_optimizers(
-    model: nn.Module,
-    *,
-    lr: float = 0.05,
-    head_lr: Optional[float] = None,
-    embed_lr: float = 0.1,
-    vector_lr: float = 0.01,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    ns_steps: int = 5,
-    coefficients: Any = "polar_express",
-    weight_decay: float = 0.0,
-    update_scale: str = "fan_ratio",
-    hidden_constraint: ConstraintSpec = "soft_cap",
-    head_constraint: ConstraintSpec = "soft_cap",
-    embedding_constraint: ConstraintSpec = "embedding_rms",
-    hidden_sigma_max: float = 1.0,
-    head_sigma_max: float = 1.0,
-    embed_max_rms: float = 1.0,
-    adam_betas: tuple[float, float] = (0.8, 0.95),
-    adam_eps: float = 1e-10,
-    vocab_size: Optional[int] = None,
-    head_names: Optional[Iterable[str]] = None,
-    embedding_names: Optional[Iterable[str]] = None,
-    distributed: str = "auto",
-    ns_dtype: str = "auto",
-) -> OptimizerSet:
+def build_optimizers(model: nn.Module, config: Optional[OptimizerConfig] = None, **overrides: Any) -> OptimizerSet:
     """Build Muon (hidden + head matrices) and Adam (embeddings + vectors) for ``model``.
 
-    Defaults follow the paper's NanoGPT run: Muon lr 0.05 (head 10x smaller),
-    momentum 0.95 Nesterov, embedding Adam lr 0.1 with betas (0.8, 0.95), all caps 1.
-    Constraint specs: a name for ``lipschitz_ext.constraints.make_constraint`` (caps get
-    ``sigma_max=``, ``"embedding_rms"`` gets ``max_rms=``), a constraint object, a
-    callable ``sigma_max -> constraint``, or None. A role's ``sigma_max`` from
-    ``param_groups_spec()`` overrides the default cap of its kind. ``ns_dtype``: Muon's
-    Newton-Schulz compute dtype (``"auto"``: bf16 where the hardware multiplies it natively).
+    ``config`` (default :class:`OptimizerConfig()`) says everything; keyword ``overrides`` are
+    :class:`OptimizerConfig` fields replacing its values (``build_optimizers(model, lr=0.02)``).
+    Constraint specs: see :data:`ConstraintSpec`.
 
     Returns:
         :class:`OptimizerSet` with ``"muon"`` and/or ``"adam"`` (only those with
         parameters). Each group has keys ``"kind"`` and ``"role"``.
     """
+    cfg = config if config is not None else OptimizerConfig()
+    if not isinstance(cfg, OptimizerConfig):
+        raise TypeError(f"build_optimizers: config must be an OptimizerConfig, got {type(cfg).__name__}")
+    fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"build_optimizers: unknown setting(s) {unknown}; OptimizerConfig has {sorted(fields)}")
+    cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
+    lr, embed_lr, vector_lr = cfg.lr, cfg.embed_lr, cfg.vector_lr
+    hidden_sigma_max, head_sigma_max, embed_max_rms = cfg.hidden_sigma_max, cfg.head_sigma_max, cfg.embed_max_rms
+    hidden_constraint, head_constraint = cfg.hidden_constraint, cfg.head_constraint
+    embedding_constraint = cfg.embedding_constraint
+    head_lr = cfg.head_lr
     head_lr = lr * 0.1 if head_lr is None else head_lr
-    roles = classify_parameters(model, vocab_size=vocab_size, head_names=head_names,
-                                embedding_names=embedding_names)
+    roles = classify_parameters(model, vocab_size=cfg.vocab_size, head_names=cfg.head_names,
+                                embedding_names=cfg.embedding_names)
     muon_groups, adam_groups = [], []
     for r in roles:
         tag = {"kind": r.kind, "role": r.name}
@@ -277,11 +316,11 @@ def build_optimizers(
             adam_groups.append({"params": r.params, "lr": vector_lr, "constraint": None, **tag})
     opts: dict[str, torch.optim.Optimizer] = {}
     if muon_groups:
-        opts["muon"] = Muon(muon_groups, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                            coefficients=coefficients, weight_decay=weight_decay,
-                            update_scale=update_scale, distributed=distributed, ns_dtype=ns_dtype)
+        opts["muon"] = Muon(muon_groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+                            coefficients=cfg.coefficients, weight_decay=cfg.weight_decay,
+                            update_scale=cfg.update_scale, distributed=cfg.distributed, ns_dtype=cfg.ns_dtype)
     if adam_groups:
-        opts["adam"] = ConstrainedAdam(adam_groups, lr=embed_lr, betas=adam_betas, eps=adam_eps)
+        opts["adam"] = ConstrainedAdam(adam_groups, lr=embed_lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
     if not opts:
         raise ValueError("build_optimizers: the model has no trainable parameters")
     return OptimizerSet(opts)

@@ -20,7 +20,7 @@ from ..data.images import DATASETS
 from ..nn.classifier import ACTIVATIONS, INITS, LipschitzMLPClassifier
 from ..nn.losses import LOSSES
 from ..optim.muon import NonFiniteGradient
-from ..optim.setup import build_optimizers
+from ..optim.setup import OptimizerConfig, build_optimizers
 
 __all__ = ["TASK", "OPTIMIZERS", "CAP_FRAMES", "ClassifyConfig", "CLASSIFY_PRESETS", "classify_config",
            "build_classifier", "AdamWConstrained", "build_classifier_optimizer", "linear_decay"]
@@ -215,9 +215,9 @@ def build_classifier_optimizer(model: LipschitzMLPClassifier, cfg: ClassifyConfi
         return _make_constraint(cfg, next(caps))
 
     wd = 0.0 if cfg.constraint == "spectral_weight_decay" else cfg.weight_decay
-    return build_optimizers(model, lr=cfg.lr, head_lr=cfg.lr, vector_lr=cfg.lr * 0.02, weight_decay=wd,
-                            hidden_constraint=constraint_for, head_constraint=constraint_for,
-                            ns_dtype="float32" if next(model.parameters()).device.type == "cpu" else "auto")
+    return build_optimizers(model, OptimizerConfig(
+        lr=cfg.lr, head_lr=cfg.lr, vector_lr=cfg.lr * 0.02, weight_decay=wd, hidden_constraint=constraint_for,
+        head_constraint=constraint_for, ns_dtype="float32" if next(model.parameters()).device.type == "cpu" else "auto"))
 
 
 def linear_decay(step: int, elapsed: float, *, steps: int = 0, time_budget: float = 0.0) -> float:

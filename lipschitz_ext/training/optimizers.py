@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..optim import build_optimizers
+from ..optim import OptimizerConfig, build_optimizers
 from .config import TrainConfig
 
 __all__ = ["AdamWSetup", "build_optimizer", "all_param_groups", "lr_multiplier", "set_lrs"]
@@ -58,12 +58,12 @@ def build_optimizer(model: torch.nn.Module, cfg: "TrainConfig"):
     # elsewhere Muon's "auto" runs it in bf16 where the hardware multiplies bf16.
     cpu_fp32 = cfg.autocast == "none" and next(model.parameters()).device.type == "cpu"
     ns_dtype = ("float32" if cpu_fp32 else "auto") if cfg.ns_dtype == "auto" else cfg.ns_dtype
-    return build_optimizers(
-        model, lr=cfg.lr, head_lr=cfg.head_lr, embed_lr=cfg.embed_lr, vector_lr=cfg.embed_lr,
+    return build_optimizers(model, OptimizerConfig(
+        lr=cfg.lr, head_lr=cfg.head_lr, embed_lr=cfg.embed_lr, vector_lr=cfg.embed_lr,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, hidden_constraint=constraint,
         head_constraint=constraint, hidden_sigma_max=cfg.sigma_max, head_sigma_max=cfg.head_sigma_max,
         embed_max_rms=cfg.embed_max_rms, ns_dtype=ns_dtype,
-    )
+    ))
 
 
 def all_param_groups(opt) -> list[dict]:
