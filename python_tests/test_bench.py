@@ -126,6 +126,7 @@ def _check_design_json(res: dict, device_type: str) -> None:
     assert any("torch_compile_baddbmm" in s["what"] and "disabled" in s["reason"] for s in res["skipped"])
 
 
+@pytest.mark.slow
 def test_smoke_writes_design_json(tmp_path):
     threads = torch.get_num_threads()
     assert main(["--smoke", "--out", str(tmp_path)]) == 0

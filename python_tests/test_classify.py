@@ -278,6 +278,7 @@ def test_nonfinite_gradient_changes_nothing(opt):
 # ---------------------------------------------------------------------------
 # the run folder and the command
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_run_folder_load_run_and_resume(idx_dir, tmp_path):
     out = str(tmp_path / "run")
     cfg = classify_config("certified", data=idx_dir, out=out, widths=[32], steps=12, batch_size=64,
@@ -351,6 +352,7 @@ def test_cli_errors(tmp_path, capsys):
     assert "not a lipschitz-classify run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sweep_writes_frontier(idx_dir, tmp_path):
     out = str(tmp_path / "sweep")
     rc = classify_main(["sweep", "--data", idx_dir, "--out", out, "--steps", "4", "--widths", "16",

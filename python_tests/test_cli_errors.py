@@ -85,7 +85,7 @@ def test_bench_cuda_index_beyond_the_devices(tmp_path, capsys):
 
 def test_bench_bad_device_from_the_shell_has_no_traceback(tmp_path):
     """The real entry point: stderr is exactly one line, exit status 2."""
-    r = subprocess.run([sys.executable, "-m", "lipschitz_ext.bench", "--device", "bogus", "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "lipschitz_ext.cli.bench", "--device", "bogus", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["lipschitz-bench: --device must be cpu, cuda or cuda:N, got 'bogus'"]

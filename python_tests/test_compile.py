@@ -90,6 +90,7 @@ def compiled_runs(tmp_path_factory):
     return root, whole, str(root / "parts")
 
 
+@pytest.mark.slow
 def test_compiled_run_compiles_one_graph_once(compiled_runs):
     _, whole, _ = compiled_runs
     summary = json.loads(open(f"{whole}/summary.json", encoding="utf-8").read())

@@ -196,6 +196,7 @@ def tiny_runs(tmp_path_factory):
     return folders
 
 
+@pytest.mark.slow
 def test_doc_train_commands_run_tiny(tiny_runs):
     assert tiny_runs, "no lipschitz-train command in the docs"
     for args, out in tiny_runs.items():
@@ -205,6 +206,7 @@ def test_doc_train_commands_run_tiny(tiny_runs):
             assert (out / "summary.json").is_file() and (out / "latest.pt").is_file(), args
 
 
+@pytest.mark.slow
 def test_doc_eval_commands_run(tiny_runs, capsys, monkeypatch):
     """certify / sample / accuracy as documented, on a tiny run or the committed run folder."""
     monkeypatch.chdir(ROOT)  # the docs' paths are relative to the repository root
@@ -222,6 +224,7 @@ def test_doc_eval_commands_run(tiny_runs, capsys, monkeypatch):
     assert ran, "no certify / sample / accuracy command in the docs"
 
 
+@pytest.mark.slow
 def test_doc_classify_commands_run(tmp_path, capsys):
     """Every documented ``lipschitz-classify train`` runs a few steps on a generated IDX set;
     the documented ``certify`` and ``attack`` then run on such a run."""

@@ -77,6 +77,7 @@ def domain_rms(model):
 # ---------------------------------------------------------------------------
 # robustness
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_robustness_cli_tables_and_consistency(runs, tmp_path):
     out = tmp_path / "rob"
     eps = [0.2, 0.001, 0.01, 0.05, 1.0]  # unsorted on purpose
@@ -188,6 +189,7 @@ def _flips(model64, xe, y, ti, eps, rho, steps=50, restarts=3):
     return flipped
 
 
+@pytest.mark.slow
 def test_certified_radius_survives_strong_attack(runs):
     """No prediction flips under a 3-restart, 50-step PGD at 0.99x its certified radius;
     with a too small bound (radius 10x, 30x or 100x too large: how loose the certificate is
@@ -291,6 +293,7 @@ def test_frontier_cli(runs, tmp_path):
 # ---------------------------------------------------------------------------
 # learning-rate sensitivity
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lr_sensitivity_cli(runs, tmp_path):
     out = tmp_path / "lrs"
     assert eval_main(["lr-sensitivity", "--data", runs.corpus, "--lrs", "0.5,2", "--sizes", "16x2", "--steps", "3",

@@ -107,6 +107,7 @@ def _replicated_worker(rank: int, port: int) -> None:
         _finish()
 
 
+@pytest.mark.slow
 def test_replicated_matches_single_process():
     _spawn(_replicated_worker)
 
@@ -187,6 +188,7 @@ def _fsdp_worker(rank: int, port: int) -> None:
         _finish()
 
 
+@pytest.mark.slow
 def test_fsdp2_matches_single_process():
     _spawn(_fsdp_worker)
 
@@ -223,5 +225,6 @@ def _nonfinite_worker(rank: int, port: int) -> None:
         _finish()
 
 
+@pytest.mark.slow
 def test_replicated_nonfinite_gradient_skips_on_every_rank():
     _spawn(_nonfinite_worker)

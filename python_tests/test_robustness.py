@@ -157,6 +157,7 @@ def test_ctrl_c_at_each_phase_exits_cleanly_and_resumes(corpus, tmp_path, monkey
 # ---------------------------------------------------------------------------
 # full disk, read-only folder
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_disk_full_mid_run_is_one_line_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     real_save, calls = torch.save, []

@@ -157,6 +157,7 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_second_trainer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path, capsys):
     corpus = write_corpus(tmp_path)
     out = str(tmp_path / "run")
@@ -188,6 +189,7 @@ def test_second_trainer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path
     assert open(lock).read() == ""  # released cleanly
 
 
+@pytest.mark.slow
 def test_two_new_runs_with_one_out_leave_one_run(tmp_path):
     corpus = write_corpus(tmp_path)
     out = str(tmp_path / "run")

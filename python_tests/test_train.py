@@ -55,6 +55,7 @@ def test_run_writes_every_artifact(corpus, tmp_path):
     assert cfg["d_model"] == 32 and cfg["data"] == corpus
 
 
+@pytest.mark.slow
 def test_resume_is_exact(corpus, tmp_path):
     full = run(corpus, tmp_path / "full")
     run(corpus, tmp_path / "part", stop_after=5)  # stops at step 5, between evals, as if killed
@@ -152,6 +153,7 @@ def test_lr_schedule_warmup_hold_and_cooldown():
     assert all(a >= b for a, b in zip(mults, mults[1:]))
 
 
+@pytest.mark.slow
 def test_time_schedule_follows_the_clock(corpus, tmp_path):
     cfg = C.TrainConfig(steps=10, schedule="time", time_budget=100.0, cooldown_frac=0.5)
     assert O.lr_multiplier(cfg, 9, elapsed=20.0) == 1.0  # steps do not matter, time does
@@ -205,6 +207,7 @@ def test_target_bound_scales_the_head_by_the_worst_case():
     assert C.apply_target_bound(base) is base  # 0 = off
 
 
+@pytest.mark.slow
 def test_target_bound_run_stays_under_it_and_trains_like_the_unscaled_run(corpus, tmp_path):
     """The rescaled run is the unscaled run with its logits times k: same losses (the
     loss sees logit_scale * logits), same accuracy, certified bound <= the target; the
@@ -290,6 +293,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(corpus, tmp_path):
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_resumable_checkpoint(corpus, tmp_path):
     out = tmp_path / "sig"
     code = textwrap.dedent(f"""
@@ -322,6 +326,7 @@ def T_args():
     return args
 
 
+@pytest.mark.slow
 def test_sweep_writes_frontier(corpus, tmp_path):
     out = tmp_path / "sw"
     assert train_main(["sweep", "--sigma-max", "0.5,2", "--constraint", "soft_cap,normalize", "--data", corpus,
@@ -344,6 +349,7 @@ def torchrun2(corpus, out, port, *extra):
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(corpus, tmp_path):
     summary = torchrun2(corpus, tmp_path / "ddp", 29517)
     assert summary["status"] == "completed" and summary["steps"] == 12
@@ -351,6 +357,7 @@ def test_torchrun_two_processes(corpus, tmp_path):
     assert summary["tokens"] == 12 * 2 * TINY["batch_size"] * TINY["seq_len"]
 
 
+@pytest.mark.slow
 def test_torchrun_time_budget_stops_every_rank_at_the_same_step(corpus, tmp_path):
     # rank 0's clock decides: a rank stopping one step early would leave the other
     # waiting in DDP's all-reduce (this test would time out)
