@@ -4,7 +4,7 @@ The timing loop is C++ (:mod:`lipschitz_ext._bench`: CUDA events on a GPU, a
 steady clock on the host); cases live in ``lipschitz_ext/bench/suites/bench_<suite>.py``
 (shipped with the package) and are built from :class:`Case`, :class:`Setup`, :class:`Skip`
 and :class:`SuiteConfig`;
-``lipschitz-bench`` (:func:`lipschitz_ext.bench.cli.main`) runs them.
+``lipschitz-bench`` (:func:`lipschitz_ext.cli.bench.main`) runs them.
 """
 
 from .peak import PeakProbe, probe_peak

