@@ -1,6 +1,6 @@
 // lipschitz::fp8_attention: argument checks and the device-generic ATen
 // implementation shared by the CPU kernel and the CUDA fallback (GPUs without
-// sm_90a wgmma). The Hopper kernel (csrc/cuda/fp8_attention.cu) performs the
+// sm_90a wgmma). The Hopper kernel (csrc/cuda/fp8_attention_*.cu) performs the
 // same arithmetic; this file is its specification.
 //
 // Forward, per batch-head, for q, k, v bf16 [N, d]:

@@ -1,6 +1,6 @@
 // lipschitz::fp8_attention, the public op on every device: resolves the default
 // softmax scale and calls lipschitz::fp8_attention_fwd through the dispatcher, so
-// the device kernels (csrc/cpu/fp8_attention.cpp, csrc/cuda/fp8_attention.cu) and
+// the device kernels (csrc/cpu/fp8_attention.cpp, csrc/cuda/fp8_attention_*.cu) and
 // the autograd formula registered in lipschitz_ext/ops/fp8_attention.py apply.
 // Also the backward-kernel selection, as lipschitz_internal ops the tests and
 // benchmarks query (schemas in csrc/lipschitz_internal.cpp).

@@ -1,11 +1,12 @@
-// The `lipschitz` op library: every public op's schema, in one place. One op
-// family = five places with one name X: the schema here, the CPU kernel
-// csrc/cpu/X.cpp, the CUDA kernel csrc/cuda/X.cu (or csrc/cuda/X_*.cu; the shared
-// pipeline in csrc/X.h), the Python wrapper + fake (meta) kernel
-// lipschitz_ext/ops/X.py, and python_tests/test_X.py. The spectral caps are
-// X = spectral_cap; the composite fp8_attention op is csrc/fp8_attention_composite.cpp.
-// Host helpers and debug ops (no user API) are the `lipschitz_internal` library,
-// whose schemas are all in csrc/lipschitz_internal.cpp.
+// The `lipschitz` op library: every op's schema, in one place. One op family =
+// five places with one name X: the schema here, the CPU kernel csrc/cpu/X.cpp,
+// the CUDA kernel csrc/cuda/X.cu (the shared pipeline in csrc/X.h), the Python
+// wrapper + fake (meta) kernel lipschitz_ext/ops/X.py, and python_tests/test_X.py.
+// The spectral caps are X = spectral_cap; the composite fp8_attention op is
+// csrc/fp8_attention_composite.cpp.
+// A large CUDA kernel may span csrc/cuda/X_*.cu by role (fp8_attention). Host helpers
+// and debug ops (no user API) are the `lipschitz_internal` library, whose schemas
+// are all in csrc/lipschitz_internal.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
