@@ -772,8 +772,12 @@ def test_cuda_backward_kernel_argument_equals_the_environment_switch(backward, m
         monkeypatch.setenv("LIPSCHITZ_FP8_ATTN_BWD", kernel)
         by_env = grads()
         monkeypatch.setenv("LIPSCHITZ_FP8_ATTN_BWD", "flash" if kernel != "flash" else "math")
-        by_arg = grads(backward_kernel=kernel)
-        assert all(torch.equal(a, b) for a, b in zip(by_env, by_arg)), kernel
+        with _RecordBwdKernel() as rec:
+            by_arg = grads(backward_kernel=kernel)
+        assert rec.kernels == [kernel]
+        # the same kernel both ways, up to its atomics' summation order
+        for a, b in zip(by_arg, by_env):
+            torch.testing.assert_close(a.double(), b.double(), atol=1e-3 * b.abs().max().item(), rtol=1e-2)
 
 
 # -------------------------------------------- the fp8 backend of the model ----
