@@ -1,6 +1,6 @@
 // lipschitz::fp8_attention: argument checks and the device-generic ATen
 // implementation shared by the CPU kernel and the CUDA fallback (GPUs without
-// sm_90a wgmma). The Hopper kernel (csrc/cuda/fp8_attention.cu) performs the
+// sm_90a wgmma). The Hopper kernel (csrc/cuda/fp8_attention_*.cu) performs the
 // same arithmetic; this file is its specification.
 //
 // Forward, per batch-head, for q, k, v bf16 [N, d]:
@@ -75,12 +75,76 @@ inline void check_scale(double s, const char* op, const char* arg) {
   TORCH_CHECK(std::isfinite(s) && s > 0.0, op, ": argument '", arg, "' must be finite and > 0, got ", s);
 }
 
+// Which kernel computes fp8_attention_bwd: its `kernel` argument (fp8_attention's
+// `backward_kernel`, saved by the autograd formula). "math": the ATen math below;
+// "flash": PyTorch's FlashAttention-2 backward; "cudnn": cuDNN's SDPA backward
+// where it is available, FlashAttention-2 elsewhere; "default": the environment
+// variable LIPSCHITZ_FP8_ATTN_BWD (same names), read at every call, "flash" when
+// unset or empty. Without a GPU of compute capability >= 8 (or on empty input)
+// the math runs whatever the request; the CPU takes "default" and "math" only.
+enum class BwdSetting { kMath, kFlash, kCudnn };
+enum class BwdPath { kMath, kFlash, kCudnn };
+// cuDNN's fused SDPA backward, as PyTorch calls it, needs cuDNN 9 (version 90000+).
+constexpr long kMinCudnnSdpaVersion = 90000;
+
+inline std::optional<BwdSetting> bwd_setting_of_name(c10::string_view value) {
+  if (value == "math") return BwdSetting::kMath;
+  if (value == "flash") return BwdSetting::kFlash;
+  if (value == "cudnn") return BwdSetting::kCudnn;
+  return std::nullopt;
+}
+
+// Anything but the three names is refused: a typo must not benchmark the wrong path.
+inline BwdSetting bwd_setting_from_env() {
+  const char* v = std::getenv("LIPSCHITZ_FP8_ATTN_BWD");
+  if (v == nullptr || *v == '\0') return BwdSetting::kFlash;
+  const std::optional<BwdSetting> s = bwd_setting_of_name(v);
+  TORCH_CHECK(s.has_value(), "environment variable LIPSCHITZ_FP8_ATTN_BWD must be 'flash', 'cudnn' or 'math', got '",
+              std::string(v), "'");
+  return *s;
+}
+
+// The kernel argument `arg` of `op`, checked on every device; "default" resolves
+// to the environment's setting (only where it is used: on a CUDA device).
+inline std::optional<BwdSetting> parse_bwd_kernel(c10::string_view value, const char* op, const char* arg) {
+  if (value == "default") return std::nullopt;
+  const std::optional<BwdSetting> s = bwd_setting_of_name(value);
+  TORCH_CHECK(s.has_value(), op, ": argument '", arg, "' must be 'default', 'math', 'flash' or 'cudnn', got '",
+              std::string(value), "'");
+  return s;
+}
+
+// The CPU implements the math only.
+inline void check_bwd_kernel_cpu(c10::string_view value, const char* op, const char* arg) {
+  const std::optional<BwdSetting> s = parse_bwd_kernel(value, op, arg);
+  TORCH_CHECK(!s.has_value() || *s == BwdSetting::kMath, op, ": argument '", arg,
+              "' must be 'default' or 'math' on CPU (the ATen backward), got '", std::string(value), "'");
+}
+
+inline BwdSetting resolve_bwd_kernel(c10::string_view value, const char* op, const char* arg) {
+  const std::optional<BwdSetting> s = parse_bwd_kernel(value, op, arg);
+  return s.has_value() ? *s : bwd_setting_from_env();
+}
+
+inline const char* bwd_setting_name(BwdSetting s) {
+  return s == BwdSetting::kCudnn ? "cudnn" : (s == BwdSetting::kFlash ? "flash" : "math");
+}
+
+inline const char* bwd_path_name(BwdPath p) {
+  return p == BwdPath::kCudnn ? "cudnn" : (p == BwdPath::kFlash ? "flash" : "math");
+}
+
 inline void check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            double softmax_scale, double q_scale, double k_scale, double v_scale,
-                           c10::string_view backward, const char* op) {
+                           c10::string_view backward, c10::string_view backward_kernel, const char* op) {
   check_qkv(q, k, v, op);
   TORCH_CHECK(backward == "exact" || backward == "saved", op,
               ": argument 'backward' must be \"exact\" or \"saved\", got \"", backward, "\"");
+  if (q.device().is_cpu()) {
+    check_bwd_kernel_cpu(backward_kernel, op, "backward_kernel");
+  } else {
+    parse_bwd_kernel(backward_kernel, op, "backward_kernel");
+  }
   check_scale(softmax_scale, op, "softmax_scale");
   check_scale(q_scale, op, "q_scale");
   check_scale(k_scale, op, "k_scale");
@@ -181,35 +245,6 @@ inline void check_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, cons
   }
 }
 
-// Which kernel computes fp8_attention_bwd. The setting is the environment
-// variable LIPSCHITZ_FP8_ATTN_BWD, read at every call: unset, "" or "flash" ->
-// PyTorch's FlashAttention-2 backward (the default); "cudnn" -> cuDNN's SDPA
-// backward where it is available, FlashAttention-2 elsewhere. Without a GPU of
-// compute capability >= 8 (or on empty input) the ATen math below runs.
-enum class BwdSetting { kFlash, kCudnn };
-enum class BwdPath { kMath, kFlash, kCudnn };
-// cuDNN's fused SDPA backward, as PyTorch calls it, needs cuDNN 9 (version 90000+).
-constexpr long kMinCudnnSdpaVersion = 90000;
-
-// Anything but the two names is refused: a typo must not benchmark the wrong path.
-inline BwdSetting parse_bwd_setting(c10::string_view value) {
-  if (value.empty() || value == "flash") return BwdSetting::kFlash;
-  if (value == "cudnn") return BwdSetting::kCudnn;
-  TORCH_CHECK(false, "environment variable LIPSCHITZ_FP8_ATTN_BWD must be 'flash' or 'cudnn', got '",
-              std::string(value), "'");
-}
-
-inline BwdSetting bwd_setting_from_env() {
-  const char* v = std::getenv("LIPSCHITZ_FP8_ATTN_BWD");
-  return parse_bwd_setting(v == nullptr ? c10::string_view() : c10::string_view(v));
-}
-
-inline const char* bwd_setting_name(BwdSetting s) { return s == BwdSetting::kCudnn ? "cudnn" : "flash"; }
-
-inline const char* bwd_path_name(BwdPath p) {
-  return p == BwdPath::kCudnn ? "cudnn" : (p == BwdPath::kFlash ? "flash" : "math");
-}
-
 // Backward calls that fell back from cuDNN to FlashAttention-2 in this process
 // (fp8_attention_bwd_cudnn_fallbacks); the warning is printed once only.
 inline std::atomic<int64_t> cudnn_fallbacks{0};
@@ -217,10 +252,10 @@ inline std::atomic<int64_t> cudnn_fallbacks{0};
 // compute_major: the GPU's compute capability major (0 for the CPU);
 // cudnn_version: cudnnGetVersion() of the loaded cuDNN (0 when torch has none);
 // cudnn_sdp_enabled: torch.backends.cuda.cudnn_sdp_enabled(). A cuDNN call that
-// still fails at run time falls back to FlashAttention-2 (csrc/cuda/fp8_attention.cu).
+// still fails at run time falls back to FlashAttention-2 (csrc/cuda/fp8_attention_bwd.cu).
 inline BwdPath choose_bwd_path(BwdSetting setting, int64_t compute_major, int64_t cudnn_version,
                                bool cudnn_sdp_enabled, bool empty) {
-  if (empty || compute_major < 8) return BwdPath::kMath;
+  if (empty || compute_major < 8 || setting == BwdSetting::kMath) return BwdPath::kMath;
   if (setting == BwdSetting::kCudnn && cudnn_sdp_enabled && cudnn_version >= kMinCudnnSdpaVersion) {
     return BwdPath::kCudnn;
   }

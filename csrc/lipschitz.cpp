@@ -4,6 +4,9 @@
 // wrapper + fake (meta) kernel lipschitz_ext/ops/X.py, and python_tests/test_X.py.
 // The spectral caps are X = spectral_cap; the composite fp8_attention op is
 // csrc/fp8_attention_composite.cpp.
+// A large CUDA kernel may span csrc/cuda/X_*.cu by role (fp8_attention). Host helpers
+// and debug ops (no user API) are the `lipschitz_internal` library, whose schemas
+// are all in csrc/lipschitz_internal.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -17,10 +20,13 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(lipschitz, m) {
-  // Muon's msign by Newton-Schulz; see csrc/cpu/orthogonalize.cpp.
+  // Muon's msign by Newton-Schulz; see csrc/cpu/orthogonalize.cpp. `backend` picks
+  // the CUDA kernels: "cublas" (batched GEMMs), "symmetric" (csrc/ns_symmetric.h) or
+  // "default" (LIPSCHITZ_NS_BACKEND, else "cublas"); the CPU takes "default" only.
   m.def(
       "orthogonalize(Tensor G, int steps=5, str coefficients=\"polar_express\", "
-      "float[] custom=[], float eps=1e-07, ScalarType? compute_dtype=None) -> Tensor");
+      "float[] custom=[], float eps=1e-07, ScalarType? compute_dtype=None, "
+      "str backend=\"default\") -> Tensor");
   // The same map by Gram Newton-Schulz (the steps on the small Gram matrix, with
   // restarts); see gram_newton_schulz_steps in csrc/newton_schulz.h.
   m.def(
@@ -59,19 +65,24 @@ TORCH_LIBRARY(lipschitz, m) {
   // csrc/fp8_attention.h for the exact rounding it performs. The
   // composite op calls fp8_attention_fwd, which carries the autograd formula
   // (registered in lipschitz_ext/ops/fp8_attention.py). `backward` picks the
-  // gradient: "exact" (recomputed exact statistics) or "saved" (the forward's).
+  // gradient's statistics: "exact" (recomputed) or "saved" (the forward's);
+  // `backward_kernel` the kernel that computes it (see fp8_attention_bwd).
   m.def(
       "fp8_attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? softmax_scale=None, "
-      "float q_scale=1.0, float k_scale=1.0, float v_scale=1.0, str backward=\"exact\") -> Tensor");
+      "float q_scale=1.0, float k_scale=1.0, float v_scale=1.0, str backward=\"exact\", "
+      "str backward_kernel=\"default\") -> Tensor");
   // Returns (out bf16 [B, H, N, d], lse float32 [B, H, N], natural log).
   m.def(
       "fp8_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
-      "float q_scale, float k_scale, float v_scale, str backward=\"exact\") -> (Tensor, Tensor)");
+      "float q_scale, float k_scale, float v_scale, str backward=\"exact\", "
+      "str backward_kernel=\"default\") -> (Tensor, Tensor)");
   // bf16 gradient of softmax attention at bf16 (q, k, v), straight-through for the
-  // fp8 quantization; LIPSCHITZ_FP8_ATTN_BWD picks its CUDA kernel (fp8_attention_bwd_path
-  // in csrc/fp8_attention_composite.cpp). Without (out, lse): exact attention's gradient. With
-  // them: FlashAttention's formulas fed with those statistics. -> (dq, dk, dv)
+  // fp8 quantization. Without (out, lse): exact attention's gradient. With them:
+  // FlashAttention's formulas fed with those statistics. -> (dq, dk, dv). `kernel`:
+  // "math" (ATen, float32), "flash" (PyTorch's FlashAttention-2), "cudnn" (cuDNN's
+  // SDPA backward, FlashAttention-2 where unavailable) or "default"
+  // (LIPSCHITZ_FP8_ATTN_BWD, else "flash"); the CPU takes "default" and "math".
   m.def(
       "fp8_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? out, Tensor? lse, "
-      "bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
+      "bool causal, float softmax_scale, str kernel=\"default\") -> (Tensor, Tensor, Tensor)");
 }

@@ -1,8 +1,9 @@
-// The resolved Newton-Schulz plans the kernels run, as host-side ops: the Python
-// backward of orthogonalize, ns_polynomial and the spectral caps
+// The resolved Newton-Schulz plans the kernels run, as host-side ops
+// (lipschitz_internal::ns_plan, ...; schemas in csrc/lipschitz_internal.cpp): the
+// Python backward of orthogonalize, ns_polynomial and the spectral caps
 // (lipschitz_ext/ops/_recompute.py) reads its coefficients here, so the
 // differentiable recompute and the kernels share one table (csrc/ns_coefficients.h).
-// Neither op takes a tensor: catch-all kernels, called once at import.
+// No op takes a tensor: one kernel for every device, called once at import.
 #include <vector>
 
 #include <torch/library.h>
@@ -37,13 +38,10 @@ std::vector<int64_t> gram_ns_restarts(int64_t steps, at::ScalarType compute) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(lipschitz, m) {
-  // orthogonalize's plan for these arguments: [norm_scale, then steps (a, b, c) triples]
-  m.def("ns_plan(int steps, str coefficients, float[] custom=[]) -> float[]", &ns_plan);
-  // spectral_hard_cap(method="polynomial")'s quintic steps, same layout (norm_scale 1, unused)
-  m.def("hard_cap_polynomial_plan() -> float[]", &hard_cap_polynomial_ns_plan);
-  // orthogonalize_gram's restart steps for `steps` steps in compute dtype `compute`
-  m.def("gram_ns_restarts(int steps, ScalarType compute) -> int[]", &gram_ns_restarts);
+TORCH_LIBRARY_IMPL(lipschitz_internal, CompositeImplicitAutograd, m) {
+  m.impl("ns_plan", &ns_plan);
+  m.impl("hard_cap_polynomial_plan", &hard_cap_polynomial_ns_plan);
+  m.impl("gram_ns_restarts", &gram_ns_restarts);
 }
 
 }  // namespace lipschitz

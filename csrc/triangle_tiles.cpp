@@ -1,8 +1,8 @@
 // Host-side debug ops of the symmetric Newton-Schulz kernels, for the CPU tests
 // (python_tests/test_triangle_tiles.py): the tile list the kernels decode from
-// their block index (csrc/triangle_tiles.h, the same code), and the backend the
-// LIPSCHITZ_NS_BACKEND switch selects. Neither takes a tensor, so both are
-// catch-all kernels (no dispatch key needed).
+// their block index (csrc/triangle_tiles.h, the same code), and the backend
+// orthogonalize's backend="default" resolves to. Schemas in
+// csrc/lipschitz_internal.cpp; neither takes a tensor: one kernel for every device.
 #include <torch/library.h>
 
 #include "ns_symmetric.h"
@@ -57,11 +57,9 @@ std::string ns_backend() { return ns_backend_name(ns_backend_from_env()); }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(lipschitz, m) {
-  m.def("triangle_tiles(int n, int tile, int batch, bool symmetric=True, int m=-1) -> Tensor",
-        &triangle_tiles);
-  // The Newton-Schulz backend LIPSCHITZ_NS_BACKEND selects now ('cublas' or 'symmetric').
-  m.def("ns_backend() -> str", &ns_backend);
+TORCH_LIBRARY_IMPL(lipschitz_internal, CompositeImplicitAutograd, m) {
+  m.impl("triangle_tiles", &triangle_tiles);
+  m.impl("ns_backend", &ns_backend);
 }
 
 }  // namespace lipschitz

@@ -1,7 +1,7 @@
 """Float64 mirror of the symmetric Newton-Schulz kernels (csrc/cuda/ns_symmetric.cu).
 
 Same tile math as the kernels, on the CPU: the tile lists come from the C++ op
-``lipschitz::triangle_tiles`` (the enumeration the kernels decode their block
+``lipschitz_internal::triangle_tiles`` (the enumeration the kernels decode their block
 index with), and every tile is written with the kernels' rule: an upper tile
 stores element (i, j) for i <= j and mirrors i < j to (j, i). Each output
 element's write count is returned so tests can check exact-once coverage. With
@@ -21,7 +21,7 @@ KERNEL_TILE = 64
 
 def tile_list(n: int, tile: int, batch: int, symmetric: bool = True, m: int = -1) -> torch.Tensor:
     """``[count, 5]`` int64 rows (batch, row_tile, col_tile, offset, mirror_offset) from C++."""
-    return torch.ops.lipschitz.triangle_tiles(n, tile, batch, symmetric, m)
+    return torch.ops.lipschitz_internal.triangle_tiles(n, tile, batch, symmetric, m)
 
 
 def _round(x: torch.Tensor, bf16: bool) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Autograd of the ``torch.ops.lipschitz`` ops: every differentiable op has a registered
 backward (the vjp of a differentiable recompute of its forward, lipschitz_ext/ops/_recompute.py).
 
-Checked per op, on the inputs of python_tests/op_samples.py: the recompute equals the
+Checked per op, on the named inputs of python_tests/op_samples.py: the recompute equals the
 kernel's output (bit for bit on CPU, except the exact caps, recomputed in float64);
 float64 gradcheck and gradgradcheck (or a NotImplementedError naming the op for a second
 derivative where none is implemented); torch.library.opcheck including its autograd
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lipschitz_ext.ops as ops
-from op_samples import CASES, FIRST_ORDER_ONLY, as_function, op_of, sample_inputs
+from op_samples import CASES, DEVICES, FIRST_ORDER_ONLY, as_function, op_of, positional, sample_inputs
 
 pytestmark = pytest.mark.filterwarnings("error:.*autograd kernel was not registered")
 
@@ -48,8 +48,8 @@ def _grads(f, tensors):
 def test_recompute_equals_the_kernel(case, dtype):
     op = op_of(case)
     mirror = importlib.import_module("lipschitz_ext.ops._recompute").MIRRORS[op.name()]
-    for args in sample_inputs(case, dtype, requires_grad=False):
-        for got, want in zip(_outputs(mirror(*args)), _outputs(op(*args))):
+    for sample in sample_inputs(case, dtype=dtype, requires_grad=False):
+        for got, want in zip(_outputs(mirror(*positional(case, sample))), _outputs(op(**sample))):
             assert got.dtype == want.dtype and got.shape == want.shape
             tol = NOT_BITWISE.get(case, 0.0) if dtype != torch.bfloat16 else 2e-2
             if dtype == torch.float64 and case in NOT_BITWISE:
@@ -57,10 +57,11 @@ def test_recompute_equals_the_kernel(case, dtype):
             torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_gradcheck_float64(case):
-    for k, args in enumerate(sample_inputs(case)):
-        f, tensors = as_function(case, args)
+def test_gradcheck_float64(case, device):
+    for k, sample in enumerate(sample_inputs(case, device)):
+        f, tensors = as_function(case, sample)
         assert torch.autograd.gradcheck(f, tensors)
         if k == 0 and case not in FIRST_ORDER_ONLY:
             assert torch.autograd.gradgradcheck(f, tensors)
@@ -73,14 +74,14 @@ def test_recompute_reads_the_kernels_coefficient_tables(name):
     R = importlib.import_module("lipschitz_ext.ops._recompute")
     x = torch.linspace(-1, 1, 101, dtype=torch.float64)
     for steps in (1, 5, 12):
-        flat = torch.ops.lipschitz.ns_plan(steps, name, [])
+        flat = torch.ops.lipschitz_internal.ns_plan(steps, name, [])
         scale, triples = R.ns_plan(steps, name, [])
         assert [scale, *(c for t in triples for c in t)] == flat and len(triples) == steps
         assert scale == (1.01 if name == "polar_express" else 1.0)
         mirror = R.MIRRORS["lipschitz::ns_polynomial"]
         assert torch.equal(mirror(x, steps, name, []), ops.ns_polynomial(x, steps, name))
     with pytest.raises(RuntimeError, match="ns_plan: argument 'coefficients' must be one of"):
-        torch.ops.lipschitz.ns_plan(5, "nope", [])
+        torch.ops.lipschitz_internal.ns_plan(5, "nope", [])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -89,9 +90,10 @@ def test_gradient_finite_at_any_magnitude(case, dtype):
     """Zero, tiny and huge inputs: wherever the output is finite the gradient is too (no
     0 * inf from a branch the forward did not take)."""
     for scale in (0.0, 1e-30, 1e30):
-        args = list(sample_inputs(case, dtype, requires_grad=False)[0])
-        args[0] = args[0] * scale
-        f, tensors = as_function(case, tuple(args))
+        sample = sample_inputs(case, dtype=dtype, requires_grad=False)[0]
+        first = next(iter(sample))  # the matrix argument (W, G or s)
+        sample[first] = sample[first] * scale
+        f, tensors = as_function(case, sample)
         leaves = [t.clone().requires_grad_() for t in tensors]
         out = _outputs(f(*leaves))
         if all(torch.isfinite(o).all() for o in out):
@@ -123,12 +125,25 @@ def test_exact_cap_gradient_at_repeated_singular_values(case):
         assert torch.autograd.gradcheck(method, (W,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_opcheck_with_autograd(case):
+def test_opcheck_with_autograd(case, device):
     """opcheck's test_autograd_registration and test_aot_dispatch_dynamic (compiled gradients
     against eager ones) need inputs that require grad: the samples do."""
-    for args in sample_inputs(case)[:2]:
-        torch.library.opcheck(op_of(case), args)
+    for sample in sample_inputs(case, device)[:2]:
+        torch.library.opcheck(op_of(case), (), sample)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_matches_cpu_on_the_samples(case):
+    """float64 samples (the CUDA kernels keep float64 in float64): the same values on both devices."""
+    op = op_of(case)
+    cpu, gpu = sample_inputs(case, "cpu", requires_grad=False), sample_inputs(case, "cuda", requires_grad=False)
+    for a, b in zip(cpu, gpu):
+        for want, got in zip(_outputs(op(**a)), _outputs(op(**b))):
+            assert got.device.type == "cuda" and got.dtype == want.dtype and got.shape == want.shape
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -203,3 +218,36 @@ def test_every_op_taking_a_float_tensor_has_an_autograd_kernel():
             assert takes_tensor == (op.name() in covered), op.name()
             if op.name() in covered and op.name() != "lipschitz::fp8_attention":  # that one: composite
                 assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd"), op.name()
+
+
+def test_internal_ops_take_no_tensor():
+    """The lipschitz_internal library (host helpers, debug ops) has no user API and no gradient."""
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("lipschitz_internal::")]
+    assert {"ns_plan", "hard_cap_polynomial_plan", "gram_ns_restarts", "triangle_tiles", "ns_backend",
+            "fp8_attention_bwd_setting", "fp8_attention_bwd_cudnn_fallbacks", "fp8_attention_bwd_path"} == set(names)
+    for name in names:
+        for a in getattr(torch.ops.lipschitz_internal, name).default._schema.arguments:
+            assert "Tensor" not in str(a.type), (name, a.name)
+    public = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("lipschitz::")}
+    assert not public & set(names)
+
+
+def test_public_api_lists_the_kernels_wrappers_only():
+    """ops.__all__ holds the kernels' wrappers (and their result types); host math and
+    constants live in ops.host (still importable from ops); the package ships py.typed."""
+    import pathlib
+
+    import lipschitz_ext.ops.host as host
+
+    for name in ops.__all__:
+        obj = getattr(ops, name)
+        assert callable(obj), name
+    for name in ("COEFFICIENT_SETS", "E4M3_MAX", "ns_max_gain", "certified_at_most", "spectral_norm_bound",
+                 "HARD_CAP_METHODS", "POLYNOMIAL_PRESCALE", "soft_cap_alpha", "fp8_saturation_count", "choices"):
+        assert name not in ops.__all__, name
+        assert hasattr(ops, name), name
+    for name in host.__all__:
+        assert name not in ops.__all__ and hasattr(host, name), name
+    assert ops.COEFFICIENT_SETS is host.COEFFICIENT_SETS and ops.ns_max_gain is host.ns_max_gain
+    assert (pathlib.Path(ops.__file__).parent.parent / "py.typed").is_file()

@@ -153,7 +153,7 @@ def test_hammer_sets_only_the_top_singular_value(shape):
 @pytest.mark.parametrize("lam", [0.0, 0.1, 1.0])
 def test_spectral_weight_decay_definition(lam):
     W = gapped((3, 30, 20), top=2.0)
-    out, u = ops.spectral_weight_decay(W.float(), lam, iters=30, return_u=True)
+    out, u = ops.spectral_weight_decay_with_u(W.float(), lam, iters=30)
     assert u.shape == (3, 30)
 
     def ref_fn(S):
@@ -164,11 +164,11 @@ def test_spectral_weight_decay_definition(lam):
     torch.testing.assert_close(out.double(), svd_apply_f64(W, ref_fn), atol=1e-4, rtol=0)
 
 
-def test_rank1_return_u_and_warm_start():
+def test_rank1_with_u_and_warm_start():
     W = gapped((2, 16, 24), top=3.0).float()
-    out, u = ops.spectral_normalize(W, 1.0, iters=1, return_u=True)
+    out, u = ops.spectral_normalize_with_u(W, 1.0, iters=1)
     for _ in range(20):
-        out, u = ops.spectral_normalize(W, 1.0, iters=1, u=u, return_u=True)
+        out, u = ops.spectral_normalize_with_u(W, 1.0, iters=1, u=u)
     assert torch.linalg.matrix_norm(out.double(), 2).sub(1.0).abs().max() < 1e-4
 
 
@@ -233,17 +233,40 @@ def test_empty_batch():
 def test_opcheck():
     W = torch.randn(3, 10, 14)
     u = torch.randn(3, 10)
-    for args in [(W, 4, None), (W.mT, 4, u[:, :4].repeat(1, 4)[:, :14]), (torch.randn(2, 5, 7, dtype=torch.float64), 3, None)]:
-        torch.library.opcheck(torch.ops.lipschitz.power_iteration.default, args)
-    for name in ("spectral_normalize", "spectral_hammer", "spectral_weight_decay"):
+    for sample in [dict(W=W, iters=4), dict(W=W.mT, iters=4, u=u[:, :4].repeat(1, 4)[:, :14]),
+                   dict(W=torch.randn(2, 5, 7, dtype=torch.float64), iters=3)]:
+        torch.library.opcheck(torch.ops.lipschitz.power_iteration.default, (), sample)
+    for name, param in (("spectral_normalize", "sigma_max"), ("spectral_hammer", "sigma_max"),
+                        ("spectral_weight_decay", "lam")):
         op = getattr(torch.ops.lipschitz, name).default
-        torch.library.opcheck(op, (W, 0.5, 3, u))
-        torch.library.opcheck(op, (W.bfloat16(), 0.5, 3, None))
+        torch.library.opcheck(op, (), {"W": W, param: 0.5, "iters": 3, "u": u})
+        torch.library.opcheck(op, (), {"W": W.bfloat16(), param: 0.5, "iters": 3})
+
+
+def test_typed_results():
+    """power_iteration's result has the schema's field names and still unpacks as a tuple;
+    the rank-1 constraints return one type each: a tensor, or (out, u) from the *_with_u form."""
+    W = torch.randn(2, 5, 7)
+    r = ops.power_iteration(W, 4)
+    assert isinstance(r, ops.SingularTriplet) and isinstance(r, tuple) and r._fields == ("sigma", "u", "v")
+    sigma, u, v = r
+    assert sigma is r.sigma and u is r.u and v is r.v and sigma.shape == (2,) and v.shape == (2, 7)
+    schema = torch.ops.lipschitz.power_iteration.default._schema
+    assert tuple(ret.name for ret in schema.returns) == r._fields
+    for plain, with_u, param in ((ops.spectral_normalize, ops.spectral_normalize_with_u, 1.0),
+                                 (ops.spectral_hammer, ops.spectral_hammer_with_u, 1.0),
+                                 (ops.spectral_weight_decay, ops.spectral_weight_decay_with_u, 0.2)):
+        out = plain(W, param, 4)
+        both = with_u(W, param, 4)
+        assert isinstance(out, torch.Tensor) and isinstance(both, ops.Rank1Result)
+        assert torch.equal(both.out, out) and both.u.shape == (2, 5)
+        out2, u2 = both
+        assert out2 is both.out and u2 is both.u
 
 
 def test_torch_compile_fullgraph():
     def f(W, u):
-        out, u2 = ops.spectral_normalize(W * 2.0, 1.0, 2, u, return_u=True)
+        out, u2 = ops.spectral_normalize_with_u(W * 2.0, 1.0, 2, u)
         s, _, _ = ops.power_iteration(out, 2, u2)
         return out, s
 
@@ -258,16 +281,17 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cuda_matches_cpu(shape, dtype):
     W = gapped(shape, top=3.0).to(dtype)
-    for op, arg in ((ops.spectral_normalize, 1.0), (ops.spectral_hammer, 1.0), (ops.spectral_weight_decay, 0.2)):
-        cpu, ucpu = op(W, arg, 20, return_u=True)
-        gpu, ugpu = op(W.cuda(), arg, 20, return_u=True)
+    for op, arg in ((ops.spectral_normalize_with_u, 1.0), (ops.spectral_hammer_with_u, 1.0),
+                    (ops.spectral_weight_decay_with_u, 0.2)):
+        cpu, ucpu = op(W, arg, 20)
+        gpu, ugpu = op(W.cuda(), arg, 20)
         assert gpu.dtype == dtype and gpu.shape == W.shape and ugpu.dtype == ucpu.dtype
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
         torch.testing.assert_close(gpu.cpu(), cpu, atol=tol, rtol=tol)
     s_cpu, _, _ = ops.power_iteration(W, 20)
     s_gpu, _, _ = ops.power_iteration(W.cuda(), 20)
     torch.testing.assert_close(s_gpu.cpu(), s_cpu, atol=1e-4, rtol=1e-4)
-    torch.library.opcheck(torch.ops.lipschitz.spectral_hammer.default, (W.cuda(), 1.0, 3, None))
+    torch.library.opcheck(torch.ops.lipschitz.spectral_hammer.default, (), dict(W=W.cuda(), sigma_max=1.0, iters=3))
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e9, 1e18, 1e30])

@@ -1,8 +1,8 @@
 """Host-side parts of the symmetric Newton-Schulz kernels, on the CPU.
 
 The tile enumeration (csrc/triangle_tiles.h, the code the kernels decode their
-block index with) through the debug op ``lipschitz::triangle_tiles``; the
-LIPSCHITZ_NS_BACKEND switch through ``lipschitz::ns_backend``; and the whole
+block index with) through the debug op ``lipschitz_internal::triangle_tiles``; the
+LIPSCHITZ_NS_BACKEND switch through ``lipschitz_internal::ns_backend``; and the whole
 tiled iteration in float64 (ns_symmetric_reference.py) against the dense
 float64 iteration and the CPU op.
 """
@@ -97,18 +97,18 @@ def test_grid_guard_at_2_pow_31():
                                         ((5, 4, 1, True, 6), "symmetric product is square")])
 def test_bad_arguments(args, match):
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.lipschitz.triangle_tiles(*args)
+        torch.ops.lipschitz_internal.triangle_tiles(*args)
 
 
 def test_backend_switch(monkeypatch):
     monkeypatch.delenv("LIPSCHITZ_NS_BACKEND", raising=False)
-    assert torch.ops.lipschitz.ns_backend() == "cublas"  # off by default
+    assert torch.ops.lipschitz_internal.ns_backend() == "cublas"  # off by default
     for value, name in [("", "cublas"), ("cublas", "cublas"), ("symmetric", "symmetric")]:
         monkeypatch.setenv("LIPSCHITZ_NS_BACKEND", value)
-        assert torch.ops.lipschitz.ns_backend() == name
+        assert torch.ops.lipschitz_internal.ns_backend() == name
     monkeypatch.setenv("LIPSCHITZ_NS_BACKEND", "Symmetric ")
     with pytest.raises(RuntimeError, match="LIPSCHITZ_NS_BACKEND must be 'cublas' or 'symmetric', got 'Symmetric '"):
-        torch.ops.lipschitz.ns_backend()
+        torch.ops.lipschitz_internal.ns_backend()
 
 
 @pytest.mark.parametrize("shape,tile", [((1, 1), 64), ((3, 5), 2), ((70, 70), 16), ((2, 33, 100), 16),

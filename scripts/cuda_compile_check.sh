@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile-check every CUDA source (csrc/cuda/*.cu and csrc/bench/*.cu) for the configured targets
+# Compile-check every CUDA source (csrc/cuda/*.cu and csrc/bench/*.cu, with the csrc/cuda/*.cuh
+# headers they include) for the configured targets
 # (default sm_80 and sm_90a) with nvcc, against the installed (CPU) torch's
 # headers. Nothing is linked or run. Used by CI; works on a machine without a GPU.
 set -euo pipefail

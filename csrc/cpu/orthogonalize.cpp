@@ -6,6 +6,7 @@
 #include "checks.h"
 #include "newton_schulz.h"
 #include "ns_coefficients.h"
+#include "ns_symmetric.h"
 
 namespace lipschitz {
 
@@ -49,7 +50,10 @@ at::Tensor orthogonalize_with(const char* op, const at::Tensor& G, int64_t steps
 
 at::Tensor orthogonalize_cpu(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
                              at::ArrayRef<double> custom, double eps,
-                             std::optional<at::ScalarType> compute_dtype) {
+                             std::optional<at::ScalarType> compute_dtype, c10::string_view backend) {
+  TORCH_CHECK(!parse_ns_backend_arg(backend, "orthogonalize").has_value(),
+              "orthogonalize: argument 'backend' must be 'default' on CPU (the ATen steps); '",
+              std::string(backend), "' is a CUDA kernel");
   return orthogonalize_with("orthogonalize", G, steps, coefficients, custom, eps, compute_dtype,
                             &newton_schulz_steps);
 }

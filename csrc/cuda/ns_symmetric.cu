@@ -1,5 +1,5 @@
 // Symmetric, copy-free Newton-Schulz for lipschitz::orthogonalize on CUDA
-// (LIPSCHITZ_NS_BACKEND=symmetric; the cuBLAS path of orthogonalize.cu stays the
+// (backend="symmetric"; the cuBLAS path of orthogonalize.cu stays the
 // default and the reference). Per step, for the wide orientation (tall inputs use
 // X^T X and X (a I + B) on the same buffers, read transposed, never copied):
 //   A  = X X^T             upper-triangle tiles only, each stored and mirrored
@@ -274,7 +274,7 @@ at::Tensor orthogonalize_symmetric_cuda(const at::Tensor& G, const NSPlan& plan,
   const int64_t batch = G3.size(0), m = G3.size(1), n = G3.size(2);
   const int64_t per_matrix = m * n;
   constexpr int64_t kIntMax = (int64_t{1} << 31) - 1;
-  TORCH_CHECK(m <= kIntMax && n <= kIntMax, "orthogonalize: LIPSCHITZ_NS_BACKEND=symmetric takes matrix sides ",
+  TORCH_CHECK(m <= kIntMax && n <= kIntMax, "orthogonalize: backend='symmetric' takes matrix sides ",
               "below 2^31, got ", m, " x ", n);
   const bool tall = m > n;
   const int64_t s = tall ? n : m;  // side of the Gram matrix
@@ -282,8 +282,8 @@ at::Tensor orthogonalize_symmetric_cuda(const at::Tensor& G, const NSPlan& plan,
   const int64_t update_tiles = tiles::tiles_per_side(m, kTile) * tiles::tiles_per_side(n, kTile);
   TORCH_CHECK(tiles::grid_blocks(batch, gram_tiles) >= 0 && tiles::grid_blocks(batch, update_tiles) >= 0,
               "orthogonalize: a batch of ", batch, " matrices of ", m, " x ", n, " needs more than 2^31 - 1 ",
-              "thread blocks in one launch of LIPSCHITZ_NS_BACKEND=symmetric; split the batch or use ",
-              "LIPSCHITZ_NS_BACKEND=cublas");
+              "thread blocks in one launch of backend='symmetric'; split the batch or use ",
+              "backend='cublas'");
 
   const auto bf = G.options().dtype(at::kBFloat16);
   // normalization: sumsq (float64) and the done counters share one zeroed buffer

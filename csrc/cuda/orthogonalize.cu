@@ -91,18 +91,24 @@ at::Tensor ns_polynomial_cuda(const at::Tensor& s, int64_t steps, c10::string_vi
 namespace {
 
 // Both algorithms (gram: Gram Newton-Schulz, csrc/newton_schulz.h; otherwise the
-// standard steps, or the symmetric kernels under LIPSCHITZ_NS_BACKEND=symmetric).
+// standard steps by `backend`, csrc/ns_symmetric.h).
 at::Tensor orthogonalize_cuda_impl(const char* op, bool gram, const at::Tensor& G, int64_t steps,
                                    c10::string_view coefficients, at::ArrayRef<double> custom,
-                                   double eps, std::optional<at::ScalarType> compute_dtype) {
+                                   double eps, std::optional<at::ScalarType> compute_dtype,
+                                   c10::string_view backend) {
+  const std::optional<NSBackend> requested = gram ? std::nullopt : parse_ns_backend_arg(backend, op);
   check_matrix_batch(G, op, "G");
   check_nonnegative(eps, op, "eps");
   const NSPlan plan = make_ns_plan(steps, coefficients, custom, op);
   // default bf16 (fp32 accumulation); float64 stays float64
   const auto compute = ns_compute_dtype(G.scalar_type(), compute_dtype, at::kBFloat16);
+  TORCH_CHECK(requested != NSBackend::kSymmetric || compute == at::kBFloat16, op,
+              ": argument 'backend' = 'symmetric' computes in bfloat16 only, got compute dtype ", compute,
+              "; use backend='cublas' or 'default'");
   if (G.numel() == 0) return at::empty(G.sizes(), G.options());
-  // LIPSCHITZ_NS_BACKEND=symmetric (off by default): csrc/cuda/ns_symmetric.cu; bf16 compute only
-  if (!gram && ns_backend_from_env() == NSBackend::kSymmetric && compute == at::kBFloat16)
+  // the symmetric kernels (csrc/cuda/ns_symmetric.cu) by request, or by default under
+  // LIPSCHITZ_NS_BACKEND=symmetric where the compute dtype is bf16
+  if (!gram && requested.value_or(ns_backend_from_env()) == NSBackend::kSymmetric && compute == at::kBFloat16)
     return orthogonalize_symmetric_cuda(G, plan, eps);
 
   const c10::cuda::CUDAGuard guard(G.device());
@@ -148,8 +154,9 @@ at::Tensor orthogonalize_cuda_impl(const char* op, bool gram, const at::Tensor& 
 
 at::Tensor orthogonalize_cuda(const at::Tensor& G, int64_t steps, c10::string_view coefficients,
                               at::ArrayRef<double> custom, double eps,
-                              std::optional<at::ScalarType> compute_dtype) {
-  return orthogonalize_cuda_impl("orthogonalize", false, G, steps, coefficients, custom, eps, compute_dtype);
+                              std::optional<at::ScalarType> compute_dtype, c10::string_view backend) {
+  return orthogonalize_cuda_impl("orthogonalize", false, G, steps, coefficients, custom, eps, compute_dtype,
+                                 backend);
 }
 
 // Compiled and tested on CPU only so far: Python never picks it on CUDA by itself
@@ -158,7 +165,7 @@ at::Tensor orthogonalize_gram_cuda(const at::Tensor& G, int64_t steps, c10::stri
                                    at::ArrayRef<double> custom, double eps,
                                    std::optional<at::ScalarType> compute_dtype) {
   return orthogonalize_cuda_impl("orthogonalize_gram", true, G, steps, coefficients, custom, eps,
-                                 compute_dtype);
+                                 compute_dtype, "default");
 }
 
 TORCH_LIBRARY_IMPL(lipschitz, CUDA, m) {

@@ -51,7 +51,7 @@ class SpectralWeightDecay(_PowerIterationMixin, Constraint):
             return None
         if lam > 1.0:
             raise ValueError(f"SpectralWeightDecay: lam * lr = {lam} > 1 would flip the top singular direction")
-        out, u = ops.spectral_weight_decay(W3, lam, *self._iters(state, W3), return_u=True)
+        out, u = ops.spectral_weight_decay_with_u(W3, lam, *self._iters(state, W3))
         _store_u(state, u)
         return out
 
@@ -79,7 +79,7 @@ class SpectralNormalize(_PowerIterationMixin, Constraint):
 
     def _apply(self, W3, *, lr, update_norm, decay, state):
         cap = self.sigma_max * rms_scale(W3)
-        out, u = ops.spectral_normalize(W3, cap, *self._iters(state, W3), return_u=True)
+        out, u = ops.spectral_normalize_with_u(W3, cap, *self._iters(state, W3))
         _store_u(state, u)
         return guard_cap(out, cap, NORMALIZE_SLACK)  # the power-iteration estimate can be low
 
@@ -100,7 +100,7 @@ class SpectralHammer(_PowerIterationMixin, Constraint):
         self.sigma_max = None
 
     def _apply(self, W3, *, lr, update_norm, decay, state):
-        out, u = ops.spectral_hammer(W3, self.target * rms_scale(W3), *self._iters(state, W3), return_u=True)
+        out, u = ops.spectral_hammer_with_u(W3, self.target * rms_scale(W3), *self._iters(state, W3))
         _store_u(state, u)
         return out
 

@@ -123,7 +123,7 @@ def _unflatten(flat: Sequence[float]) -> Plan:
 def ns_plan(steps: int, coefficients: str, custom: Sequence[float]) -> Plan:
     """The plan the kernels run: ``steps`` triples, the last one of a table repeating.
 
-    The named tables come from the C++ ``ns_plan`` op (read once, at import: the
+    The named tables come from the C++ ``lipschitz_internal::ns_plan`` op (read once, at import: the
     backward may be traced, where an op call is not allowed); ``custom`` was already
     validated by the forward.
     """
@@ -149,11 +149,11 @@ def gram_ns_restarts(steps: int, compute: torch.dtype) -> frozenset[int]:
 
 def _load_tables() -> None:
     for name in ("jordan", "you", "jiacheng", "polar_express"):
-        _TABLES[name] = _unflatten(torch.ops.lipschitz.ns_plan(_MAX_STEPS, name, []))
-    _TABLES["hard_cap_polynomial"] = _unflatten(torch.ops.lipschitz.hard_cap_polynomial_plan())
+        _TABLES[name] = _unflatten(torch.ops.lipschitz_internal.ns_plan(_MAX_STEPS, name, []))
+    _TABLES["hard_cap_polynomial"] = _unflatten(torch.ops.lipschitz_internal.hard_cap_polynomial_plan())
     for dt in (torch.bfloat16, torch.float16, torch.float32, _DOUBLE):
         for steps in range(1, _MAX_STEPS + 1):
-            _GRAM_RESTARTS[(steps, dt)] = frozenset(torch.ops.lipschitz.gram_ns_restarts(steps, dt))
+            _GRAM_RESTARTS[(steps, dt)] = frozenset(torch.ops.lipschitz_internal.gram_ns_restarts(steps, dt))
 
 
 _load_tables()

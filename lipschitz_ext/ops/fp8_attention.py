@@ -29,17 +29,22 @@ attention at the bf16 ``q, k, v``), FlashAttention's formulas in bf16 on CUDA
   and P = exp(S - lse) inherit them (~7% of max|dq| at N=300, causal, d=64,
   where "exact" stays at bf16 rounding).
 
-On CUDA the environment variable ``LIPSCHITZ_FP8_ATTN_BWD`` picks the backward
-kernel at every call: unset / ``"flash"`` (default) PyTorch's FlashAttention-2
+``backward_kernel`` picks the kernel that computes it, saved by the autograd
+formula with the forward's other arguments: ``"flash"`` PyTorch's FlashAttention-2
 backward, ``"cudnn"`` cuDNN's SDPA backward where available (cuDNN >= 9,
 ``torch.backends.cuda.cudnn_sdp_enabled()``, compute capability >= 8), falling
-back to FlashAttention-2 otherwise; :func:`fp8_attention_bwd_path` says which.
+back to FlashAttention-2 otherwise, ``"math"`` the float32 ATen backward (the
+CPU's), or ``"default"``: the environment variable ``LIPSCHITZ_FP8_ATTN_BWD``
+(same names, read when the backward runs; ``"flash"`` when unset). GPUs of
+compute capability < 8 run the math whatever the request; the CPU takes
+``"default"`` and ``"math"`` only. :func:`fp8_attention_bwd_path` says which
+kernel runs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 
@@ -53,7 +58,14 @@ __all__ = [
     "fp8_saturation_count",
     "quantize_e4m3",
     "E4M3_MAX",
+    "BACKWARD_KERNELS",
 ]
+
+#: ``backward_kernel`` values of :func:`fp8_attention` (see the module docstring).
+BackwardKernel = Literal["default", "math", "flash", "cudnn"]
+BACKWARD_KERNELS: tuple[str, ...] = get_args(BackwardKernel)
+#: ``backward`` values: which statistics the gradient uses.
+Backward = Literal["exact", "saved"]
 
 #: Largest finite float8 e4m3 value; quantized inputs are clamped to +-E4M3_MAX.
 E4M3_MAX = 448.0
@@ -108,7 +120,8 @@ def fp8_attention(
     q_scale: float = 1.0,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
-    backward: str = "exact",
+    backward: Backward = "exact",
+    backward_kernel: BackwardKernel = "default",
 ) -> torch.Tensor:
     """Softmax attention with q, k, v and P in float8 e4m3 and static scales.
 
@@ -127,6 +140,9 @@ def fp8_attention(
             make the division exact.
         backward: ``"exact"`` or ``"saved"`` statistics for the gradient (see
             the module docstring).
+        backward_kernel: ``"default"``, ``"math"``, ``"flash"`` or ``"cudnn"``: the
+            kernel of the gradient (see the module docstring); checked here, on
+            every device.
 
     Returns:
         bfloat16 ``[B, H, N, d]``: ``softmax(softmax_scale * q k^T) v`` up to fp8
@@ -140,7 +156,7 @@ def fp8_attention(
                     "not differentiable: pass bf16 tensors to fp8_attention_e4m3_inputs for training")
     return torch.ops.lipschitz.fp8_attention.default(
         q, k, v, bool(causal), None if softmax_scale is None else float(softmax_scale),
-        float(q_scale), float(k_scale), float(v_scale), str(backward),
+        float(q_scale), float(k_scale), float(v_scale), str(backward), str(backward_kernel),
     )
 
 
@@ -169,8 +185,10 @@ def fp8_saturation_count(
 
 
 @torch.library.register_fake("lipschitz::fp8_attention_fwd")
-def _fp8_attention_fwd_fake(q, k, v, causal, softmax_scale, q_scale, k_scale, v_scale, backward="exact"):
+def _fp8_attention_fwd_fake(q, k, v, causal, softmax_scale, q_scale, k_scale, v_scale, backward="exact",
+                            backward_kernel="default"):
     check_same_device("fp8_attention", "q", {"q": q, "k": k, "v": v})
+    _check_backward_kernel("fp8_attention", "backward_kernel", backward_kernel)
     torch._check(q.dim() == 4, lambda: "fp8_attention: argument 'q' must have rank 4")
     torch._check(q.dtype in (torch.bfloat16, _FP8),
                  lambda: f"fp8_attention: argument 'q' must be bfloat16 or float8_e4m3fn, got {q.dtype}")
@@ -181,15 +199,22 @@ def _fp8_attention_fwd_fake(q, k, v, causal, softmax_scale, q_scale, k_scale, v_
 
 
 @torch.library.register_fake("lipschitz::fp8_attention_bwd")
-def _fp8_attention_bwd_fake(grad_out, q, k, v, out, lse, causal, softmax_scale):
+def _fp8_attention_bwd_fake(grad_out, q, k, v, out, lse, causal, softmax_scale, kernel="default"):
+    _check_backward_kernel("fp8_attention_bwd", "kernel", kernel)
     check_same_device("fp8_attention_bwd", "q",
                       {"q": q, "grad_out": grad_out, "k": k, "v": v, "out": out, "lse": lse})
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _check_backward_kernel(op: str, arg: str, kernel: str) -> None:
+    torch._check(kernel in BACKWARD_KERNELS,
+                 lambda: f"{op}: argument '{arg}' must be one of {BACKWARD_KERNELS}, got {kernel!r}")
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, causal, softmax_scale = inputs[:5]
     backward = inputs[8] if len(inputs) > 8 else "exact"
+    ctx.backward_kernel = inputs[9] if len(inputs) > 9 else "default"
     out, lse = output
     ctx.saved_stats = backward == "saved"
     ctx.save_for_backward(q, k, v, *((out, lse) if ctx.saved_stats else ()))
@@ -206,9 +231,9 @@ def _backward(ctx, grad_out, grad_lse):
                            "gradient to e4m3): use fp8_attention_e4m3_inputs for training")
     out, lse = stats if ctx.saved_stats else (None, None)
     dq, dk, dv = torch.ops.lipschitz.fp8_attention_bwd.default(
-        grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.softmax_scale
+        grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.backward_kernel
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -225,11 +250,12 @@ class _E4M3InputAttention(torch.autograd.Function):
     """Forward on e4m3 inputs quantized here; backward at the bf16 inputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, q_scale, k_scale, v_scale, backward):
+    def forward(ctx, q, k, v, causal, softmax_scale, q_scale, k_scale, v_scale, backward, backward_kernel):
         q8, k8, v8 = quantize_e4m3(q, q_scale), quantize_e4m3(k, k_scale), quantize_e4m3(v, v_scale)
         out, lse = torch.ops.lipschitz.fp8_attention_fwd.default(
-            q8, k8, v8, causal, softmax_scale, q_scale, k_scale, v_scale, backward)
+            q8, k8, v8, causal, softmax_scale, q_scale, k_scale, v_scale, backward, backward_kernel)
         ctx.saved_stats = backward == "saved"
+        ctx.backward_kernel = backward_kernel
         ctx.save_for_backward(q, k, v, *((out, lse) if ctx.saved_stats else ()))
         ctx.causal, ctx.softmax_scale = causal, softmax_scale
         return out
@@ -239,8 +265,8 @@ class _E4M3InputAttention(torch.autograd.Function):
         q, k, v, *stats = ctx.saved_tensors
         out, lse = stats if ctx.saved_stats else (None, None)
         dq, dk, dv = torch.ops.lipschitz.fp8_attention_bwd.default(
-            grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
-        return dq, dk, dv, None, None, None, None, None, None
+            grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.backward_kernel)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def fp8_attention_e4m3_inputs(
@@ -253,7 +279,8 @@ def fp8_attention_e4m3_inputs(
     q_scale: float = 1.0,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
-    backward: str = "exact",
+    backward: Backward = "exact",
+    backward_kernel: BackwardKernel = "default",
 ) -> torch.Tensor:
     """:func:`fp8_attention` with the quantization moved out of the op, differentiably.
 
@@ -266,8 +293,8 @@ def fp8_attention_e4m3_inputs(
 
     Args:
         q, k, v: bfloat16 ``[B, H, N, d]``, ``d`` in {64, 128}.
-        causal, softmax_scale, q_scale, k_scale, v_scale, backward: as in
-            :func:`fp8_attention`.
+        causal, softmax_scale, q_scale, k_scale, v_scale, backward, backward_kernel:
+            as in :func:`fp8_attention`.
 
     Returns:
         bfloat16 ``[B, H, N, d]``, differentiable in q, k, v.
@@ -282,11 +309,11 @@ def fp8_attention_e4m3_inputs(
     op = "fp8_attention_e4m3_inputs"
     scales = [_check_scale(op, n, s) for n, s in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale))]
     scale = 1.0 / q.shape[-1] if softmax_scale is None else float(softmax_scale)
-    return _E4M3InputAttention.apply(q, k, v, bool(causal), scale, *scales, str(backward))
+    return _E4M3InputAttention.apply(q, k, v, bool(causal), scale, *scales, str(backward), str(backward_kernel))
 
 
 def fp8_attention_bwd_path(
-    setting: Optional[str] = None,
+    backward_kernel: BackwardKernel = "default",
     compute_major: Optional[int] = None,
     cudnn_version: Optional[int] = None,
     cudnn_sdp_enabled: Optional[bool] = None,
@@ -294,22 +321,20 @@ def fp8_attention_bwd_path(
 ) -> str:
     """The kernel ``fp8_attention``'s backward runs: ``"math"``, ``"flash"`` or ``"cudnn"``.
 
-    Each argument defaults to this process's state: ``setting`` to
-    ``LIPSCHITZ_FP8_ATTN_BWD`` (``"flash"`` when unset), ``compute_major`` to the
-    current CUDA device's compute capability major (0 without CUDA),
-    ``cudnn_version`` to ``torch.backends.cudnn.version()`` (0 without cuDNN),
-    ``cudnn_sdp_enabled`` to ``torch.backends.cuda.cudnn_sdp_enabled()``. The rule
-    is the one the CUDA kernel applies (``csrc/fp8_attention.h``,
-    ``choose_bwd_path``); a cuDNN call that fails at run time still falls back
-    to FlashAttention-2 with a warning.
+    ``backward_kernel`` is :func:`fp8_attention`'s argument (``"default"`` resolves
+    ``LIPSCHITZ_FP8_ATTN_BWD`` now). The other arguments default to this process's
+    state: ``compute_major`` to the current CUDA device's compute capability major
+    (0 without CUDA), ``cudnn_version`` to ``torch.backends.cudnn.version()`` (0
+    without cuDNN), ``cudnn_sdp_enabled`` to ``torch.backends.cuda.cudnn_sdp_enabled()``.
+    The rule is the one the CUDA kernel applies (``csrc/fp8_attention.h``,
+    ``choose_bwd_path``); a cuDNN call that fails at run time still falls back to
+    FlashAttention-2 with a warning.
     """
-    if setting is None:
-        setting = torch.ops.lipschitz.fp8_attention_bwd_setting()
     if compute_major is None:
         compute_major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
     if cudnn_version is None:
         cudnn_version = (torch.backends.cudnn.version() or 0) if torch.backends.cudnn.is_available() else 0
     if cudnn_sdp_enabled is None:
         cudnn_sdp_enabled = torch.backends.cuda.cudnn_sdp_enabled()
-    return torch.ops.lipschitz.fp8_attention_bwd_path(
-        str(setting), int(compute_major), int(cudnn_version), bool(cudnn_sdp_enabled), bool(empty))
+    return torch.ops.lipschitz_internal.fp8_attention_bwd_path(
+        str(backward_kernel), int(compute_major), int(cudnn_version), bool(cudnn_sdp_enabled), bool(empty))

@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 import torch
 
 from . import _recompute as R
 
-__all__ = ["orthogonalize", "ns_polynomial", "ns_max_gain", "ALGORITHMS", "COEFFICIENT_SETS", "COMPUTE_DTYPES",
-           "native_bf16_matmul"]
+__all__ = ["orthogonalize", "ns_polynomial", "ns_max_gain", "ALGORITHMS", "BACKENDS", "COEFFICIENT_SETS",
+           "COMPUTE_DTYPES", "native_bf16_matmul"]
+
+#: ``backend`` values of :func:`orthogonalize` (the CUDA Newton-Schulz kernels).
+Backend = Literal["default", "cublas", "symmetric"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 #: ``compute_dtype`` values :func:`orthogonalize` accepts (besides None, the device default).
 COMPUTE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
@@ -78,6 +82,7 @@ def orthogonalize(
     eps: float = 1e-7,
     compute_dtype: Union[torch.dtype, str, None] = None,
     algorithm: str = "standard",
+    backend: Backend = "default",
 ) -> torch.Tensor:
     """Muon's msign: approximately ``U V^T`` for ``G = U S V^T``, by Newton-Schulz.
 
@@ -105,6 +110,13 @@ def orthogonalize(
             the measured rule of :func:`lipschitz_ext.ops.choices.choose` for this device,
             dtype, thread count and shape. Both give the same singular values up to
             rounding (docs/kernels.md, "Gram Newton-Schulz").
+        backend: the kernels of the standard steps on CUDA: ``"cublas"`` (three
+            batched cuBLAS GEMMs per step, the reference), ``"symmetric"`` (upper-
+            triangle tiles, mirrored stores; bf16 compute only) or ``"default"``:
+            the environment variable ``LIPSCHITZ_NS_BACKEND`` (``"cublas"`` when
+            unset). The CPU kernel takes ``"default"`` only; ``algorithm="gram"``
+            ignores it. A value the device does not implement raises, naming
+            ``backend``.
 
     Returns:
         Tensor of G's shape and dtype. Each singular value ``s`` of ``G`` becomes
@@ -113,9 +125,13 @@ def orthogonalize(
         of ``compute_dtype``. Non-finite input yields NaN output.
     """
     name, custom = _coefficient_args(coefficients)
-    op = torch.ops.lipschitz.orthogonalize_gram if _algorithm(algorithm, G, compute_dtype) == "gram" \
-        else torch.ops.lipschitz.orthogonalize
-    return op.default(G, int(steps), name, custom, float(eps), _compute_dtype_arg(compute_dtype))
+    if _algorithm(algorithm, G, compute_dtype) == "gram":
+        if backend not in BACKENDS:
+            raise ValueError(f"orthogonalize: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
+        return torch.ops.lipschitz.orthogonalize_gram.default(
+            G, int(steps), name, custom, float(eps), _compute_dtype_arg(compute_dtype))
+    return torch.ops.lipschitz.orthogonalize.default(
+        G, int(steps), name, custom, float(eps), _compute_dtype_arg(compute_dtype), str(backend))
 
 
 #: ``algorithm`` values :func:`orthogonalize` accepts.
@@ -137,7 +153,10 @@ def _algorithm(algorithm: str, G: torch.Tensor, compute_dtype) -> str:
 
 @torch.library.register_fake("lipschitz::orthogonalize")
 @torch.library.register_fake("lipschitz::orthogonalize_gram")
-def _orthogonalize_fake(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7, compute_dtype=None):
+def _orthogonalize_fake(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7, compute_dtype=None,
+                        backend="default"):
+    torch._check(backend in BACKENDS,
+                 lambda: f"orthogonalize: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
     torch._check(G.dim() >= 2, lambda: "orthogonalize: argument 'G' must have rank >= 2")
     torch._check(G.dtype.is_floating_point, lambda: "orthogonalize: argument 'G' must be floating")
     return G.new_empty(G.shape)
@@ -187,7 +206,8 @@ def _ns_polynomial_fake(s, steps=5, coefficients="polar_express", custom=()):
 
 
 def _orthogonalize_mirror(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7, compute_dtype=None,
-                          iterate=R.newton_schulz_steps):
+                          backend="default", iterate=R.newton_schulz_steps):
+    # every backend computes the same steps; the gradient is the cuBLAS path's
     norm_scale, triples = R.ns_plan(steps, coefficients, custom)
     compute = R.ns_compute_dtype(G.device, G.dtype, compute_dtype)
     if G.numel() == 0:
@@ -205,7 +225,8 @@ def _orthogonalize_mirror(G, steps=5, coefficients="polar_express", custom=(), e
 
 
 def _orthogonalize_gram_mirror(G, steps=5, coefficients="polar_express", custom=(), eps=1e-7, compute_dtype=None):
-    return _orthogonalize_mirror(G, steps, coefficients, custom, eps, compute_dtype, R.gram_newton_schulz_steps)
+    return _orthogonalize_mirror(G, steps, coefficients, custom, eps, compute_dtype, "default",
+                                 R.gram_newton_schulz_steps)
 
 
 def _ns_polynomial_mirror(s, steps=5, coefficients="polar_express", custom=()):

@@ -6,7 +6,7 @@ singular value); the RMS->RMS frame is :mod:`lipschitz_ext.constraints`' job.
 
 from __future__ import annotations
 
-from typing import Optional, Union, overload
+from typing import NamedTuple, Optional
 
 import math
 
@@ -15,12 +15,29 @@ import torch
 from . import _recompute as R
 from ._checks import check_same_device
 
-__all__ = ["power_iteration", "spectral_normalize", "spectral_hammer", "spectral_weight_decay", "spectral_norm_bound"]
+__all__ = ["power_iteration", "spectral_normalize", "spectral_hammer", "spectral_weight_decay",
+           "spectral_normalize_with_u", "spectral_hammer_with_u", "spectral_weight_decay_with_u",
+           "SingularTriplet", "Rank1Result", "certified_at_most", "spectral_norm_bound"]
+
+
+class SingularTriplet(NamedTuple):
+    """:func:`power_iteration`'s result, the fields its schema names."""
+
+    sigma: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+
+
+class Rank1Result(NamedTuple):
+    """A rank-1 constraint's new weight ``out`` and the warm start ``u`` for its next call."""
+
+    out: torch.Tensor
+    u: torch.Tensor
 
 
 def power_iteration(
     W: torch.Tensor, iters: int = 16, u: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> SingularTriplet:
     """Top singular triplet of every matrix in a batch, by power iteration.
 
     Args:
@@ -33,13 +50,13 @@ def power_iteration(
             it a fixed deterministic start is used (no global RNG is touched).
 
     Returns:
-        ``(sigma [...], u [..., m], v [..., n])`` in float32 (float64 for float64
+        ``SingularTriplet(sigma [...], u [..., m], v [..., n])`` in float32 (float64 for float64
         ``W``) with ``u``, ``v`` unit vectors, ``sigma = ||W v|| = u^T W v``: a lower
         bound on the spectral norm that converges to it (like ``(s2/s1)^(2*iters)``).
         A zero matrix gives ``sigma = 0`` and zero vectors. NaN/inf in a matrix give
         NaN for that matrix.
     """
-    return torch.ops.lipschitz.power_iteration.default(W, int(iters), u)
+    return SingularTriplet(*torch.ops.lipschitz.power_iteration.default(W, int(iters), u))
 
 
 def _vectors_fake(W):
@@ -120,68 +137,62 @@ R.register_recompute_autograd("lipschitz::power_iteration", _power_iteration_mir
 for _name in ("spectral_normalize", "spectral_hammer", "spectral_weight_decay"):
     R.register_recompute_autograd(f"lipschitz::{_name}", _rank1_mirror_for(_name))
 
-Result = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
-
-
-def _finish(out: tuple[torch.Tensor, torch.Tensor], return_u: bool) -> Result:
-    return out if return_u else out[0]
-
-
 def spectral_normalize(
-    W: torch.Tensor,
-    sigma_max: float = 1.0,
-    iters: int = 16,
-    u: Optional[torch.Tensor] = None,
-    *,
-    return_u: bool = False,
-) -> Result:
+    W: torch.Tensor, sigma_max: float = 1.0, iters: int = 16, u: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Spectral normalization: ``W / max(1, sigma_1 / sigma_max)`` per matrix.
 
     ``sigma_1`` comes from :func:`power_iteration` (``iters``, warm start ``u``),
     so the cap holds up to that estimate (which can only be low). ``W``:
-    ``[..., m, n]``; returns a new tensor of W's shape and dtype, plus the new
-    ``u [..., m]`` (float32/float64) when ``return_u``.
+    ``[..., m, n]``; returns a new tensor of W's shape and dtype.
+    :func:`spectral_normalize_with_u` also returns the new warm start.
     """
-    return _finish(
-        torch.ops.lipschitz.spectral_normalize.default(W, float(sigma_max), int(iters), u), return_u
-    )
+    return spectral_normalize_with_u(W, sigma_max, iters, u).out
+
+
+def spectral_normalize_with_u(
+    W: torch.Tensor, sigma_max: float = 1.0, iters: int = 16, u: Optional[torch.Tensor] = None
+) -> Rank1Result:
+    """:func:`spectral_normalize`, and the new ``u [..., m]`` (float32/float64) for the next call."""
+    return Rank1Result(*torch.ops.lipschitz.spectral_normalize.default(W, float(sigma_max), int(iters), u))
 
 
 def spectral_hammer(
-    W: torch.Tensor,
-    sigma_max: float = 1.0,
-    iters: int = 16,
-    u: Optional[torch.Tensor] = None,
-    *,
-    return_u: bool = False,
-) -> Result:
+    W: torch.Tensor, sigma_max: float = 1.0, iters: int = 16, u: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Spectral hammer: ``W + (sigma_max - sigma_1) u_1 v_1^T`` per matrix.
 
     Sets the top singular value to ``sigma_max`` (it can raise it) and touches
     nothing else: other singular values may stay above the cap. Shapes, dtypes and
-    ``u``/``return_u`` as in :func:`spectral_normalize`.
+    ``u`` as in :func:`spectral_normalize`; :func:`spectral_hammer_with_u` also
+    returns the new warm start.
     """
-    return _finish(
-        torch.ops.lipschitz.spectral_hammer.default(W, float(sigma_max), int(iters), u), return_u
-    )
+    return spectral_hammer_with_u(W, sigma_max, iters, u).out
+
+
+def spectral_hammer_with_u(
+    W: torch.Tensor, sigma_max: float = 1.0, iters: int = 16, u: Optional[torch.Tensor] = None
+) -> Rank1Result:
+    """:func:`spectral_hammer`, and the new ``u [..., m]`` (float32/float64) for the next call."""
+    return Rank1Result(*torch.ops.lipschitz.spectral_hammer.default(W, float(sigma_max), int(iters), u))
 
 
 def spectral_weight_decay(
-    W: torch.Tensor,
-    lam: float,
-    iters: int = 16,
-    u: Optional[torch.Tensor] = None,
-    *,
-    return_u: bool = False,
-) -> Result:
+    W: torch.Tensor, lam: float, iters: int = 16, u: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Spectral weight decay: ``W - lam * sigma_1 u_1 v_1^T`` (``sigma_1 -> (1 - lam) sigma_1``).
 
-    ``lam`` in ``[0, 1]``. Shapes, dtypes and ``u``/``return_u`` as in
-    :func:`spectral_normalize`.
+    ``lam`` in ``[0, 1]``. Shapes, dtypes and ``u`` as in :func:`spectral_normalize`;
+    :func:`spectral_weight_decay_with_u` also returns the new warm start.
     """
-    return _finish(
-        torch.ops.lipschitz.spectral_weight_decay.default(W, float(lam), int(iters), u), return_u
-    )
+    return spectral_weight_decay_with_u(W, lam, iters, u).out
+
+
+def spectral_weight_decay_with_u(
+    W: torch.Tensor, lam: float, iters: int = 16, u: Optional[torch.Tensor] = None
+) -> Rank1Result:
+    """:func:`spectral_weight_decay`, and the new ``u [..., m]`` (float32/float64) for the next call."""
+    return Rank1Result(*torch.ops.lipschitz.spectral_weight_decay.default(W, float(lam), int(iters), u))
 
 
 #: relative steps above the power-iteration estimate tried as certified bounds
