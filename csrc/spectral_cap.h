@@ -175,8 +175,25 @@ inline NSPlan hard_cap_polynomial_plan() {
 // estimate's (downward) error.
 constexpr double kPolynomialPrescale = 3.0;
 
+// On the Gram path (cap_uses_gram) the pre-scale's estimate iterates on the small Gram
+// matrix G of X, which the Newton-Schulz steps then start from (as f^2 G for the iterate
+// f X, f = c / b): the large matrix is read once for both, where power iteration on it
+// reads it 2 iters times. G of X (entries < 2), not of X / b: no overflow for a tiny b.
 inline at::Tensor hard_cap_polynomial(const at::Tensor& X, const at::Tensor& b /*[B, 1, 1]*/,
                                       int64_t iters, at::ScalarType gemm, const char* op) {
+  if (cap_uses_gram(X, gemm)) {
+    const at::Tensor Xg = X.to(gemm);
+    const at::Tensor G = small_side_gram(Xg);
+    at::Tensor v = start_vector(G, std::nullopt, op);  // [B, k, 1]
+    for (int64_t i = 0; i < iters; ++i) v = normalize_rows(at::bmm(G, v));
+    // sqrt(||G v||), v a unit vector: a lower bound on sigma_1(X), as power iteration gives
+    const at::Tensor sigma =
+        at::linalg_vector_norm(at::bmm(G, v), 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true).sqrt() / b;
+    const at::Tensor f =
+        at::minimum(at::ones_like(sigma), kPolynomialPrescale / sigma.clamp_min(1e-30)) / b;
+    const at::Tensor out = gram_newton_schulz_steps_from(Xg * f, hard_cap_polynomial_plan(), G * (f * f));
+    return out.to(X.scalar_type()) * b;
+  }
   at::Tensor Y = X / b;
   const Triplet t = power_iteration_batched(Y.to(float_or_double(Y.scalar_type())), iters,
                                             std::nullopt, op);

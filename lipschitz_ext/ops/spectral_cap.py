@@ -201,7 +201,7 @@ def spectral_hard_cap(
         if not _all_certified_at_most(W, POLYNOMIAL_PRESCALE * float(sigma_max)):
             ub = spectral_norm_bound(W, target=POLYNOMIAL_PRESCALE * float(sigma_max))
             W = _scale_matrices(W, POLYNOMIAL_PRESCALE * float(sigma_max) / ub)
-    out = torch.ops.lipschitz.spectral_hard_cap.default(W, float(sigma_max), str(method), int(steps), int(iters))
+    out = torch.ops.lipschitz._spectral_hard_cap.default(W, float(sigma_max), str(method), int(steps), int(iters))
     return _guard_cap(out, float(sigma_max), _HARD_CAP_SLACK.get(method, 0.0))
 
 
@@ -214,7 +214,28 @@ def _all_certified_at_most(W: torch.Tensor, t: float) -> bool:
     meta tensors, which keep the branch-free full bound)."""
     if torch.compiler.is_compiling() or W.device.type == "meta":
         return False
-    return bool(certified_at_most(W, t).all())
+    return bool(_certified_below(W, t).all())
+
+
+def _certified_below(W: torch.Tensor, t: float) -> torch.Tensor:
+    """Whether ``sigma_max < t`` is certified, per matrix of ``W [..., m, n]`` (bool ``[B]``).
+
+    float64 ``W``: :func:`certified_at_most`. Narrower dtypes skip its scaling passes: every
+    float32 / bf16 / fp16 value squares to a normal float64 without overflow (3.4e38^2 and
+    the smallest subnormal's square are in float64's normal range), so the float64 small-side
+    Gram ``A`` of ``W`` itself (one conversion, one GEMM) is accurate to float64 rounding, and
+    ``t^2 I - A`` has a Cholesky factor exactly when ``sigma_max < t`` (up to that rounding).
+    A matrix with a non-finite entry has a non-finite diagonal in ``A``: never certified.
+    """
+    if W.dtype == torch.float64:
+        return certified_at_most(W, t).reshape(-1)
+    m, n = W.shape[-2:]
+    X = W.reshape(-1, m, n).double()
+    A = X.mT @ X if m >= n else X @ X.mT
+    finite = torch.isfinite(A.diagonal(dim1=-2, dim2=-1)).all(-1)
+    M = A.neg_()
+    M.diagonal(dim1=-2, dim2=-1).add_(float(t) * float(t))
+    return (torch.linalg.cholesky_ex(M).info == 0) & finite & (float(t) > 0)
 
 
 def _scale_matrices(W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -300,7 +321,7 @@ def _soft_cap_per_matrix_fake(W, alpha):
 
 for _name in (
     "spectral_soft_cap",
-    "spectral_hard_cap",
+    "_spectral_hard_cap",
     "orthogonal_project",
     "svd_cap",
 ):
@@ -347,14 +368,29 @@ def _hard_cap_msign(X, b, steps, gemm):
     return (Q * b + X - T.to(X.dtype)) * 0.5
 
 
+def _big_branch(sigma):
+    """``sigma`` where it exceeds the pre-scale, else the pre-scale itself (``3 / that`` is then
+    1, the value of ``min(1, 3 / sigma)``), so the unused branch's derivative ``-3 / sigma^2``
+    cannot overflow to inf for tiny sigma (0 * inf = NaN)."""
+    return torch.where(sigma > POLYNOMIAL_PRESCALE, sigma, torch.full_like(sigma, POLYNOMIAL_PRESCALE))
+
+
 def _hard_cap_polynomial(X, b, iters, gemm):
+    if R.cap_uses_gram(X, gemm):  # the pre-scale's estimate on the Gram matrix the steps start from
+        Xg = X.to(gemm)
+        G = R.small_side_gram(Xg)
+        v = R._start_vector(G, None)
+        for _ in range(iters):
+            v = R._normalize_rows(torch.bmm(G, v))
+        sigma = torch.linalg.vector_norm(torch.bmm(G, v), dim=(-2, -1), keepdim=True).sqrt() / b
+        sigma = sigma.clamp_min(1e-30)
+        f = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, _big_branch(sigma))) / b
+        out = R.gram_newton_schulz_steps(Xg * f, R.hard_cap_polynomial_plan()[1], G * (f * f))
+        return out.to(X.dtype) * b
     Y = X / b
     sigma, _, _ = R.power_iteration_batched(Y.to(R.float_or_double(Y.dtype)), iters, None)
     sigma = sigma.clamp_min(1e-30)
-    # min(1, 3 / sigma), with sigma <= 3 replaced by 3 (the same value: 1) so the unused
-    # branch's derivative -3 / sigma^2 cannot overflow to inf for tiny sigma (0 * inf = NaN)
-    big = torch.where(sigma > POLYNOMIAL_PRESCALE, sigma, torch.full_like(sigma, POLYNOMIAL_PRESCALE))
-    c = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, big))
+    c = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, _big_branch(sigma)))
     Y = (Y * c.reshape(-1, 1, 1)).to(gemm)
     return R.cap_ns_steps(Y, R.hard_cap_polynomial_plan()[1], gram=True).to(X.dtype) * b
 
@@ -397,6 +433,6 @@ def _svd_cap_mirror(W, sigma_max=1.0):
 
 R.register_recompute_autograd("lipschitz::spectral_soft_cap", _soft_cap_mirror)
 R.register_recompute_autograd("lipschitz::spectral_soft_cap.per_matrix", _soft_cap_mirror)
-R.register_recompute_autograd("lipschitz::spectral_hard_cap", _hard_cap_mirror)
+R.register_recompute_autograd("lipschitz::_spectral_hard_cap", _hard_cap_mirror)
 R.register_recompute_autograd("lipschitz::orthogonal_project", _orthogonal_project_mirror)
 R.register_recompute_autograd("lipschitz::svd_cap", _svd_cap_mirror)
