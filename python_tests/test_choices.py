@@ -103,3 +103,42 @@ def test_ratios_derive_rules_from_timings():
             'source=SRC)') in rules
     assert ('Rule("orthogonal_project_method", "msign", device="cpu", dtype="float32", threads=(2, 1048576), '
             'source=SRC)') in rules
+
+
+def test_benchmark_regenerates_the_docs_table():
+    """The rows the ratios benchmark prints for docs/benchmarks.md are what ``choose`` picks with
+    the rules the same run implies (parsed as the docs test parses the page)."""
+    from lipschitz_ext.bench import load_suite
+    from lipschitz_ext.bench.registry import default_cases_dir
+
+    suite = load_suite("constraints", default_cases_dir())
+
+    def bucket(cap, proj, ns32, ns16):
+        ms = {f"hard_cap_{k}": v for k, v in zip(("msign", "polynomial", "eigh"), cap)}
+        ms |= {"orthogonal_msign": proj[0], "orthogonal_gram": proj[1]}
+        ms |= {"ns_float32_standard": ns32[0], "ns_float32_gram": ns32[1],
+               "ns_bfloat16_standard": ns16[0], "ns_bfloat16_gram": ns16[1]}
+        return ms
+
+    square = bucket((9, 1, 5), (1.0, 1.3), (1.0, 1.2), (0.5, 2.5))
+    wide = bucket((9, 5, 1), (2.0, 1.0), (2.0, 1.0), (4.0, 3.0))
+    measured = {"threads": {1: {"buckets": {"1x256x256": square, "4x128x1024": wide}},
+                            2: {"buckets": {"1x256x256": square, "4x128x1024": square}}}}
+    rules = tuple(r for r in suite.derive_table(measured, "run") if not isinstance(r, str)) + TABLE
+    text = suite.auto_table_markdown(measured, "run")
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()]
+    assert {r[0] for r in rows} == {"hard_cap_method", "orthogonal_project_method", "ns_dtype", "ns_algorithm"}
+    seen = set()
+    for choice, device, dtype, threads, shapes, picks, source in rows:
+        assert source == "run"
+        for shape in shapes.split(","):
+            m, n = (int(x) for x in shape.strip().split("x"))
+            seen.add((choice, int(threads), (m, n), picks))
+            assert choose(choice, device, getattr(torch, dtype), (m, n), threads=int(threads), table=rules) == picks
+    # the timings above: 1 thread, the polynomial at the square bucket and eigh at aspect 8;
+    # 2 threads, the polynomial everywhere (both orientations of each bucket are listed);
+    # Newton-Schulz in bf16 where it won (the square bucket), float32 at aspect 8
+    assert ("hard_cap_method", 1, (256, 256), "polynomial") in seen
+    assert ("hard_cap_method", 1, (1024, 128), "eigh") in seen
+    assert ("hard_cap_method", 2, (128, 1024), "polynomial") in seen
+    assert ("ns_dtype", 1, (256, 256), "bfloat16") in seen and ("ns_dtype", 1, (128, 1024), "float32") in seen

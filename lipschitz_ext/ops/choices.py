@@ -96,17 +96,18 @@ TABLE: tuple[Rule, ...] = (
 
 
 def choose(choice: str, device: Union[torch.device, str], dtype: torch.dtype, shape: tuple[int, int],
-           threads: Optional[int] = None) -> str:
+           threads: Optional[int] = None, table: Optional[tuple[Rule, ...]] = None) -> str:
     """The value of ``choice`` (a key of :data:`CHOICES`) for ``shape = (m, n)`` weights of
     ``dtype`` on ``device`` with ``threads`` intra-op threads (default: the current
-    ``torch.get_num_threads()``)."""
+    ``torch.get_num_threads()``), by ``table`` (default :data:`TABLE`; the benchmark passes
+    the rows a run implies)."""
     if choice not in CHOICES:
         raise ValueError(f"choose: argument 'choice' must be one of {tuple(CHOICES)}, got {choice!r}")
     dev = torch.device(device)
     n_threads = torch.get_num_threads() if threads is None else int(threads)
     m, n = (int(s) for s in shape[-2:])
     native = None
-    for rule in TABLE:
+    for rule in TABLE if table is None else table:
         if rule.choice != choice:
             continue
         if rule.native_bf16 is not None and native is None:
