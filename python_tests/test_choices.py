@@ -73,6 +73,15 @@ def test_callers_resolve_auto_through_the_rule():
         ops.orthogonal_project(W, method="svd")
 
 
+def _bucket(cap, proj, ns32, ns16):
+    """One bucket's timings (ms) per method, as the ratios benchmark records them."""
+    ms = {f"hard_cap_{k}": v for k, v in zip(("msign", "polynomial", "eigh"), cap)}
+    ms |= {"orthogonal_msign": proj[0], "orthogonal_gram": proj[1]}
+    ms |= {"ns_float32_standard": ns32[0], "ns_float32_gram": ns32[1],
+           "ns_bfloat16_standard": ns16[0], "ns_bfloat16_gram": ns16[1]}
+    return ms
+
+
 def test_ratios_derive_rules_from_timings():
     """The benchmark's derivation: one value where it is within 10% of the best everywhere,
     an aspect split where the winner changes with the aspect, per thread count."""
@@ -81,15 +90,8 @@ def test_ratios_derive_rules_from_timings():
 
     suite = load_suite("constraints", default_cases_dir())
 
-    def bucket(cap, proj, ns32, ns16):
-        ms = {f"hard_cap_{k}": v for k, v in zip(("msign", "polynomial", "eigh"), cap)}
-        ms |= {"orthogonal_msign": proj[0], "orthogonal_gram": proj[1]}
-        ms |= {"ns_float32_standard": ns32[0], "ns_float32_gram": ns32[1],
-               "ns_bfloat16_standard": ns16[0], "ns_bfloat16_gram": ns16[1]}
-        return ms
-
-    square = bucket((9, 5, 1), (1.0, 1.3), (1.0, 1.2), (2.0, 2.5))
-    wide = bucket((9, 5, 1), (2.0, 1.0), (2.0, 1.0), (4.0, 3.0))
+    square = _bucket((9, 5, 1), (1.0, 1.3), (1.0, 1.2), (2.0, 2.5))
+    wide = _bucket((9, 5, 1), (2.0, 1.0), (2.0, 1.0), (4.0, 3.0))
     measured = {"threads": {1: {"buckets": {"1x256x256": square, "4x128x1024": wide, "1x10x256": wide}},
                             2: {"buckets": {"1x256x256": square, "4x128x1024": square}}}}
     rules = suite.derive_rules(measured)
@@ -113,15 +115,8 @@ def test_benchmark_regenerates_the_docs_table():
 
     suite = load_suite("constraints", default_cases_dir())
 
-    def bucket(cap, proj, ns32, ns16):
-        ms = {f"hard_cap_{k}": v for k, v in zip(("msign", "polynomial", "eigh"), cap)}
-        ms |= {"orthogonal_msign": proj[0], "orthogonal_gram": proj[1]}
-        ms |= {"ns_float32_standard": ns32[0], "ns_float32_gram": ns32[1],
-               "ns_bfloat16_standard": ns16[0], "ns_bfloat16_gram": ns16[1]}
-        return ms
-
-    square = bucket((9, 1, 5), (1.0, 1.3), (1.0, 1.2), (0.5, 2.5))
-    wide = bucket((9, 5, 1), (2.0, 1.0), (2.0, 1.0), (4.0, 3.0))
+    square = _bucket((9, 1, 5), (1.0, 1.3), (1.0, 1.2), (0.5, 2.5))
+    wide = _bucket((9, 5, 1), (2.0, 1.0), (2.0, 1.0), (4.0, 3.0))
     measured = {"threads": {1: {"buckets": {"1x256x256": square, "4x128x1024": wide}},
                             2: {"buckets": {"1x256x256": square, "4x128x1024": square}}}}
     rules = tuple(r for r in suite.derive_table(measured, "run") if not isinstance(r, str)) + TABLE

@@ -184,15 +184,23 @@ def spectral_hard_cap(
             polynomial's steps run on the small Gram matrix (Gram Newton-Schulz, the same
             polynomials; docs/kernels.md): ``~8 k^2 l + 28 k^3`` multiply-adds per
             ten-step msign instead of ``20 k^2 l + 10 k^3``.
-        iters: power iterations of the pre-scale (``"polynomial"``).
+        iters: power iterations of the pre-scale (``"polynomial"``). At aspect ``>= 2`` in
+            float32/float64 they iterate on the small Gram matrix that the quintic's steps
+            then start from (the large matrix is read once for both).
+
+    This function is the hard cap's only public entry point: the registered kernel
+    (``torch.ops.lipschitz._spectral_hard_cap``, private) computes the method's map without
+    the certified pre-scale and output guard below, so the guarantee is this function's.
 
     Returns:
         A new tensor of W's shape and dtype. Non-finite input gives NaN for that matrix.
         For ANY finite input every output singular value is ``<= sigma_max (1 + slack)``
         (slack: 1e-3 eigh, 5e-3 msign, 0.011 polynomial; up to rounding to W's dtype):
-        a certified bound (:func:`spectral_norm_bound`) checks the output and scales a
-        matrix that float rounding left above it (inputs ~1e5 x the cap and more) down
-        to the cap; the polynomial's pre-scale uses that bound too.
+        a certified bound checks the output (a float64 Gram matrix and one Cholesky
+        factorization; :func:`spectral_norm_bound` only where that does not settle it) and
+        scales a matrix that float rounding left above it (inputs ~1e5 x the cap and more)
+        down to the cap; the polynomial's pre-scale uses that bound too. Eagerly on CPU
+        the only host reads are those tests' flags (one per certificate).
     """
     if isinstance(W, torch.Tensor) and W.dim() >= 2 and W.dtype.is_floating_point and W.numel() > 0 \
             and method == "polynomial" and math.isfinite(float(sigma_max)) and float(sigma_max) > 0:
