@@ -488,3 +488,26 @@ def test_meta_alpha_next_to_a_cpu_matrix_is_refused():
     W = torch.randn(2, 8, 6)
     with pytest.raises(ValueError, match="argument 'alpha' must be on W's device"):
         ops.spectral_soft_cap(W, torch.zeros(2, device="meta"))
+
+
+def test_polynomial_prescale_float32_certificate():
+    """The pre-scale's float32 first test certifies sigma_max < t only when it holds (margin for
+    the GEMM's rounding), refuses non-finite matrices and steps aside for float64 weights and a
+    reduced float32 matmul precision."""
+    from lipschitz_ext.ops.spectral_cap import _all_certified_below_fp32
+
+    s = torch.linspace(0.1, 1.0, 24, dtype=torch.float64).expand(2, 24)
+    W = with_spectrum(s, 24, 96)
+    assert _all_certified_below_fp32(W.float(), 1.001) and _all_certified_below_fp32(W.bfloat16(), 1.01)
+    assert not _all_certified_below_fp32(W.float(), 0.999)
+    assert not _all_certified_below_fp32(W, 1.001)  # float64: the float64 test decides
+    bad = W.float().clone()
+    bad[1, 3, 4] = float("inf")
+    assert not _all_certified_below_fp32(bad, 1e30)
+    assert not _all_certified_below_fp32(torch.full((4, 8), 3e38), 1e39)  # the Gram overflows
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert not _all_certified_below_fp32(W.float(), 1.001)
+    finally:
+        torch.set_float32_matmul_precision(saved)

@@ -206,7 +206,8 @@ def spectral_hard_cap(
             and method == "polynomial" and math.isfinite(float(sigma_max)) and float(sigma_max) > 0:
         # the op's own pre-scale uses power iteration (a lower bound): a certified bound first,
         # paid in full only when the one-factorization test cannot certify the range
-        if not _all_certified_at_most(W, POLYNOMIAL_PRESCALE * float(sigma_max)):
+        if not _all_certified_below_fp32(W, POLYNOMIAL_PRESCALE * float(sigma_max)) \
+                and not _all_certified_at_most(W, POLYNOMIAL_PRESCALE * float(sigma_max)):
             ub = spectral_norm_bound(W, target=POLYNOMIAL_PRESCALE * float(sigma_max))
             W = _scale_matrices(W, POLYNOMIAL_PRESCALE * float(sigma_max) / ub)
     out = torch.ops.lipschitz._spectral_hard_cap.default(W, float(sigma_max), str(method), int(steps), int(iters))
@@ -223,6 +224,30 @@ def _all_certified_at_most(W: torch.Tensor, t: float) -> bool:
     if torch.compiler.is_compiling() or W.device.type == "meta":
         return False
     return bool(_certified_below(W, t).all())
+
+
+def _all_certified_below_fp32(W: torch.Tensor, t: float) -> bool:
+    """The polynomial pre-scale's first test (``t = 3 sigma_max``, far above any rounding): every
+    matrix certified under ``t`` from its float32 Gram matrix ``A`` and a float64 Cholesky factor
+    of ``(t^2 - e) I - A``. ``e`` bounds the GEMM's rounding in any summation order:
+    ``|fl(A) - A| <= g |W|^T |W|`` elementwise, ``g = l u / (1 - l u)`` (``l`` the large side,
+    ``u = 2^-24``), so ``||fl(A) - A||_2 <= g ||W||_F^2 <= g tr(fl A) / (1 - g)``, plus ``2^-149``
+    per product for underflow. False (the float64 test decides) for float64 weights, a float32
+    matmul precision other than ``"highest"`` (the GEMM may then round to bf16), an overflow or
+    a non-finite entry, while tracing and on meta tensors."""
+    if W.dtype == torch.float64 or torch.get_float32_matmul_precision() != "highest" \
+            or torch.compiler.is_compiling() or W.device.type == "meta":
+        return False
+    m, n = W.shape[-2:]
+    k, big = min(m, n), max(m, n)
+    X = W.reshape(-1, m, n).float()
+    A = (X.mT @ X if m >= n else X @ X.mT).double()
+    g = big * 2.0**-24 / (1.0 - big * 2.0**-24)
+    e = g * A.diagonal(dim1=-2, dim2=-1).sum(-1) / (1.0 - g) + k * big * 2.0**-149
+    M = A.neg_()
+    M.diagonal(dim1=-2, dim2=-1).add_((float(t) * float(t) - e)[:, None])
+    ok = (torch.linalg.cholesky_ex(M).info == 0) & torch.isfinite(e) & (float(t) * float(t) > e)
+    return bool(ok.all())
 
 
 def _certified_below(W: torch.Tensor, t: float) -> torch.Tensor:
