@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["CHOICES", "Rule", "TABLE", "choose"]
+__all__ = ["CHOICES", "Rule", "TABLE", "choose", "choose_rule"]
 
 #: choice -> the values it may take
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -101,6 +101,12 @@ def choose(choice: str, device: Union[torch.device, str], dtype: torch.dtype, sh
     ``dtype`` on ``device`` with ``threads`` intra-op threads (default: the current
     ``torch.get_num_threads()``), by ``table`` (default :data:`TABLE`; the benchmark passes
     the rows a run implies)."""
+    return choose_rule(choice, device, dtype, shape, threads, table).value
+
+
+def choose_rule(choice: str, device: Union[torch.device, str], dtype: torch.dtype, shape: tuple[int, int],
+                threads: Optional[int] = None, table: Optional[tuple[Rule, ...]] = None) -> Rule:
+    """The row of ``table`` that decides :func:`choose` (its ``value`` and ``source``)."""
     if choice not in CHOICES:
         raise ValueError(f"choose: argument 'choice' must be one of {tuple(CHOICES)}, got {choice!r}")
     dev = torch.device(device)
@@ -115,5 +121,5 @@ def choose(choice: str, device: Union[torch.device, str], dtype: torch.dtype, sh
 
             native = native_bf16_matmul(dev)
         if rule.matches(dev, dtype, n_threads, (m, n), native):
-            return rule.value
+            return rule
     raise AssertionError(f"choose: no rule for {choice!r} matched (the table ends every choice with a catch-all)")

@@ -511,8 +511,9 @@ def auto_table_markdown(measured: dict, source: str) -> str:
     """The rows of docs/benchmarks.md's auto-rules table that a run implies: for each choice,
     thread count and benched bucket (small side >= 16; both orientations) what
     :func:`lipschitz_ext.ops.choices.choose` picks with the derived rows ahead of the current
-    table, buckets with the same pick in one row. ``source`` is the run's stamp."""
-    from lipschitz_ext.ops.choices import TABLE, choose
+    table, buckets with the same pick and source in one row. ``source`` is the run's stamp
+    (a pick the run left to the current table keeps that row's source)."""
+    from lipschitz_ext.ops.choices import TABLE, choose_rule
 
     rules = tuple(r for r in derive_table(measured, source) if not isinstance(r, str)) + TABLE
     shapes: list[tuple[int, int]] = []
@@ -525,12 +526,12 @@ def auto_table_markdown(measured: dict, source: str) -> str:
     lines = []
     for choice in ("hard_cap_method", "orthogonal_project_method", "ns_dtype", "ns_algorithm"):
         for t in sorted(int(t) for t in measured["threads"]):
-            picks: dict[str, list[str]] = {}
+            picks: dict[tuple[str, str], list[str]] = {}
             for m, n in shapes:
-                v = choose(choice, "cpu", torch.float32, (m, n), threads=t, table=rules)
-                picks.setdefault(v, []).append(f"{m}x{n}")
-            for v, where in picks.items():
-                lines.append(f"| {choice} | cpu | float32 | {t} | {', '.join(where)} | {v} | {source} |")
+                r = choose_rule(choice, "cpu", torch.float32, (m, n), threads=t, table=rules)
+                picks.setdefault((r.value, r.source), []).append(f"{m}x{n}")
+            for (v, src), where in picks.items():
+                lines.append(f"| {choice} | cpu | float32 | {t} | {', '.join(where)} | {v} | {src} |")
     return "\n".join(lines)
 
 
