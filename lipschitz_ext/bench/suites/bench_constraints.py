@@ -460,8 +460,9 @@ def derive_table(measured: dict, source: str = "SRC") -> list:
     for t, res in measured["threads"].items():
         data = [(tuple(int(x) for x in key.split("x")[1:]), ms) for key, ms in res["buckets"].items()]
         data = [(s, ms) for s, ms in data if min(s) >= 16]  # tiny buckets (10x256) cost ~nothing either way
+        # the exact cap (eigh) wherever it is within the slack: the others approximate its map
         cap = _pick([(s, {v: ms[f"hard_cap_{v}"] for v in ("msign", "polynomial", "eigh")}) for s, ms in data],
-                    ["msign", "polynomial", "eigh"])
+                    ["msign", "polynomial", "eigh"], prefer="eigh")
         proj = _pick([(s, {v: ms[f"orthogonal_{v}"] for v in ("msign", "gram")}) for s, ms in data], ["msign", "gram"],
                      prefer="msign")
         dtype = _pick([(s, {d: min(ms[f"ns_{d}_standard"], ms[f"ns_{d}_gram"]) for d in ("float32", "bfloat16")})
@@ -477,9 +478,9 @@ def derive_table(measured: dict, source: str = "SRC") -> list:
     for key, by_t in per_thread.items():
         choice, _, ns_dt = key.partition("/")
         dt = ns_dt or "float32"
+        # only the measured thread counts: others keep the table's defaults until a run measures them
         same = len({repr(v) for v in by_t.values()}) == 1
-        ranges = {min(by_t): (1, 1 << 20)} if same else {
-            t: ((t, t) if t != max(by_t) else (t, 1 << 20)) for t in sorted(by_t)}
+        ranges = {min(by_t): (min(by_t), max(by_t))} if same else {t: (t, t) for t in sorted(by_t)}
         for t, rng in ranges.items():
             v = by_t[t]
             common = {"device": "cpu", "dtype": dt, "threads": rng, "source": source}
@@ -547,6 +548,11 @@ def ratios_markdown(measured: dict) -> str:
         lines.append("|---|---|" + "---|" * len(cols))
         for g, r in res["groups"].items():
             lines.append(f"| {g} | {r['svd_cap_ms']:.1f} | " + " | ".join(f"{r['ratio'][k]:.2f}" for k in cols) + " |")
+        lines.append("\nper bucket (each method's median over svd_cap's at that bucket):\n")
+        lines.append("| bucket | svd_cap ms | " + " | ".join(cols) + " |")
+        lines.append("|---|---|" + "---|" * len(cols))
+        for b, ms in res.get("buckets", {}).items():
+            lines.append(f"| {b} | {ms['svd_cap']:.1f} | " + " | ".join(f"{ms[k] / ms['svd_cap']:.2f}" for k in cols) + " |")
     return "\n".join(lines)
 
 
