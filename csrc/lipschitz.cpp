@@ -54,8 +54,12 @@ TORCH_LIBRARY(lipschitz, m) {
   // Spectral caps; see csrc/spectral_cap.h.
   m.def("spectral_soft_cap(Tensor W, float alpha) -> Tensor");
   m.def("spectral_soft_cap.per_matrix(Tensor W, Tensor alpha) -> Tensor");
+  // The hard cap's kernel without its certification: private (leading underscore). Its
+  // guarantee (every output singular value certified <= sigma_max (1 + slack)) is the
+  // Python wrapper's (lipschitz_ext.ops.spectral_hard_cap: the certified pre-scale and
+  // output guard), the one public door.
   m.def(
-      "spectral_hard_cap(Tensor W, float sigma_max=1.0, str method=\"msign\", int steps=10, "
+      "_spectral_hard_cap(Tensor W, float sigma_max=1.0, str method=\"msign\", int steps=10, "
       "int iters=16) -> Tensor");
   m.def("orthogonal_project(Tensor W, float sigma_max=1.0, int steps=10) -> Tensor");
   m.def("svd_cap(Tensor W, float sigma_max=1.0) -> Tensor");

@@ -55,12 +55,15 @@ inline bool gram_ns_restart_before(int64_t step, int64_t steps, at::ScalarType c
   return (step - 2) % 3 == 0;
 }
 
-inline at::Tensor gram_newton_schulz_steps(const at::Tensor& X0, const NSPlan& plan) {
+// R0: X0's small-side Gram matrix when the caller already has it (it is not formed again),
+// or undefined.
+inline at::Tensor gram_newton_schulz_steps_from(const at::Tensor& X0, const NSPlan& plan,
+                                                const at::Tensor& R0) {
   const bool tall = X0.size(-2) > X0.size(-1);
   const auto compute = X0.scalar_type();
   const auto steps = static_cast<int64_t>(plan.coeffs.size());
   at::Tensor X = tall ? X0.mT() : X0;  // [B, k, l], k <= l: a view, no copy
-  at::Tensor R = at::bmm(X, X.mT());
+  at::Tensor R = R0.defined() ? R0 : at::bmm(X, X.mT());
   at::Tensor Q;  // undefined: the identity
   for (int64_t i = 0; i < steps; ++i) {
     if (gram_ns_restart_before(i, steps, compute)) {
@@ -76,6 +79,10 @@ inline at::Tensor gram_newton_schulz_steps(const at::Tensor& X0, const NSPlan& p
   }
   X = at::bmm(Q, X);
   return tall ? X.mT() : X;
+}
+
+inline at::Tensor gram_newton_schulz_steps(const at::Tensor& X0, const NSPlan& plan) {
+  return gram_newton_schulz_steps_from(X0, plan, at::Tensor());
 }
 
 }  // namespace lipschitz

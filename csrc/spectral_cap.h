@@ -175,8 +175,25 @@ inline NSPlan hard_cap_polynomial_plan() {
 // estimate's (downward) error.
 constexpr double kPolynomialPrescale = 3.0;
 
+// On the Gram path (cap_uses_gram) the pre-scale's estimate iterates on the small Gram
+// matrix G of X, which the Newton-Schulz steps then start from (as f^2 G for the iterate
+// f X, f = c / b): the large matrix is read once for both, where power iteration on it
+// reads it 2 iters times. G of X (entries < 2), not of X / b: no overflow for a tiny b.
 inline at::Tensor hard_cap_polynomial(const at::Tensor& X, const at::Tensor& b /*[B, 1, 1]*/,
                                       int64_t iters, at::ScalarType gemm, const char* op) {
+  if (cap_uses_gram(X, gemm)) {
+    const at::Tensor Xg = X.to(gemm);
+    const at::Tensor G = small_side_gram(Xg);
+    at::Tensor v = start_vector(G, std::nullopt, op);  // [B, k, 1]
+    for (int64_t i = 0; i < iters; ++i) v = normalize_rows(at::bmm(G, v));
+    // sqrt(||G v||), v a unit vector: a lower bound on sigma_1(X), as power iteration gives
+    const at::Tensor sigma =
+        at::linalg_vector_norm(at::bmm(G, v), 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true).sqrt() / b;
+    const at::Tensor f =
+        at::minimum(at::ones_like(sigma), kPolynomialPrescale / sigma.clamp_min(1e-30)) / b;
+    const at::Tensor out = gram_newton_schulz_steps_from(Xg * f, hard_cap_polynomial_plan(), G * (f * f));
+    return out.to(X.scalar_type()) * b;
+  }
   at::Tensor Y = X / b;
   const Triplet t = power_iteration_batched(Y.to(float_or_double(Y.scalar_type())), iters,
                                             std::nullopt, op);
@@ -193,25 +210,42 @@ inline at::Tensor hard_cap_polynomial(const at::Tensor& X, const at::Tensor& b /
 // the solver cannot separate) cost nothing; error ~ eps * ||X||. One Gram, one
 // eigh of the small side, two small-side GEMMs: on CPU and for small matrices
 // several times cheaper than two msigns. A matrix with a non-finite entry is NaN.
-// `finite` [B, 1, 1]: whether each matrix is finite; when all are (one host read of B
-// flags, the common case) no pass over X is spent on selecting them.
-inline at::Tensor hard_cap_eigh(const at::Tensor& X, const at::Tensor& b /*[B, 1, 1]*/,
-                                const at::Tensor& finite) {
-  const bool all_finite = finite.all().item<bool>();
-  const at::Tensor Xs = all_finite ? X : at::where(finite, X, at::zeros({}, X.options()));
-  auto [lam, V] = at::linalg_eigh(small_side_gram(Xs));
+// X: scaled by max_abs_scale (entries < 2), zero where not finite; G: its small-side Gram
+// matrix (the caller forms it: its trace decides the precision); `finite` [B, 1, 1]: whether
+// each matrix was finite (nullopt: all were, no pass over X is spent on selecting them).
+inline at::Tensor hard_cap_eigh(const at::Tensor& X, const at::Tensor& G, const at::Tensor& b /*[B, 1, 1]*/,
+                                const std::optional<at::Tensor>& finite) {
+  auto [lam, V] = at::linalg_eigh(G);
   // l <= 0 (rounding of a zero direction): rsqrt = inf, g = max(0, -inf) = 0
   const at::Tensor g = (1.0 - b.view({-1, 1}) * at::rsqrt(lam.clamp_min(0))).clamp_min(0);
   const at::Tensor M = at::bmm(V * g.unsqueeze(-2), V.mT());
-  const at::Tensor out = small_side_update(Xs, M, -1.0);
-  if (all_finite) return out;
-  return at::where(finite, out, at::full({}, std::numeric_limits<double>::quiet_NaN(), X.options()));
+  const at::Tensor out = small_side_update(X, M, -1.0);
+  if (!finite.has_value()) return out;
+  return at::where(*finite, out, at::full({}, std::numeric_limits<double>::quiet_NaN(), X.options()));
 }
 
-// hard_cap_eigh on X / s (s [B, 1, 1] from max_abs_scale: NaN exactly for a matrix with a
-// non-finite entry), scaled back.
-inline at::Tensor hard_cap_eigh_scaled(const at::Tensor& X, const at::Tensor& s, double b) {
-  return hard_cap_eigh(X / s, (b / s).to(X.scalar_type()), at::isfinite(s)) * s;
+// The eigh cap of W3 [B, m, n] (float32 or float64) at sigma_max, on X = W3 / s with
+// s = max_abs_scale(W3) (a power of two: exact, and NaN exactly for a non-finite matrix),
+// scaled back. float32 eigh resolves singular values near the cap to ~1e-7 (||X|| / b)^2
+// relative: far above the cap (Frobenius > 100 b) the batch runs in float64 instead. The
+// Frobenius norm is the trace of the Gram matrix the cap needs anyway (no pass over W3 for
+// it); one host read of B finiteness flags and that test together.
+inline at::Tensor hard_cap_eigh_batch(const at::Tensor& W3, double sigma_max) {
+  const at::Tensor s = max_abs_scale(W3);
+  const at::Tensor finite = at::isfinite(s);
+  at::Tensor X = W3 / s;
+  at::Tensor G = small_side_gram(X);
+  const at::Tensor fro2 = G.diagonal(0, -2, -1).sum(-1).to(at::kDouble) * s.view({-1}).to(at::kDouble).square();
+  const double limit = 100.0 * sigma_max;
+  const at::Tensor flags = at::stack({finite.all(), (fro2 > limit * limit).any()}).cpu();
+  const bool all_finite = flags[0].item<bool>();
+  const bool wide_range = W3.scalar_type() != at::kDouble && flags[1].item<bool>();
+  if (!all_finite) X = at::where(finite, X, at::zeros({}, X.options()));
+  if (wide_range) X = X.to(at::kDouble);
+  if (!all_finite || wide_range) G = small_side_gram(X);
+  const at::Tensor b = (sigma_max / s).to(X.scalar_type());
+  const at::Tensor out = hard_cap_eigh(X, G, b, all_finite ? std::nullopt : std::optional<at::Tensor>(finite));
+  return out * s.to(X.scalar_type());
 }
 
 inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double sigma_max,
@@ -230,20 +264,7 @@ inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double s
   // matrix or sum of the formulas can overflow (float32 entries up to its max).
   const at::Tensor W3 = as_batch3d(W).to(float_or_double(W.scalar_type()));
   if (method == "eigh") {  // eigh has no half-precision kernels: float32 (float64 for float64)
-    // float32 eigh resolves singular values near the cap to ~1e-7 (||X|| / b)^2 relative:
-    // far above the cap (Frobenius > 100 b) the batch runs in float64 instead
-    // (max|W| < 2 s with s = max_abs_scale(W), a power of two, the same in float64, so
-    // ||W||_F < 2 s sqrt(m n): the norm pass only where that bound does not settle it)
-    const at::Tensor s = max_abs_scale(W3);
-    const double entries = static_cast<double>(W3.size(1)) * static_cast<double>(W3.size(2));
-    const bool wide_range =
-        W3.scalar_type() != at::kDouble &&
-        !(s * (2.0 * std::sqrt(entries)) <= 100.0 * sigma_max).all().item<bool>() &&
-        (at::linalg_vector_norm(W3, 2, at::IntArrayRef{-2, -1}, false, at::kDouble) > 100.0 * sigma_max)
-            .any().item<bool>();
-    const at::Tensor Xe = wide_range ? W3.to(at::kDouble) : W3;
-    return hard_cap_eigh_scaled(Xe, s.to(Xe.scalar_type()), sigma_max)
-        .reshape(W.sizes()).to(W.scalar_type()).contiguous();
+    return hard_cap_eigh_batch(W3, sigma_max).reshape(W.sizes()).to(W.scalar_type()).contiguous();
   }
   const at::Tensor s = max_abs_scale(W3);
   const at::Tensor X = (W3 / s).to(be.state(W.scalar_type()));

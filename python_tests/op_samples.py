@@ -96,9 +96,9 @@ CASES: dict[str, tuple[torch._ops.OpOverload, Callable[[torch.dtype], list[Sampl
     "spectral_weight_decay": (L.spectral_weight_decay.default, _rank1("lam", 0.3)),
     "spectral_soft_cap": (L.spectral_soft_cap.default, _soft_cap),
     "spectral_soft_cap.per_matrix": (L.spectral_soft_cap.per_matrix, _soft_cap_per_matrix),
-    "spectral_hard_cap.msign": (L.spectral_hard_cap.default, _hard_cap("msign")),
-    "spectral_hard_cap.polynomial": (L.spectral_hard_cap.default, _hard_cap("polynomial")),
-    "spectral_hard_cap.eigh": (L.spectral_hard_cap.default, _hard_cap("eigh")),
+    "spectral_hard_cap.msign": (L._spectral_hard_cap.default, _hard_cap("msign")),
+    "spectral_hard_cap.polynomial": (L._spectral_hard_cap.default, _hard_cap("polynomial")),
+    "spectral_hard_cap.eigh": (L._spectral_hard_cap.default, _hard_cap("eigh")),
     "orthogonal_project": (L.orthogonal_project.default, _orthogonal_project),
     "svd_cap": (L.svd_cap.default, _svd_cap),
 }

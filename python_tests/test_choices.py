@@ -73,6 +73,15 @@ def test_callers_resolve_auto_through_the_rule():
         ops.orthogonal_project(W, method="svd")
 
 
+def _bucket(cap, proj, ns32, ns16):
+    """One bucket's timings (ms) per method, as the ratios benchmark records them."""
+    ms = {f"hard_cap_{k}": v for k, v in zip(("msign", "polynomial", "eigh"), cap)}
+    ms |= {"orthogonal_msign": proj[0], "orthogonal_gram": proj[1]}
+    ms |= {"ns_float32_standard": ns32[0], "ns_float32_gram": ns32[1],
+           "ns_bfloat16_standard": ns16[0], "ns_bfloat16_gram": ns16[1]}
+    return ms
+
+
 def test_ratios_derive_rules_from_timings():
     """The benchmark's derivation: one value where it is within 10% of the best everywhere,
     an aspect split where the winner changes with the aspect, per thread count."""
@@ -81,25 +90,50 @@ def test_ratios_derive_rules_from_timings():
 
     suite = load_suite("constraints", default_cases_dir())
 
-    def bucket(cap, proj, ns32, ns16):
-        ms = {f"hard_cap_{k}": v for k, v in zip(("msign", "polynomial", "eigh"), cap)}
-        ms |= {"orthogonal_msign": proj[0], "orthogonal_gram": proj[1]}
-        ms |= {"ns_float32_standard": ns32[0], "ns_float32_gram": ns32[1],
-               "ns_bfloat16_standard": ns16[0], "ns_bfloat16_gram": ns16[1]}
-        return ms
-
-    square = bucket((9, 5, 1), (1.0, 1.3), (1.0, 1.2), (2.0, 2.5))
-    wide = bucket((9, 5, 1), (2.0, 1.0), (2.0, 1.0), (4.0, 3.0))
+    square = _bucket((9, 5, 1), (1.0, 1.3), (1.0, 1.2), (2.0, 2.5))
+    wide = _bucket((9, 5, 1), (2.0, 1.0), (2.0, 1.0), (4.0, 3.0))
     measured = {"threads": {1: {"buckets": {"1x256x256": square, "4x128x1024": wide, "1x10x256": wide}},
                             2: {"buckets": {"1x256x256": square, "4x128x1024": square}}}}
     rules = suite.derive_rules(measured)
-    assert 'Rule("hard_cap_method", "eigh", device="cpu", dtype="float32", source=SRC)' in rules
-    assert 'Rule("ns_dtype", "float32", device="cpu", dtype="float32", source=SRC)' in rules
+    assert 'Rule("hard_cap_method", "eigh", device="cpu", dtype="float32", threads=(1, 2), source=SRC)' in rules
+    assert 'Rule("ns_dtype", "float32", device="cpu", dtype="float32", threads=(1, 2), source=SRC)' in rules
     assert not any('"ns_algorithm"' in r and 'dtype="bfloat16"' in r for r in rules)  # bf16 Gram: never
     # 1 thread: Gram from aspect 8 up (the 10x256 bucket is too small to count); 2 threads: standard
     assert ('Rule("orthogonal_project_method", "gram", device="cpu", dtype="float32", threads=(1, 1), '
             'min_aspect=8, source=SRC)') in rules
     assert ('Rule("orthogonal_project_method", "msign", device="cpu", dtype="float32", threads=(1, 1), '
             'source=SRC)') in rules
-    assert ('Rule("orthogonal_project_method", "msign", device="cpu", dtype="float32", threads=(2, 1048576), '
+    assert ('Rule("orthogonal_project_method", "msign", device="cpu", dtype="float32", threads=(2, 2), '
             'source=SRC)') in rules
+
+
+def test_benchmark_regenerates_the_docs_table():
+    """The rows the ratios benchmark prints for docs/benchmarks.md are what ``choose`` picks with
+    the rules the same run implies (parsed as the docs test parses the page)."""
+    from lipschitz_ext.bench import load_suite
+    from lipschitz_ext.bench.registry import default_cases_dir
+
+    suite = load_suite("constraints", default_cases_dir())
+
+    square = _bucket((9, 1, 5), (1.0, 1.3), (1.0, 1.2), (0.5, 2.5))
+    wide = _bucket((9, 5, 1), (2.0, 1.0), (2.0, 1.0), (4.0, 3.0))
+    measured = {"threads": {1: {"buckets": {"1x256x256": square, "4x128x1024": wide}},
+                            2: {"buckets": {"1x256x256": square, "4x128x1024": square}}}}
+    rules = tuple(r for r in suite.derive_table(measured, "run") if not isinstance(r, str)) + TABLE
+    text = suite.auto_table_markdown(measured, "run")
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()]
+    assert {r[0] for r in rows} == {"hard_cap_method", "orthogonal_project_method", "ns_dtype", "ns_algorithm"}
+    seen = set()
+    for choice, device, dtype, threads, shapes, picks, source in rows:
+        assert source == "run"
+        for shape in shapes.split(","):
+            m, n = (int(x) for x in shape.strip().split("x"))
+            seen.add((choice, int(threads), (m, n), picks))
+            assert choose(choice, device, getattr(torch, dtype), (m, n), threads=int(threads), table=rules) == picks
+    # the timings above: 1 thread, the polynomial at the square bucket and eigh at aspect 8;
+    # 2 threads, the polynomial everywhere (both orientations of each bucket are listed);
+    # Newton-Schulz in bf16 where it won (the square bucket), float32 at aspect 8
+    assert ("hard_cap_method", 1, (256, 256), "polynomial") in seen
+    assert ("hard_cap_method", 1, (1024, 128), "eigh") in seen
+    assert ("hard_cap_method", 2, (128, 1024), "polynomial") in seen
+    assert ("ns_dtype", 1, (256, 256), "bfloat16") in seen and ("ns_dtype", 1, (128, 1024), "float32") in seen

@@ -208,6 +208,61 @@ def test_hard_cap_zero_cap_and_zero_matrix():
     assert (ops.orthogonal_project(Z) == 0).all()
 
 
+def _quintic(S, cap):
+    """The paper's composite quintic at the cap ``cap`` (the polynomial hard cap's map)."""
+    x = S / cap
+    for a, b, c in HARD_CAP_QUINTIC:
+        x = a * x + b * x**3 + c * x**5
+    return x * cap
+
+
+@pytest.mark.parametrize("kind", ["clustered", "tiny", "rank_deficient"])
+@pytest.mark.parametrize("shape", GRAM_SHAPES + [(3, 128, 16)])
+def test_polynomial_hard_cap_gram_path_awkward_spectra(shape, kind):
+    """At aspect >= 2 the polynomial's pre-scale estimate and its steps share one small Gram
+    matrix: singular values where the quintic puts them (float64 SVD reference) for clustered,
+    tiny and rank-deficient spectra, tall, wide and batched, and a non-contiguous view alike."""
+    cap = 0.5
+    *batch, m, n = shape
+    r = min(m, n)
+    g = torch.Generator().manual_seed(r)
+    if kind == "clustered":
+        s = 1.3 * cap + 1e-4 * torch.rand(*batch, r, generator=g, dtype=torch.float64)
+    elif kind == "tiny":
+        s = torch.logspace(-8, 0.4, r, dtype=torch.float64).expand(*batch, r) * cap
+    else:
+        s = torch.rand(*batch, r, generator=g, dtype=torch.float64) * 2.5 * cap
+        s[..., ::2] = 0
+    W = with_spectrum(s, m, n)
+
+    ref = svd_apply_f64(W, lambda S: _quintic(S, cap))
+    out = ops.spectral_hard_cap(W.float(), cap, method="polynomial")
+    torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=1e-4)
+    Wt = W.float().mT.contiguous().mT  # the same values, column-major
+    assert not Wt.is_contiguous()
+    torch.testing.assert_close(ops.spectral_hard_cap(Wt, cap, method="polynomial"), out, atol=1e-6, rtol=1e-6)
+    low = ops.spectral_hard_cap(W.bfloat16(), cap, method="polynomial")
+    assert low.dtype == torch.bfloat16
+    assert torch.linalg.matrix_norm(low.double() - ref, 2).max() <= 0.05 * cap
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 96), (96, 24)])
+def test_polynomial_hard_cap_gram_path_prescales(shape):
+    """Out of the quintic's range at aspect >= 2: the wrapper's certified pre-scale and, behind
+    it, the private op's own estimate on the Gram matrix keep every output finite and capped."""
+    cap = 1.0
+    *batch, m, n = shape
+    for top in (4.0, 10.0, 1e4):
+        s = torch.linspace(0, top, min(m, n), dtype=torch.float64).expand(*batch, min(m, n))
+        W = with_spectrum(s, m, n).float()
+        for out in (ops.spectral_hard_cap(W, cap, method="polynomial"),
+                    torch.ops.lipschitz._spectral_hard_cap(W, cap, "polynomial", 10, 16)):
+            assert torch.isfinite(out).all()
+            sv = torch.linalg.svdvals(out.double())
+            assert sv.max() <= 1.0109 * cap + 5e-3, sv.max()
+            assert sv[..., 0].min() > 0.99 * cap
+
+
 @pytest.mark.parametrize("shape", [(48, 80), (80, 48), (1, 40), (3, 32, 32), *GRAM_SHAPES])
 def test_polynomial_hard_cap_in_range_matches_quintic(shape):
     cap = 2.0
@@ -215,14 +270,8 @@ def test_polynomial_hard_cap_in_range_matches_quintic(shape):
     s = torch.rand(*batch, min(m, n), dtype=torch.float64) * 2.9 * cap  # inside the valid range
     W = with_spectrum(s, m, n)
 
-    def quintic(S):
-        x = S / cap
-        for a, b, c in HARD_CAP_QUINTIC:
-            x = a * x + b * x**3 + c * x**5
-        return x * cap
-
     out = ops.spectral_hard_cap(W.float(), cap, method="polynomial")
-    torch.testing.assert_close(out.double(), svd_apply_f64(W, quintic), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double(), svd_apply_f64(W, lambda S: _quintic(S, cap)), atol=2e-4, rtol=1e-4)
 
 
 def test_polynomial_hard_cap_prescales_out_of_range_inputs():
@@ -347,11 +396,15 @@ def test_opcheck():
     for W in (torch.randn(3, 10, 14) * 0.2, torch.randn(14, 10).mT * 0.2, torch.randn(2, 2, 5, 7, dtype=torch.float64)):
         torch.library.opcheck(lib.spectral_soft_cap.default, (W, 0.1))
         torch.library.opcheck(lib.spectral_soft_cap.per_matrix, (W, torch.full(W.shape[:-2], 0.1, dtype=W.dtype)))
-        torch.library.opcheck(lib.spectral_hard_cap.default, (W, 0.5, "msign", 8, 16))
-        torch.library.opcheck(lib.spectral_hard_cap.default, (W, 0.5, "polynomial", 8, 4))
-        torch.library.opcheck(lib.spectral_hard_cap.default, (W, 0.5, "eigh", 8, 4))
+        torch.library.opcheck(lib._spectral_hard_cap.default, (W, 0.5, "msign", 8, 16))
+        torch.library.opcheck(lib._spectral_hard_cap.default, (W, 0.5, "polynomial", 8, 4))
+        torch.library.opcheck(lib._spectral_hard_cap.default, (W, 0.5, "eigh", 8, 4))
         torch.library.opcheck(lib.orthogonal_project.default, (W, 1.0, 6))
         torch.library.opcheck(lib.svd_cap.default, (W, 0.5))
+    # the hard cap's kernel is private: its guarantee is the wrapper's (certified pre-scale, guard)
+    assert not hasattr(lib, "spectral_hard_cap")
+    W = torch.randn(40, 20, dtype=torch.float64) * 1e6
+    assert torch.linalg.matrix_norm(ops.spectral_hard_cap(W, 1.0, method="polynomial"), 2) <= 1.011 + 1e-9
 
 
 def test_torch_compile_fullgraph():
@@ -435,3 +488,26 @@ def test_meta_alpha_next_to_a_cpu_matrix_is_refused():
     W = torch.randn(2, 8, 6)
     with pytest.raises(ValueError, match="argument 'alpha' must be on W's device"):
         ops.spectral_soft_cap(W, torch.zeros(2, device="meta"))
+
+
+def test_polynomial_prescale_float32_certificate():
+    """The pre-scale's float32 first test certifies sigma_max < t only when it holds (margin for
+    the GEMM's rounding), refuses non-finite matrices and steps aside for float64 weights and a
+    reduced float32 matmul precision."""
+    from lipschitz_ext.ops.spectral_cap import _all_certified_below_fp32
+
+    s = torch.linspace(0.1, 1.0, 24, dtype=torch.float64).expand(2, 24)
+    W = with_spectrum(s, 24, 96)
+    assert _all_certified_below_fp32(W.float(), 1.001) and _all_certified_below_fp32(W.bfloat16(), 1.01)
+    assert not _all_certified_below_fp32(W.float(), 0.999)
+    assert not _all_certified_below_fp32(W, 1.001)  # float64: the float64 test decides
+    bad = W.float().clone()
+    bad[1, 3, 4] = float("inf")
+    assert not _all_certified_below_fp32(bad, 1e30)
+    assert not _all_certified_below_fp32(torch.full((4, 8), 3e38), 1e39)  # the Gram overflows
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert not _all_certified_below_fp32(W.float(), 1.001)
+    finally:
+        torch.set_float32_matmul_precision(saved)

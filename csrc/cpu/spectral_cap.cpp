@@ -33,7 +33,7 @@ at::Tensor svd_cap_cpu(const at::Tensor& W, double sigma_max) { return svd_cap_i
 TORCH_LIBRARY_IMPL(lipschitz, CPU, m) {
   m.impl("spectral_soft_cap", &spectral_soft_cap_cpu);
   m.impl("spectral_soft_cap.per_matrix", &spectral_soft_cap_per_matrix_cpu);
-  m.impl("spectral_hard_cap", &spectral_hard_cap_cpu);
+  m.impl("_spectral_hard_cap", &spectral_hard_cap_cpu);
   m.impl("orthogonal_project", &orthogonal_project_cpu);
   m.impl("svd_cap", &svd_cap_cpu);
 }

@@ -102,7 +102,7 @@ at::Tensor svd_cap_cuda(const at::Tensor& W, double sigma_max) {
 TORCH_LIBRARY_IMPL(lipschitz, CUDA, m) {
   m.impl("spectral_soft_cap", &spectral_soft_cap_cuda);
   m.impl("spectral_soft_cap.per_matrix", &spectral_soft_cap_per_matrix_cuda);
-  m.impl("spectral_hard_cap", &spectral_hard_cap_cuda);
+  m.impl("_spectral_hard_cap", &spectral_hard_cap_cuda);
   m.impl("orthogonal_project", &orthogonal_project_cuda);
   m.impl("svd_cap", &svd_cap_cuda);
 }

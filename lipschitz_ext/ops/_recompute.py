@@ -169,13 +169,15 @@ def newton_schulz_steps(X: torch.Tensor, triples: Sequence[tuple[float, float, f
     return X
 
 
-def gram_newton_schulz_steps(X0: torch.Tensor, triples: Sequence[tuple[float, float, float]]) -> torch.Tensor:
+def gram_newton_schulz_steps(X0: torch.Tensor, triples: Sequence[tuple[float, float, float]],
+                             R0: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The same steps on the small Gram matrix, with restarts (as ``gram_newton_schulz_steps``
-    in csrc/newton_schulz.h: the same ATen calls in the same order)."""
+    in csrc/newton_schulz.h: the same ATen calls in the same order; ``R0``: X0's Gram matrix
+    when the caller has it)."""
     tall = X0.shape[-2] > X0.shape[-1]
     restarts = gram_ns_restarts(len(triples), X0.dtype)
     X = X0.mT if tall else X0
-    R = torch.bmm(X, X.mT)
+    R = torch.bmm(X, X.mT) if R0 is None else R0
     Q = None
     for i, (a, b, c) in enumerate(triples):
         if i in restarts:
@@ -203,11 +205,16 @@ def safe_reciprocal(d: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(d), torch.where(zero, torch.ones_like(d), d).reciprocal())
 
 
+def cap_uses_gram(X: torch.Tensor, gemm: torch.dtype) -> bool:
+    """``cap_uses_gram`` in spectral_cap.h: float32/float64 GEMMs and aspect >= 2."""
+    k, big = min(X.shape[-2:]), max(X.shape[-2:])
+    return gemm in (torch.float32, _DOUBLE) and big >= 2 * k
+
+
 def cap_ns_steps(X: torch.Tensor, triples, gram: bool) -> torch.Tensor:
     """The hard cap's steps (``cap_ns_steps`` in spectral_cap.h): Gram Newton-Schulz for
     float32/float64 GEMMs at aspect >= 2 when ``gram``, else the standard steps."""
-    k, big = min(X.shape[-2:]), max(X.shape[-2:])
-    if gram and X.dtype in (torch.float32, _DOUBLE) and big >= 2 * k:
+    if gram and cap_uses_gram(X, X.dtype):
         return gram_newton_schulz_steps(X, triples)
     return newton_schulz_steps(X, triples)
 
@@ -368,7 +375,7 @@ class _NoDoubleBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise NotImplementedError(
-            "lipschitz::spectral_hard_cap (method='eigh') and lipschitz::svd_cap: double backward "
+            "lipschitz::_spectral_hard_cap (method='eigh') and lipschitz::svd_cap: double backward "
             "(a derivative of the gradient) is not implemented")
 
 

@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["CHOICES", "Rule", "TABLE", "choose"]
+__all__ = ["CHOICES", "Rule", "TABLE", "choose", "choose_rule"]
 
 #: choice -> the values it may take
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -71,7 +71,7 @@ class Rule:
 
 #: The benchmark run the measured rows come from (``python -m lipschitz_ext.bench.suites.bench_constraints ratios``:
 #: a 2-core AVX512-BF16 CPU, float32 weights, 1 and 2 threads; docs/benchmarks.md).
-CPU_RATIOS = "bench/results/20261207-0252-cpu-constraint-ratios.json"
+CPU_RATIOS = "bench/results/20261207-0455-cpu-constraint-ratios.json"
 
 #: The rules, first match wins; every choice ends with a catch-all row.
 TABLE: tuple[Rule, ...] = (
@@ -96,17 +96,24 @@ TABLE: tuple[Rule, ...] = (
 
 
 def choose(choice: str, device: Union[torch.device, str], dtype: torch.dtype, shape: tuple[int, int],
-           threads: Optional[int] = None) -> str:
+           threads: Optional[int] = None, table: Optional[tuple[Rule, ...]] = None) -> str:
     """The value of ``choice`` (a key of :data:`CHOICES`) for ``shape = (m, n)`` weights of
     ``dtype`` on ``device`` with ``threads`` intra-op threads (default: the current
-    ``torch.get_num_threads()``)."""
+    ``torch.get_num_threads()``), by ``table`` (default :data:`TABLE`; the benchmark passes
+    the rows a run implies)."""
+    return choose_rule(choice, device, dtype, shape, threads, table).value
+
+
+def choose_rule(choice: str, device: Union[torch.device, str], dtype: torch.dtype, shape: tuple[int, int],
+                threads: Optional[int] = None, table: Optional[tuple[Rule, ...]] = None) -> Rule:
+    """The row of ``table`` that decides :func:`choose` (its ``value`` and ``source``)."""
     if choice not in CHOICES:
         raise ValueError(f"choose: argument 'choice' must be one of {tuple(CHOICES)}, got {choice!r}")
     dev = torch.device(device)
     n_threads = torch.get_num_threads() if threads is None else int(threads)
     m, n = (int(s) for s in shape[-2:])
     native = None
-    for rule in TABLE:
+    for rule in TABLE if table is None else table:
         if rule.choice != choice:
             continue
         if rule.native_bf16 is not None and native is None:
@@ -114,5 +121,5 @@ def choose(choice: str, device: Union[torch.device, str], dtype: torch.dtype, sh
 
             native = native_bf16_matmul(dev)
         if rule.matches(dev, dtype, n_threads, (m, n), native):
-            return rule.value
+            return rule
     raise AssertionError(f"choose: no rule for {choice!r} matched (the table ends every choice with a catch-all)")

@@ -184,24 +184,33 @@ def spectral_hard_cap(
             polynomial's steps run on the small Gram matrix (Gram Newton-Schulz, the same
             polynomials; docs/kernels.md): ``~8 k^2 l + 28 k^3`` multiply-adds per
             ten-step msign instead of ``20 k^2 l + 10 k^3``.
-        iters: power iterations of the pre-scale (``"polynomial"``).
+        iters: power iterations of the pre-scale (``"polynomial"``). At aspect ``>= 2`` in
+            float32/float64 they iterate on the small Gram matrix that the quintic's steps
+            then start from (the large matrix is read once for both).
+
+    This function is the hard cap's only public entry point: the registered kernel
+    (``torch.ops.lipschitz._spectral_hard_cap``, private) computes the method's map without
+    the certified pre-scale and output guard below, so the guarantee is this function's.
 
     Returns:
         A new tensor of W's shape and dtype. Non-finite input gives NaN for that matrix.
         For ANY finite input every output singular value is ``<= sigma_max (1 + slack)``
         (slack: 1e-3 eigh, 5e-3 msign, 0.011 polynomial; up to rounding to W's dtype):
-        a certified bound (:func:`spectral_norm_bound`) checks the output and scales a
-        matrix that float rounding left above it (inputs ~1e5 x the cap and more) down
-        to the cap; the polynomial's pre-scale uses that bound too.
+        a certified bound checks the output (a float64 Gram matrix and one Cholesky
+        factorization; :func:`spectral_norm_bound` only where that does not settle it) and
+        scales a matrix that float rounding left above it (inputs ~1e5 x the cap and more)
+        down to the cap; the polynomial's pre-scale uses that bound too. Eagerly on CPU
+        the only host reads are those tests' flags (one per certificate).
     """
     if isinstance(W, torch.Tensor) and W.dim() >= 2 and W.dtype.is_floating_point and W.numel() > 0 \
             and method == "polynomial" and math.isfinite(float(sigma_max)) and float(sigma_max) > 0:
         # the op's own pre-scale uses power iteration (a lower bound): a certified bound first,
         # paid in full only when the one-factorization test cannot certify the range
-        if not _all_certified_at_most(W, POLYNOMIAL_PRESCALE * float(sigma_max)):
+        if not _all_certified_below_fp32(W, POLYNOMIAL_PRESCALE * float(sigma_max)) \
+                and not _all_certified_at_most(W, POLYNOMIAL_PRESCALE * float(sigma_max)):
             ub = spectral_norm_bound(W, target=POLYNOMIAL_PRESCALE * float(sigma_max))
             W = _scale_matrices(W, POLYNOMIAL_PRESCALE * float(sigma_max) / ub)
-    out = torch.ops.lipschitz.spectral_hard_cap.default(W, float(sigma_max), str(method), int(steps), int(iters))
+    out = torch.ops.lipschitz._spectral_hard_cap.default(W, float(sigma_max), str(method), int(steps), int(iters))
     return _guard_cap(out, float(sigma_max), _HARD_CAP_SLACK.get(method, 0.0))
 
 
@@ -214,7 +223,52 @@ def _all_certified_at_most(W: torch.Tensor, t: float) -> bool:
     meta tensors, which keep the branch-free full bound)."""
     if torch.compiler.is_compiling() or W.device.type == "meta":
         return False
-    return bool(certified_at_most(W, t).all())
+    return bool(_certified_below(W, t).all())
+
+
+def _all_certified_below_fp32(W: torch.Tensor, t: float) -> bool:
+    """The polynomial pre-scale's first test (``t = 3 sigma_max``, far above any rounding): every
+    matrix certified under ``t`` from its float32 Gram matrix ``A`` and a float64 Cholesky factor
+    of ``(t^2 - e) I - A``. ``e`` bounds the GEMM's rounding in any summation order:
+    ``|fl(A) - A| <= g |W|^T |W|`` elementwise, ``g = l u / (1 - l u)`` (``l`` the large side,
+    ``u = 2^-24``), so ``||fl(A) - A||_2 <= g ||W||_F^2 <= g tr(fl A) / (1 - g)``, plus ``2^-149``
+    per product for underflow. False (the float64 test decides) for float64 weights, a float32
+    matmul precision other than ``"highest"`` (the GEMM may then round to bf16), an overflow or
+    a non-finite entry, while tracing and on meta tensors."""
+    if W.dtype == torch.float64 or torch.get_float32_matmul_precision() != "highest" \
+            or torch.compiler.is_compiling() or W.device.type == "meta":
+        return False
+    m, n = W.shape[-2:]
+    k, big = min(m, n), max(m, n)
+    X = W.reshape(-1, m, n).float()
+    A = (X.mT @ X if m >= n else X @ X.mT).double()
+    g = big * 2.0**-24 / (1.0 - big * 2.0**-24)
+    e = g * A.diagonal(dim1=-2, dim2=-1).sum(-1) / (1.0 - g) + k * big * 2.0**-149
+    M = A.neg_()
+    M.diagonal(dim1=-2, dim2=-1).add_((float(t) * float(t) - e)[:, None])
+    ok = (torch.linalg.cholesky_ex(M).info == 0) & torch.isfinite(e) & (float(t) * float(t) > e)
+    return bool(ok.all())
+
+
+def _certified_below(W: torch.Tensor, t: float) -> torch.Tensor:
+    """Whether ``sigma_max < t`` is certified, per matrix of ``W [..., m, n]`` (bool ``[B]``).
+
+    float64 ``W``: :func:`certified_at_most`. Narrower dtypes skip its scaling passes: every
+    float32 / bf16 / fp16 value squares to a normal float64 without overflow (3.4e38^2 and
+    the smallest subnormal's square are in float64's normal range), so the float64 small-side
+    Gram ``A`` of ``W`` itself (one conversion, one GEMM) is accurate to float64 rounding, and
+    ``t^2 I - A`` has a Cholesky factor exactly when ``sigma_max < t`` (up to that rounding).
+    A matrix with a non-finite entry has a non-finite diagonal in ``A``: never certified.
+    """
+    if W.dtype == torch.float64:
+        return certified_at_most(W, t).reshape(-1)
+    m, n = W.shape[-2:]
+    X = W.reshape(-1, m, n).double()
+    A = X.mT @ X if m >= n else X @ X.mT
+    finite = torch.isfinite(A.diagonal(dim1=-2, dim2=-1)).all(-1)
+    M = A.neg_()
+    M.diagonal(dim1=-2, dim2=-1).add_(float(t) * float(t))
+    return (torch.linalg.cholesky_ex(M).info == 0) & finite & (float(t) > 0)
 
 
 def _scale_matrices(W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -300,7 +354,7 @@ def _soft_cap_per_matrix_fake(W, alpha):
 
 for _name in (
     "spectral_soft_cap",
-    "spectral_hard_cap",
+    "_spectral_hard_cap",
     "orthogonal_project",
     "svd_cap",
 ):
@@ -347,14 +401,29 @@ def _hard_cap_msign(X, b, steps, gemm):
     return (Q * b + X - T.to(X.dtype)) * 0.5
 
 
+def _big_branch(sigma):
+    """``sigma`` where it exceeds the pre-scale, else the pre-scale itself (``3 / that`` is then
+    1, the value of ``min(1, 3 / sigma)``), so the unused branch's derivative ``-3 / sigma^2``
+    cannot overflow to inf for tiny sigma (0 * inf = NaN)."""
+    return torch.where(sigma > POLYNOMIAL_PRESCALE, sigma, torch.full_like(sigma, POLYNOMIAL_PRESCALE))
+
+
 def _hard_cap_polynomial(X, b, iters, gemm):
+    if R.cap_uses_gram(X, gemm):  # the pre-scale's estimate on the Gram matrix the steps start from
+        Xg = X.to(gemm)
+        G = R.small_side_gram(Xg)
+        v = R._start_vector(G, None)
+        for _ in range(iters):
+            v = R._normalize_rows(torch.bmm(G, v))
+        sigma = torch.linalg.vector_norm(torch.bmm(G, v), dim=(-2, -1), keepdim=True).sqrt() / b
+        sigma = sigma.clamp_min(1e-30)
+        f = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, _big_branch(sigma))) / b
+        out = R.gram_newton_schulz_steps(Xg * f, R.hard_cap_polynomial_plan()[1], G * (f * f))
+        return out.to(X.dtype) * b
     Y = X / b
     sigma, _, _ = R.power_iteration_batched(Y.to(R.float_or_double(Y.dtype)), iters, None)
     sigma = sigma.clamp_min(1e-30)
-    # min(1, 3 / sigma), with sigma <= 3 replaced by 3 (the same value: 1) so the unused
-    # branch's derivative -3 / sigma^2 cannot overflow to inf for tiny sigma (0 * inf = NaN)
-    big = torch.where(sigma > POLYNOMIAL_PRESCALE, sigma, torch.full_like(sigma, POLYNOMIAL_PRESCALE))
-    c = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, big))
+    c = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, _big_branch(sigma)))
     Y = (Y * c.reshape(-1, 1, 1)).to(gemm)
     return R.cap_ns_steps(Y, R.hard_cap_polynomial_plan()[1], gram=True).to(X.dtype) * b
 
@@ -397,6 +466,6 @@ def _svd_cap_mirror(W, sigma_max=1.0):
 
 R.register_recompute_autograd("lipschitz::spectral_soft_cap", _soft_cap_mirror)
 R.register_recompute_autograd("lipschitz::spectral_soft_cap.per_matrix", _soft_cap_mirror)
-R.register_recompute_autograd("lipschitz::spectral_hard_cap", _hard_cap_mirror)
+R.register_recompute_autograd("lipschitz::_spectral_hard_cap", _hard_cap_mirror)
 R.register_recompute_autograd("lipschitz::orthogonal_project", _orthogonal_project_mirror)
 R.register_recompute_autograd("lipschitz::svd_cap", _svd_cap_mirror)

@@ -448,17 +448,21 @@ def _pick(data: list[tuple[tuple[int, int], dict[str, float]]], values: list, sl
     return None
 
 
-def derive_rules(measured: dict) -> list[str]:
-    """The rows (as ``Rule(...)`` source, first match wins) that pick, at every benched bucket
-    and thread count, a value within 10% of the fastest fixed choice (split at an aspect
-    ratio where the fastest changes with it); a comment line where no such rule exists."""
-    rows: list[str] = []
+def derive_table(measured: dict, source: str = "SRC") -> list:
+    """The :class:`lipschitz_ext.ops.choices.Rule` rows (first match wins) that pick, at every
+    benched bucket and thread count, a value within 10% of the fastest fixed choice (split at
+    an aspect ratio where the fastest changes with it), each with ``source``; a comment string
+    where no such rule exists."""
+    from lipschitz_ext.ops.choices import Rule
+
+    rows: list = []
     per_thread: dict[str, dict[int, object]] = {}
     for t, res in measured["threads"].items():
         data = [(tuple(int(x) for x in key.split("x")[1:]), ms) for key, ms in res["buckets"].items()]
         data = [(s, ms) for s, ms in data if min(s) >= 16]  # tiny buckets (10x256) cost ~nothing either way
+        # the exact cap (eigh) wherever it is within the slack: the others approximate its map
         cap = _pick([(s, {v: ms[f"hard_cap_{v}"] for v in ("msign", "polynomial", "eigh")}) for s, ms in data],
-                    ["msign", "polynomial", "eigh"])
+                    ["msign", "polynomial", "eigh"], prefer="eigh")
         proj = _pick([(s, {v: ms[f"orthogonal_{v}"] for v in ("msign", "gram")}) for s, ms in data], ["msign", "gram"],
                      prefer="msign")
         dtype = _pick([(s, {d: min(ms[f"ns_{d}_standard"], ms[f"ns_{d}_gram"]) for d in ("float32", "bfloat16")})
@@ -474,21 +478,62 @@ def derive_rules(measured: dict) -> list[str]:
     for key, by_t in per_thread.items():
         choice, _, ns_dt = key.partition("/")
         dt = ns_dt or "float32"
+        # only the measured thread counts: others keep the table's defaults until a run measures them
         same = len({repr(v) for v in by_t.values()}) == 1
-        ranges = {min(by_t): (1, 1 << 20)} if same else {
-            t: ((t, t) if t != max(by_t) else (t, 1 << 20)) for t in sorted(by_t)}
+        ranges = {min(by_t): (min(by_t), max(by_t))} if same else {t: (t, t) for t in sorted(by_t)}
         for t, rng in ranges.items():
             v = by_t[t]
-            th = "" if rng == (1, 1 << 20) else f", threads={rng}"
+            common = {"device": "cpu", "dtype": dt, "threads": rng, "source": source}
             if v is None:
                 rows.append(f"# {choice} ({dt}, {t} threads): no value within 10% of the best at every bucket")
             elif isinstance(v, tuple):
                 lo, hi, a = v
-                rows.append(f'Rule("{choice}", "{hi}", device="cpu", dtype="{dt}"{th}, min_aspect={a:.3g}, source=SRC)')
-                rows.append(f'Rule("{choice}", "{lo}", device="cpu", dtype="{dt}"{th}, source=SRC)')
+                rows.append(Rule(choice, hi, min_aspect=float(f"{a:.3g}"), **common))
+                rows.append(Rule(choice, lo, **common))
             else:
-                rows.append(f'Rule("{choice}", "{v}", device="cpu", dtype="{dt}"{th}, source=SRC)')
+                rows.append(Rule(choice, v, **common))
     return rows
+
+
+def rule_source(rule) -> str:
+    """One row as the ``Rule(...)`` source of :data:`lipschitz_ext.ops.choices.TABLE`."""
+    th = "" if rule.threads == (1, 1 << 20) else f", threads={rule.threads}"
+    asp = "" if rule.min_aspect == 0.0 else f", min_aspect={rule.min_aspect:g}"
+    return (f'Rule("{rule.choice}", "{rule.value}", device="{rule.device}", dtype="{rule.dtype}"{th}{asp}, '
+            f"source={rule.source})")
+
+
+def derive_rules(measured: dict) -> list[str]:
+    """:func:`derive_table` as source lines (``source=SRC``), comments kept."""
+    return [r if isinstance(r, str) else rule_source(r) for r in derive_table(measured)]
+
+
+def auto_table_markdown(measured: dict, source: str) -> str:
+    """The rows of docs/benchmarks.md's auto-rules table that a run implies: for each choice,
+    thread count and benched bucket (small side >= 16; both orientations) what
+    :func:`lipschitz_ext.ops.choices.choose` picks with the derived rows ahead of the current
+    table, buckets with the same pick and source in one row. ``source`` is the run's stamp
+    (a pick the run left to the current table keeps that row's source)."""
+    from lipschitz_ext.ops.choices import TABLE, choose_rule
+
+    rules = tuple(r for r in derive_table(measured, source) if not isinstance(r, str)) + TABLE
+    shapes: list[tuple[int, int]] = []
+    for res in measured["threads"].values():
+        for key in res["buckets"]:
+            m, n = (int(x) for x in key.split("x")[1:])
+            for s in ((m, n), (n, m)):
+                if min(s) >= 16 and s not in shapes:
+                    shapes.append(s)
+    lines = []
+    for choice in ("hard_cap_method", "orthogonal_project_method", "ns_dtype", "ns_algorithm"):
+        for t in sorted(int(t) for t in measured["threads"]):
+            picks: dict[tuple[str, str], list[str]] = {}
+            for m, n in shapes:
+                r = choose_rule(choice, "cpu", torch.float32, (m, n), threads=t, table=rules)
+                picks.setdefault((r.value, r.source), []).append(f"{m}x{n}")
+            for (v, src), where in picks.items():
+                lines.append(f"| {choice} | cpu | float32 | {t} | {', '.join(where)} | {v} | {src} |")
+    return "\n".join(lines)
 
 
 def ratios_markdown(measured: dict) -> str:
@@ -503,6 +548,11 @@ def ratios_markdown(measured: dict) -> str:
         lines.append("|---|---|" + "---|" * len(cols))
         for g, r in res["groups"].items():
             lines.append(f"| {g} | {r['svd_cap_ms']:.1f} | " + " | ".join(f"{r['ratio'][k]:.2f}" for k in cols) + " |")
+        lines.append("\nper bucket (each method's median over svd_cap's at that bucket):\n")
+        lines.append("| bucket | svd_cap ms | " + " | ".join(cols) + " |")
+        lines.append("|---|---|" + "---|" * len(cols))
+        for b, ms in res.get("buckets", {}).items():
+            lines.append(f"| {b} | {ms['svd_cap']:.1f} | " + " | ".join(f"{ms[k] / ms['svd_cap']:.2f}" for k in cols) + " |")
     return "\n".join(lines)
 
 
@@ -510,7 +560,9 @@ if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite constra
     if sys.argv[1:2] == ["ratios"]:  # python -m lipschitz_ext.bench.suites.bench_constraints ratios [REPEATS] [OUT.json] [GROUP ...]
         result = ratios(repeats=int(sys.argv[2]) if len(sys.argv) > 2 else 7, groups=sys.argv[4:] or None)
         print(ratios_markdown(result))
-        print("\n".join(["", "implied rules:", *result["rules"]]))
+        print("\n".join(["", "implied rules (lipschitz_ext/ops/choices.py TABLE):", *result["rules"]]))
+        stamp = sys.argv[3].rsplit("/", 1)[-1].removesuffix(".json") if len(sys.argv) > 3 else "this run"
+        print("\nimplied docs/benchmarks.md auto-rules rows:\n" + auto_table_markdown(result, stamp))
         if len(sys.argv) > 3:
             with open(sys.argv[3], "x") as f:  # never overwrite an earlier measurement
                 json.dump(result, f, indent=1)
