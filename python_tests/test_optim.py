@@ -12,7 +12,7 @@ from optim_helpers import PowerNormalize, clone_params, one_thread  # noqa: F401
 import lipschitz_ext.optim.muon as muon_mod
 from lipschitz_ext import constraints as C
 from lipschitz_ext.ops import ns_max_gain, orthogonalize
-from lipschitz_ext.ops.orthogonalize import native_bf16_matmul
+from lipschitz_ext.ops.choices import native_bf16_matmul
 from lipschitz_ext.optim import Muon, resolve_ns_dtype, update_scale_factor
 
 

@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["CHOICES", "Rule", "TABLE", "choose", "choose_rule"]
+__all__ = ["CHOICES", "Rule", "TABLE", "choose", "choose_rule", "native_bf16_matmul"]
 
 #: choice -> the values it may take
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -34,6 +34,24 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ns_dtype": ("bfloat16", "float32"),
     "ns_algorithm": ("standard", "gram"),
 }
+
+
+
+def native_bf16_matmul(device: Union[torch.device, str]) -> bool:
+    """Whether bf16 GEMMs (fp32 accumulation) run natively, faster than float32, on ``device``.
+
+    CUDA: where ``torch.cuda.is_bf16_supported()``. CPU: an x86 core with AVX512-BF16
+    or AMX (torch's ``torch.cpu`` probes; oneDNN then multiplies bf16 natively);
+    without them oneDNN emulates bf16 and float32 is faster. Other devices: False.
+    ``lipschitz_ext.training.runtime.native_bf16`` (which picks autocast) calls this one.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return False
 
 
 @dataclass(frozen=True)
@@ -45,7 +63,7 @@ class Rule:
     or ``"*"``; ``threads``: inclusive range of ``torch.get_num_threads()``;
     ``min_small``: the small side ``k = min(m, n)`` at least this; ``min_aspect``:
     ``max(m, n) / k`` at least this; ``native_bf16``: if not None, whether the device
-    multiplies bf16 natively (:func:`lipschitz_ext.ops.orthogonalize.native_bf16_matmul`).
+    multiplies bf16 natively (:func:`native_bf16_matmul`).
     """
 
     choice: str
@@ -117,7 +135,6 @@ def choose_rule(choice: str, device: Union[torch.device, str], dtype: torch.dtyp
         if rule.choice != choice:
             continue
         if rule.native_bf16 is not None and native is None:
-            from .orthogonalize import native_bf16_matmul  # noqa: PLC0415  (a device probe, once per call)
 
             native = native_bf16_matmul(dev)
         if rule.matches(dev, dtype, n_threads, (m, n), native):

@@ -7,7 +7,8 @@ in its op family's module; this one gathers them under one clearly host-side nam
 """
 
 from .fp8_attention import E4M3_MAX, fp8_saturation_count, quantize_e4m3
-from .orthogonalize import ALGORITHMS, BACKENDS, COEFFICIENT_SETS, COMPUTE_DTYPES, native_bf16_matmul, ns_max_gain
+from .choices import native_bf16_matmul
+from .orthogonalize import ALGORITHMS, BACKENDS, COEFFICIENT_SETS, COMPUTE_DTYPES, ns_max_gain
 from .power_iteration import certified_at_most, spectral_norm_bound
 from .spectral_cap import HARD_CAP_METHODS, POLYNOMIAL_PRESCALE, soft_cap_alpha
 

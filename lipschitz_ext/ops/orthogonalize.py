@@ -9,9 +9,10 @@ from typing import Literal, Optional, Union, get_args
 import torch
 
 from . import _recompute as R
+from .choices import choose
 
 __all__ = ["orthogonalize", "ns_polynomial", "ns_max_gain", "ALGORITHMS", "BACKENDS", "COEFFICIENT_SETS",
-           "COMPUTE_DTYPES", "native_bf16_matmul"]
+           "COMPUTE_DTYPES"]
 
 #: ``backend`` values of :func:`orthogonalize` (the CUDA Newton-Schulz kernels).
 Backend = Literal["default", "cublas", "symmetric"]
@@ -39,23 +40,6 @@ def _coefficient_args(coefficients: Coefficients) -> tuple[str, list[float]]:
             )
         flat.extend(t)
     return "custom", flat
-
-
-def native_bf16_matmul(device: Union[torch.device, str]) -> bool:
-    """Whether bf16 GEMMs (fp32 accumulation) run natively, faster than float32, on ``device``.
-
-    CUDA: where ``torch.cuda.is_bf16_supported()``. CPU: an x86 core with AVX512-BF16
-    or AMX (torch's ``torch.cpu`` probes; oneDNN then multiplies bf16 natively);
-    without them oneDNN emulates bf16 and float32 is faster. Other devices: False.
-    ``lipschitz_ext.training.runtime.native_bf16`` (which picks autocast) calls this one.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if dev.type == "cpu":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
-        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-    return False
 
 
 def _compute_dtype_arg(compute_dtype) -> Optional[torch.dtype]:
@@ -101,7 +85,7 @@ def orthogonalize(
             ``torch.float64``, their names, or None (default) for the device
             default: bf16 on CUDA, float32 on CPU, float64 for float64 input. The
             Frobenius normalizer is always accumulated in float64.
-            :func:`native_bf16_matmul` says where bf16 pays.
+            :func:`lipschitz_ext.ops.choices.native_bf16_matmul` says where bf16 pays.
         algorithm: ``"standard"`` (default): each step on ``X`` (three GEMMs, two of
             them ``k x k x l`` for ``k = min(m, n)``, ``l = max(m, n)``); ``"gram"``: the
             same polynomial by Gram Newton-Schulz (``lipschitz::orthogonalize_gram``: the
@@ -143,7 +127,6 @@ def _algorithm(algorithm: str, G: torch.Tensor, compute_dtype) -> str:
         raise ValueError(f"orthogonalize: argument 'algorithm' must be one of {ALGORITHMS}, got {algorithm!r}")
     if algorithm != "auto":
         return algorithm
-    from .choices import choose  # noqa: PLC0415  (choices imports this module)
 
     if not isinstance(G, torch.Tensor) or G.dim() < 2:
         return "standard"  # the op names the bad argument

@@ -16,6 +16,7 @@ import torch
 
 from . import _recompute as R
 from ._checks import check_same_device
+from .choices import choose
 from .orthogonalize import orthogonalize
 from .power_iteration import certified_at_most, spectral_norm_bound
 
@@ -313,7 +314,6 @@ def orthogonal_project(W: torch.Tensor, sigma_max: float = 1.0, steps: int = 10,
     measured rule, :func:`lipschitz_ext.ops.choices.choose`).
     """
     if method == "auto" and isinstance(W, torch.Tensor) and W.dim() >= 2:
-        from .choices import choose  # noqa: PLC0415  (choices imports the ops package)
 
         method = choose("orthogonal_project_method", W.device, W.dtype, tuple(W.shape[-2:]))
     if method == "gram":

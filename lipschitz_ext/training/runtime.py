@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..ops.orthogonalize import native_bf16_matmul
+from ..ops.choices import native_bf16_matmul
 
 __all__ = ["AUTOCAST_DTYPES", "native_bf16", "resolve_autocast", "training_autocast", "AUTO_COMPILE_MIN_STEPS",
            "AUTO_COMPILE_MIN_SECONDS", "AUTO_COMPILE_DEVICES", "resolve_compile", "compile_counters", "Dist", "init_distributed",
@@ -26,7 +26,7 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bf
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices natively (faster than float32): CUDA
     with bf16 support, or a CPU with AVX512-BF16 or AMX. The one probe
-    (:func:`lipschitz_ext.ops.orthogonalize.native_bf16_matmul`) that also picks Muon's
+    (:func:`lipschitz_ext.ops.choices.native_bf16_matmul`) that also picks Muon's
     Newton-Schulz dtype, so autocast and the optimizer always agree."""
     return native_bf16_matmul(device)
 

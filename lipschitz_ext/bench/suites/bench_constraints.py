@@ -12,16 +12,23 @@ runner's (one C++ timing loop for every suite).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import statistics
 import sys
 from typing import Callable
 
 import torch
 
-from lipschitz_ext import ops
+from lipschitz_ext import _bench, ops
+from lipschitz_ext.bench import Case, Setup
+from lipschitz_ext.constraints import SpectralHardCap
 from lipschitz_ext.ops._recompute import ns_plan
+from lipschitz_ext.ops.choices import TABLE, Rule, choose_rule
 from lipschitz_ext.ops.spectral_cap import soft_cap_two_round_reference
+from lipschitz_ext.optim import resolve_ns_dtype
 
 #: suite -> list of (batch, m, n): same-shape weight buckets of each model.
 #: Shakespeare (d=256, 3 blocks): Q,K,V,O per block = 12 x 256x256; MLP in 3 x 1024x256,
@@ -209,8 +216,6 @@ def _op_flops(op: str, shape) -> float:
 
 
 def _setup(fn: Callable, shape, dtype, device, seed: int, n_sets: int):
-    from lipschitz_ext.bench import Setup
-
     return Setup(fn, [(make_input(shape, dtype, device, seed + i),) for i in range(n_sets)])
 
 
@@ -237,10 +242,6 @@ def cases(cfg) -> list:
     the soft cap also beside its two-round form (``two_round``) and one small-side
     Gram pass (``one_gemm_pass``), and on CPU also at the tall GPT-2 MLP shape.
     ``params["gemm_passes"]``: the FLOP floor of the case in Gram passes."""
-    import functools
-
-    from lipschitz_ext.bench import Case
-
     device = str(cfg.device)
     dtype = cfg.dtype or (torch.bfloat16 if cfg.is_cuda else torch.float32)
     if cfg.smoke:
@@ -290,10 +291,6 @@ def soft_cap_ab(shapes=((24, 3072, 768), (48, 768, 768)), repeats: int = 15, alp
 
     Returns the JSON-ready dict ``{"device", "torch", "threads", "cases": [...]}``.
     """
-    import statistics
-
-    from lipschitz_ext import _bench  # the runner's C++ timing loop, one untimed-warm-up-free call
-
     fns = {
         "one_update": lambda W: ops.spectral_soft_cap(W, alpha),
         "two_round": lambda W: soft_cap_two_round_reference(W, alpha),
@@ -335,9 +332,6 @@ def soft_cap_ab(shapes=((24, 3072, 768), (48, 768, 768)), repeats: int = 15, alp
 
 #: method -> (choice it is a candidate of or None, value, callable on one bucket W)
 def _ratio_methods() -> dict[str, tuple]:
-    from lipschitz_ext.constraints.spectral import SpectralHardCap
-    from lipschitz_ext.optim import resolve_ns_dtype
-
     b, steps = P["sigma_max"], P["steps"]
 
     def ns(dtype, algorithm):
@@ -379,11 +373,6 @@ def ratios(threads=(1, 2), repeats: int = 7, groups=None, seed: int = 0) -> dict
     "buckets": {"b x m x n": {method: ms}}}}, "load_before", "load_after", "rules"}``;
     ``rules`` are the :class:`lipschitz_ext.ops.choices.Rule` rows the timings imply.
     """
-    import os
-    import statistics
-
-    from lipschitz_ext import _bench
-
     groups = list(groups or MODEL_GROUPS)
     methods = _ratio_methods()
     names = list(methods)
@@ -453,8 +442,6 @@ def derive_table(measured: dict, source: str = "SRC") -> list:
     benched bucket and thread count, a value within 10% of the fastest fixed choice (split at
     an aspect ratio where the fastest changes with it), each with ``source``; a comment string
     where no such rule exists."""
-    from lipschitz_ext.ops.choices import Rule
-
     rows: list = []
     per_thread: dict[str, dict[int, object]] = {}
     for t, res in measured["threads"].items():
@@ -514,8 +501,6 @@ def auto_table_markdown(measured: dict, source: str) -> str:
     :func:`lipschitz_ext.ops.choices.choose` picks with the derived rows ahead of the current
     table, buckets with the same pick and source in one row. ``source`` is the run's stamp
     (a pick the run left to the current table keeps that row's source)."""
-    from lipschitz_ext.ops.choices import TABLE, choose_rule
-
     rules = tuple(r for r in derive_table(measured, source) if not isinstance(r, str)) + TABLE
     shapes: list[tuple[int, int]] = []
     for res in measured["threads"].values():
