@@ -89,7 +89,7 @@ class Rule:
 
 #: The benchmark run the measured rows come from (``python -m lipschitz_ext.bench.suites.bench_constraints ratios``:
 #: a 2-core AVX512-BF16 CPU, float32 weights, 1 and 2 threads; docs/benchmarks.md).
-CPU_RATIOS = "bench/results/20261207-0455-cpu-constraint-ratios.json"
+CPU_RATIOS = "bench/results/20261207-0511-cpu-constraint-ratios.json"
 
 #: The rules, first match wins; every choice ends with a catch-all row.
 TABLE: tuple[Rule, ...] = (
