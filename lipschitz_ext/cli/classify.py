@@ -25,26 +25,9 @@ from ..training.classifier_config import ClassifyConfig, classify_config
 from ..training.classifier import is_classifier_run, load_classifier_run
 from ..training.classifier_config import CLASSIFY_PRESETS
 from ..training.run import resolve_data_path
+from .common import float_list, int_list, str_list
 
 __all__ = ["main"]
-
-
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
-
-
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def _strs(s: str) -> list[str]:
-    return [v.strip() for v in s.split(",") if v.strip()]
 
 
 def _bool(s: str) -> bool:
@@ -60,7 +43,7 @@ _FIELDS = [
     ("dataset", str, "fashion-mnist, mnist or cifar10"),
     ("data", str, "folder of the data set's files (default: the distribution's folder when installed)"),
     ("out", str, "run folder to create (absent or empty)"),
-    ("widths", _ints, "hidden widths, e.g. 256,256"),
+    ("widths", int_list, "hidden widths, e.g. 256,256"),
     ("bias", _bool, "linear biases (true/false)"),
     ("activation", str, "relu or maxmin"),
     ("init", str, "orthogonal or paper"),
@@ -81,7 +64,7 @@ _FIELDS = [
     ("checkpoint_every", float, "seconds of training between checkpoints"),
     ("seed", int, "seed of the initialisation and the batch order"),
     ("threads", int, "torch CPU threads (0: torch's default)"),
-    ("radii", _floats, "l2 radii reported (pixels in [0, 1])"),
+    ("radii", float_list, "l2 radii reported (pixels in [0, 1])"),
     ("attack_examples", int, "test examples attacked with PGD-l2 after training (0: none)"),
     ("attack_steps", int, "PGD steps per start"),
     ("attack_restarts", int, "PGD starts per example"),
@@ -108,18 +91,18 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(cmd, help=help_)
         c.add_argument("run_dir")
         c.add_argument("--data", default=None, help="data folder (default: the run's)")
-        c.add_argument("--radii", type=_floats, default=None)
+        c.add_argument("--radii", type=float_list, default=None)
         if cmd == "attack":
             c.add_argument("--examples", type=int, default=1000, help="first test examples attacked")
             c.add_argument("--steps", type=int, default=50)
             c.add_argument("--restarts", type=int, default=3)
     s = sub.add_parser("sweep", help="optimizer x constraint x lr grid, frontier plot and table")
-    s.add_argument("--optimizers", type=_strs, default=["adamw", "muon"])
-    s.add_argument("--constraints", type=_strs, default=["weight_decay", "normalize", "soft_cap", "hard_cap"])
-    s.add_argument("--caps", type=_floats, default=[1.0, 2.0])
-    s.add_argument("--muon-lrs", type=_floats, default=[0.05, 0.1, 0.2])
-    s.add_argument("--adamw-lrs", type=_floats, default=[3e-4, 1e-3, 3e-3])
-    s.add_argument("--weight-decays", type=_floats, default=[0.1, 1.0],
+    s.add_argument("--optimizers", type=str_list, default=["adamw", "muon"])
+    s.add_argument("--constraints", type=str_list, default=["weight_decay", "normalize", "soft_cap", "hard_cap"])
+    s.add_argument("--caps", type=float_list, default=[1.0, 2.0])
+    s.add_argument("--muon-lrs", type=float_list, default=[0.05, 0.1, 0.2])
+    s.add_argument("--adamw-lrs", type=float_list, default=[3e-4, 1e-3, 3e-3])
+    s.add_argument("--weight-decays", type=float_list, default=[0.1, 1.0],
                    help="weight decays of the weight_decay method (it takes no cap)")
     s.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     s.add_argument("--quiet", action="store_true")

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..training.config import PRESETS, TrainConfig
 
-__all__ = ["DEFAULT_PRESET", "format_presets"]
+__all__ = ["DEFAULT_PRESET", "float_list", "format_presets", "int_list", "size_list", "str_list"]
 
 DEFAULT_PRESET = "shakespeare-cpu"
 _TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float}
@@ -50,7 +50,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
-def _floats(s: str) -> list[float]:
+def float_list(s: str) -> list[float]:
     """Comma-separated numbers (possibly none: each command checks what it needs and names its flag)."""
     try:
         return [float(x) for x in s.split(",") if x.strip()]
@@ -58,7 +58,20 @@ def _floats(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
-def _sizes(s: str) -> list[tuple[int, int]]:
+def int_list(s: str) -> list[int]:
+    """Comma-separated integers."""
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def str_list(s: str) -> list[str]:
+    """Comma-separated names (blanks dropped)."""
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def size_list(s: str) -> list[tuple[int, int]]:
     """``d_modelxn_layers`` pairs, comma-separated, e.g. ``32x2,64x2``."""
     try:
         sizes = [tuple(int(v) for v in sz.strip().split("x")) for sz in s.split(",") if sz.strip()]

@@ -29,7 +29,7 @@ from ..training.config import PRESETS, config_from_preset
 from ..training.run import read_checkpoint
 from ..training.runtime import resolve_device
 from ..training.sampling import sample_run
-from .common import DEFAULT_PRESET, _floats, _sizes
+from .common import DEFAULT_PRESET, float_list, size_list
 
 __all__ = ["eval_main"]
 
@@ -43,7 +43,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("robustness", help="attacks in embedding space and certified radii")
     r.add_argument("--checkpoint", action="append", required=True, metavar="RUN_DIR",
                    help="a lipschitz-train run folder (repeat for several on one plot)")
-    r.add_argument("--eps", type=_floats, default=[0.01, 0.02, 0.05, 0.1, 0.2],
+    r.add_argument("--eps", type=float_list, default=[0.01, 0.02, 0.05, 0.1, 0.2],
                    help="attack sizes, comma-separated (default 0.01,0.02,0.05,0.1,0.2)")
     r.add_argument("--pgd-steps", type=int, default=10, help="steps of the PGD attack (default 10)")
     r.add_argument("--absolute", action="store_true", help="eps in absolute RMS units, not relative")
@@ -55,9 +55,9 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="finished run folders (a name that does not exist is expanded as a glob pattern)")
     s = sub.add_parser("lr-sensitivity", help="final validation loss vs learning rate")
     s.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="the runs' base settings")
-    s.add_argument("--lrs", type=_floats, default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+    s.add_argument("--lrs", type=float_list, default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
                    help="learning-rate multipliers (>= 3 orders of magnitude)")
-    s.add_argument("--sizes", type=_sizes, default=[(32, 2), (64, 2)],
+    s.add_argument("--sizes", type=size_list, default=[(32, 2), (64, 2)],
                    help="model sizes d_modelxn_layers, comma-separated (default 32x2,64x2)")
     s.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     s.add_argument("--data", help="training text or shards (default: the built-in corpus)")

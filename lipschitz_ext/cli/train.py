@@ -22,7 +22,7 @@ from ..data import text as data_mod
 from ..experiments.sweep import sweep
 from ..training import loop as train_mod
 from ..training.config import PRESETS, config_from_preset, preset_override_notes
-from .common import DEFAULT_PRESET, _add_config_flags, _floats, _overrides, _preset_of, format_presets
+from .common import DEFAULT_PRESET, _add_config_flags, float_list, _overrides, _preset_of, format_presets
 
 __all__ = ["train_main"]
 
@@ -39,7 +39,7 @@ def _train_parser(preset: str, sweep: bool) -> argparse.ArgumentParser:
                         "'lipschitz-train presets' lists them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or final line")
     if sweep:
-        p.add_argument("--sigma-max", dest="sweep_sigma", type=_floats, required=True,
+        p.add_argument("--sigma-max", dest="sweep_sigma", type=float_list, required=True,
                        help="comma-separated caps of the hidden matrices, e.g. 0.5,1,2,4 (each replaces the "
                             "preset's per-group caps)")
         p.add_argument("--constraint", dest="sweep_constraint", default="soft_cap",
