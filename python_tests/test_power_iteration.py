@@ -364,3 +364,28 @@ def test_certified_at_most_matches_the_svd(shape):
     bad[0, 0, 0] = float("nan")
     assert not bool(certified_at_most(bad, 1e30).reshape(-1)[0])
     assert bool(certified_at_most(torch.zeros(2, 3, 4), 1e-30).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [3e38, 1.0, 1e-40])
+def test_certified_at_most_unscaled_narrow_dtypes_match_the_svd(dtype, scale):
+    """Narrow dtypes skip the scaling pass (their squares fit float64): the test still says
+    exactly whether sigma_max < t at float32's extremes, and refuses inf and NaN."""
+    from lipschitz_ext.ops import certified_at_most
+
+    torch.manual_seed(1)
+    info = torch.finfo(dtype)
+    W = (torch.rand(3, 12, 7, dtype=torch.float64) * 2 - 1) * min(scale, info.max / 4)
+    W = W.to(dtype)
+    if scale < 1e-30 and dtype != torch.float32:
+        W = (torch.rand(3, 12, 7) * info.tiny).to(dtype)  # that dtype's subnormals
+    s = torch.linalg.matrix_norm(W.double(), ord=2)
+    assert bool((s > 0).all())
+    for f, want in ((1.001, True), (0.999, False)):
+        for b in range(3):
+            assert bool(certified_at_most(W, float(s[b]) * f)[b]) is want, (b, f)
+    for bad in (float("inf"), float("nan")):
+        V = W.clone()
+        V[1, 3, 2] = bad
+        got = certified_at_most(V, float("inf") if bad != bad else 1e300)
+        assert not bool(got[1]) and bool(got[0]) and bool(got[2])

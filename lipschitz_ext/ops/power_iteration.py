@@ -213,10 +213,20 @@ def _scaled_gram(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return (Y.mT @ Y if m >= n else Y @ Y.mT), Y, s.reshape(-1), fin.reshape(-1)
 
 
+def _cholesky_certifies(A: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+    """Per matrix of the float64 Gram matrices ``A [B, r, r]``: whether ``t2 I - A`` has a Cholesky
+    factor (``t2 [B]``), i.e. every eigenvalue of ``A`` is below ``t2``. Consumes nothing: ``A``
+    is left as it was."""
+    M = -A
+    M.diagonal(dim1=-2, dim2=-1).add_(t2[:, None])
+    return torch.linalg.cholesky_ex(M).info == 0
+
+
 def certified_at_most(W: torch.Tensor, t: float) -> torch.Tensor:
     """Whether ``sigma_max(W) < t`` is certified, per matrix of ``W [..., m, n]`` (bool ``[...]``).
 
-    One float64 small-side Gram matrix ``A`` of ``W / max|W|`` and one Cholesky factorization
+    One float64 small-side Gram matrix ``A`` (of ``W / max|W|`` for float64 ``W``, of ``W`` itself
+    for narrower dtypes, whose squares cannot overflow or underflow in float64) and one Cholesky factorization
     of ``t^2 I - A`` (positive definite exactly when ``sigma_max < t``): the cheap first test
     the caps run every step, so the full :func:`spectral_norm_bound` (a power iteration and
     six more factorizations) is paid only where this one fails. False for a non-finite
@@ -232,10 +242,19 @@ def certified_at_most(W: torch.Tensor, t: float) -> torch.Tensor:
     batch = W.shape[:-2]
     if W.numel() == 0:
         return torch.ones(batch, dtype=torch.bool, device=W.device)
-    A, _, s, finite = _scaled_gram(W)
-    r = A.shape[-1]
-    M = (float(t) / s).square()[:, None, None] * torch.eye(r, dtype=torch.float64, device=W.device) - A
-    ok = (torch.linalg.cholesky_ex(M).info == 0) & finite & (float(t) > 0)
+    if W.dtype == torch.float64:
+        A, _, s, finite = _scaled_gram(W)
+        t2 = (float(t) / s).square()
+    else:
+        # every float32 / bf16 / fp16 value squares to a normal float64 (3.4e38^2 and the smallest
+        # subnormal's square are in range): the Gram matrix of W itself needs no scaling pass, and a
+        # non-finite entry shows on its diagonal (the column or row norms)
+        m, n = W.shape[-2:]
+        X = W.reshape(-1, m, n).double()
+        A = X.mT @ X if m >= n else X @ X.mT
+        finite = torch.isfinite(A.diagonal(dim1=-2, dim2=-1)).all(-1)
+        t2 = torch.full((A.shape[0],), float(t) * float(t), dtype=torch.float64, device=W.device)
+    ok = _cholesky_certifies(A, t2) & finite & (float(t) > 0)
     return ok.reshape(batch)
 
 

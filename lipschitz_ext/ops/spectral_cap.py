@@ -18,7 +18,7 @@ from . import _recompute as R
 from ._checks import check_same_device
 from .choices import choose
 from .orthogonalize import orthogonalize
-from .power_iteration import certified_at_most, spectral_norm_bound
+from .power_iteration import _cholesky_certifies, certified_at_most, spectral_norm_bound
 
 __all__ = [
     "spectral_soft_cap",
@@ -224,7 +224,7 @@ def _all_certified_at_most(W: torch.Tensor, t: float) -> bool:
     meta tensors, which keep the branch-free full bound)."""
     if torch.compiler.is_compiling() or W.device.type == "meta":
         return False
-    return bool(_certified_below(W, t).all())
+    return bool(certified_at_most(W, t).all())
 
 
 def _all_certified_below_fp32(W: torch.Tensor, t: float) -> bool:
@@ -245,31 +245,8 @@ def _all_certified_below_fp32(W: torch.Tensor, t: float) -> bool:
     A = (X.mT @ X if m >= n else X @ X.mT).double()
     g = big * 2.0**-24 / (1.0 - big * 2.0**-24)
     e = g * A.diagonal(dim1=-2, dim2=-1).sum(-1) / (1.0 - g) + k * big * 2.0**-149
-    M = A.neg_()
-    M.diagonal(dim1=-2, dim2=-1).add_((float(t) * float(t) - e)[:, None])
-    ok = (torch.linalg.cholesky_ex(M).info == 0) & torch.isfinite(e) & (float(t) * float(t) > e)
+    ok = _cholesky_certifies(A, float(t) * float(t) - e) & torch.isfinite(e) & (float(t) * float(t) > e)
     return bool(ok.all())
-
-
-def _certified_below(W: torch.Tensor, t: float) -> torch.Tensor:
-    """Whether ``sigma_max < t`` is certified, per matrix of ``W [..., m, n]`` (bool ``[B]``).
-
-    float64 ``W``: :func:`certified_at_most`. Narrower dtypes skip its scaling passes: every
-    float32 / bf16 / fp16 value squares to a normal float64 without overflow (3.4e38^2 and
-    the smallest subnormal's square are in float64's normal range), so the float64 small-side
-    Gram ``A`` of ``W`` itself (one conversion, one GEMM) is accurate to float64 rounding, and
-    ``t^2 I - A`` has a Cholesky factor exactly when ``sigma_max < t`` (up to that rounding).
-    A matrix with a non-finite entry has a non-finite diagonal in ``A``: never certified.
-    """
-    if W.dtype == torch.float64:
-        return certified_at_most(W, t).reshape(-1)
-    m, n = W.shape[-2:]
-    X = W.reshape(-1, m, n).double()
-    A = X.mT @ X if m >= n else X @ X.mT
-    finite = torch.isfinite(A.diagonal(dim1=-2, dim2=-1)).all(-1)
-    M = A.neg_()
-    M.diagonal(dim1=-2, dim2=-1).add_(float(t) * float(t))
-    return (torch.linalg.cholesky_ex(M).info == 0) & finite & (float(t) > 0)
 
 
 def _scale_matrices(W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -314,7 +291,6 @@ def orthogonal_project(W: torch.Tensor, sigma_max: float = 1.0, steps: int = 10,
     measured rule, :func:`lipschitz_ext.ops.choices.choose`).
     """
     if method == "auto" and isinstance(W, torch.Tensor) and W.dim() >= 2:
-
         method = choose("orthogonal_project_method", W.device, W.dtype, tuple(W.shape[-2:]))
     if method == "gram":
         if not math.isfinite(float(sigma_max)) or float(sigma_max) < 0:
