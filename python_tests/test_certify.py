@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 import lipschitz_ext
 from lipschitz_ext import nn as lnn
-from lipschitz_ext.certify.certificate import Certificate, certify, worst_case_certificate
-from lipschitz_ext.certify.attacks import attack_lipschitz, empirical_lipschitz
-from lipschitz_ext.certify.bounds import attention_bounds, mlp_block_bound, mlp_bounds, sequence_norm
+from lipschitz_ext.certify import Certificate, certify, worst_case_certificate
+from lipschitz_ext.certify import attack_lipschitz, empirical_lipschitz
+from lipschitz_ext.certify import attention_bounds, mlp_block_bound, mlp_bounds, sequence_norm
 
 F64 = torch.float64
 SLACK = 1 + 1e-9  # float64 rounding of the measured ratios
@@ -621,7 +621,7 @@ def test_empirical_lipschitz_refuses_a_nan_model_and_bad_arguments():
 
 def test_paper_bound_matches_the_published_formula_by_hand():
     """The published formula (docs/theory.md, section 5) written out with torch.linalg.matrix_norm(ord=2) in float64."""
-    from lipschitz_ext.certify.published import paper_bound
+    from lipschitz_ext.certify import paper_bound
     cfg = lnn.GPTConfig(vocab_size=7, d_model=8, n_layers=2, n_heads=2, seq_len=6, softmax_scale=2.0,
                         zero_init_out=False, mlp_ratio=3)
     model = random_model(cfg, 0.4, 1.6, gen=torch.Generator().manual_seed(4))
@@ -654,7 +654,7 @@ def test_paper_bound_is_below_a_measured_ratio():
     """Why it is documented as unsound: a 1-layer model whose measured ratio exceeds it.
     No attention branch (W_o = 0), identity MLP weights, alpha = 1/2: the stream is x/2 after
     attention, and at x/2 = sqrt 2 (per coordinate) the MLP's slope is exactly 1."""
-    from lipschitz_ext.certify.published import paper_bound
+    from lipschitz_ext.certify import paper_bound
     cfg = lnn.GPTConfig(vocab_size=3, d_model=2, n_layers=1, n_heads=1, seq_len=2, softmax_scale=0.0,
                         zero_init_out=False, mlp_ratio=1, rope=False)
     model = lnn.LipschitzGPT(cfg).double()

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lipschitz_ext import nn as lnn
-from lipschitz_ext.certify.domain import TokenDomain, attention_bound_on_domain
-from lipschitz_ext.certify.attacks import attack_lipschitz
-from lipschitz_ext.certify.bounds import attention_bounds, sequence_norm
-from lipschitz_ext.certify.certificate import certify
+from lipschitz_ext.certify import TokenDomain, attention_bound_on_domain
+from lipschitz_ext.certify import attack_lipschitz
+from lipschitz_ext.certify import attention_bounds, sequence_norm
+from lipschitz_ext.certify import certify
 from lipschitz_ext.nn.mlp import GELU_MAX_SLOPE
 
 from test_certify import _one_thread, build_at_caps, project  # noqa: F401  (_one_thread: autouse fixture)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lipschitz_ext
-from lipschitz_ext.certify.classifier import certified_accuracy, certified_radii, l2_bound, pgd_l2, soundness_check
+from lipschitz_ext.certify import certified_accuracy, certified_radii, l2_bound, pgd_l2, soundness_check
 from lipschitz_ext.training.classifier_config import ClassifyConfig, build_classifier, build_classifier_optimizer, classify_config, linear_decay
 from lipschitz_ext.nn.losses import classification_loss
 from lipschitz_ext.training.classifier import train_classifier

@@ -13,7 +13,7 @@ import lipschitz_ext
 from lipschitz_ext.cli import train as cli_train
 from lipschitz_ext.cli import eval as cli_eval
 from lipschitz_ext.training import config as C
-from lipschitz_ext.certify.certificate import certify, worst_case_certificate
+from lipschitz_ext.certify import certify, worst_case_certificate
 from tiny_runs import TINY, tiny_run, write_corpus
 
 

@@ -13,7 +13,7 @@ import torch
 
 from lipschitz_ext.cli import eval as cli
 from lipschitz_ext.cli import bench as bench_cli
-from lipschitz_ext.constraints.spectral import SpectralSoftCap
+from lipschitz_ext.constraints import SpectralSoftCap
 from lipschitz_ext.optim import Muon
 
 

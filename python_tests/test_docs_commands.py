@@ -131,7 +131,7 @@ def _check_paths(args: list[str], where: str) -> None:
 def _train_parser(args: list[str]):
     sweep = args[:1] == ["sweep"]
     rest = args[1:] if sweep or args[:1] == ["presets"] else args
-    return cli_train._train_parser(cli_common._preset_of(rest), sweep), rest
+    return cli_train._train_parser(cli_common.preset_of(rest), sweep), rest
 
 
 def test_the_docs_have_commands():
@@ -152,7 +152,7 @@ def test_doc_command_parses(where, argv):
         parser, rest = _train_parser(args)
         ns = _parse(parser, rest, where)
         if ns is not None and not getattr(ns, "resume", None):
-            config_from_preset(ns.preset, **cli_common._overrides(ns))  # values validate too
+            config_from_preset(ns.preset, **cli_common.config_overrides(ns))  # values validate too
     elif kind == "lipschitz-eval":
         ns = _parse(cli_eval._eval_parser(), args, where)
         if ns is not None and not any(PLACEHOLDER.match(a) for a in args):

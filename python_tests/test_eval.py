@@ -22,7 +22,7 @@ from lipschitz_ext.certify import robustness as E_robustness
 from lipschitz_ext.experiments import analyses as E_analyses
 from lipschitz_ext.evaluation import logits as E_logits
 from lipschitz_ext.training import run as R
-from lipschitz_ext.certify.certificate import certify
+from lipschitz_ext.certify import certify
 from tiny_runs import tiny_run, write_corpus
 
 TINY = dict(target_bound=0.0, d_model=32, n_layers=1, residual_scale=1.0, n_heads=2, seq_len=32, batch_size=8, steps=40, eval_every=40,
@@ -182,8 +182,8 @@ def _flips(model64, xe, y, ti, eps, rho, steps=50, restarts=3):
         xa = E_robustness.pgd_attack(model64, xe, y, eps, steps=steps, domain_rms=rho,
                           generator=torch.Generator().manual_seed(k))
         # the attack is inside the certificate's ball and domain
-        assert (E_robustness._token_rms(xa - xe).squeeze(-1) <= eps[:, None] * (1 + 1e-9)).all()
-        assert (E_robustness._token_rms(xa) <= rho * (1 + 1e-12)).all()
+        assert (E_robustness.token_rms(xa - xe).squeeze(-1) <= eps[:, None] * (1 + 1e-9)).all()
+        assert (E_robustness.token_rms(xa) <= rho * (1 + 1e-12)).all()
         with torch.no_grad():
             flipped |= model64.forward_embeddings(xa)[rows, ti].argmax(-1) != target
     return flipped
@@ -232,9 +232,9 @@ def test_pgd_attack_respects_ball_and_domain(runs):
     for eps, steps, step in ((0.05, 1, 0.05), (0.05, 10, None), (torch.tensor([0.0, 0.01, 0.1, 3.0]), 5, None)):
         xa = E_robustness.pgd_attack(model, e, y, eps, steps, step, rho, torch.Generator().manual_seed(0))
         bound = torch.as_tensor(eps).reshape(-1, 1)
-        moved = E_robustness._token_rms(xa - e).squeeze(-1)
+        moved = E_robustness.token_rms(xa - e).squeeze(-1)
         assert (moved <= bound * (1 + 1e-5) + 1e-7).all()
-        assert (E_robustness._token_rms(xa) <= rho * (1 + 1e-5)).all()
+        assert (E_robustness.token_rms(xa) <= rho * (1 + 1e-5)).all()
         if steps == 1:  # single step: every token moves by exactly eps (inside the domain)
             assert moved.min() > 0.5 * eps
         with torch.no_grad():

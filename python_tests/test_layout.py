@@ -8,7 +8,6 @@ so a cycle hidden behind a deferred import counts as a cycle.
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 
 import pytest

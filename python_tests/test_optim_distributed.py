@@ -58,7 +58,7 @@ def _spawn(fn) -> None:
 
 
 def _groups(params, constraint):
-    from lipschitz_ext.constraints.spectral import SpectralNormalize
+    from lipschitz_ext.constraints import SpectralNormalize
 
     return [
         {"params": params[:5], "constraint": constraint},

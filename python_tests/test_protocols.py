@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import lipschitz_ext
 from lipschitz_ext.cli import eval as cli
 from lipschitz_ext.data import text as D
-from lipschitz_ext.certify.published import paper_bound
+from lipschitz_ext.certify import paper_bound
 from tiny_runs import TINY as TINY_RUN
 from tiny_runs import tiny_run, write_corpus
 

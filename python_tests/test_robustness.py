@@ -399,7 +399,7 @@ def test_nonfinite_gradient_leaves_the_whole_model_untouched():
 
 
 def test_normalize_keeps_its_cap_under_muon_at_lr_005():
-    from lipschitz_ext.constraints.registry import make_constraint
+    from lipschitz_ext.constraints import make_constraint
     from lipschitz_ext.optim import Muon
 
     torch.manual_seed(0)

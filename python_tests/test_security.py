@@ -29,7 +29,7 @@ from lipschitz_ext.data import text as data_mod
 from lipschitz_ext.storage import files as run_mod_files
 from lipschitz_ext.training import run as run_mod_run
 from lipschitz_ext.storage import folder as run_mod_folder
-from lipschitz_ext.certify.certificate import certify
+from lipschitz_ext.certify import certify
 from lipschitz_ext.nn import GPTConfig, LipschitzGPT
 from tiny_runs import TINY, tiny_run, write_corpus
 

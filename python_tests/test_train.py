@@ -122,7 +122,7 @@ def test_logit_scale_is_a_loss_temperature_only(corpus, tmp_path):
     import dataclasses
 
     from lipschitz_ext.data import text as D
-    from lipschitz_ext.certify.certificate import certify
+    from lipschitz_ext.certify import certify
 
     s = run(corpus, tmp_path / "t", pos_bias="learned", logit_scale=4.0, head_sigma_max=1.0, steps=6,
             eval_every=6)
@@ -193,7 +193,7 @@ def test_explicit_sigma_max_replaces_preset_group_caps():
 def test_target_bound_scales_the_head_by_the_worst_case():
     """--target-bound multiplies the head cap and head lr by k = target / worst case (less
     a relative margin of 1e-3) and divides the loss temperature by k."""
-    from lipschitz_ext.certify.certificate import worst_case_certificate
+    from lipschitz_ext.certify import worst_case_certificate
 
     base = C.config_from_preset("shakespeare-cpu", target_bound=0.0)
     cfg = C.apply_target_bound(C.config_from_preset("shakespeare-cpu", target_bound=2.0))

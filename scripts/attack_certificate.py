@@ -27,7 +27,7 @@ import torch
 
 from lipschitz_ext import nn as lnn
 from lipschitz_ext.certify.attacks import _project, attack_lipschitz
-from lipschitz_ext.certify.certificate import certify
+from lipschitz_ext.certify import certify
 
 #: (label, softmax_scale, pos_bias, n_layers, input radius)
 MODELS = [

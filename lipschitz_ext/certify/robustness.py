@@ -15,23 +15,24 @@ import torch.nn.functional as F
 
 from .certificate import Certificate
 
-__all__ = ["pgd_attack", "certified_radius"]
+__all__ = ["pgd_attack", "certified_radius", "token_rms"]
 
 def _upcast(z: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision tensors; float32/float64 stay as they are."""
     return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
-def _token_rms(x: torch.Tensor) -> torch.Tensor:
+def token_rms(x: torch.Tensor) -> torch.Tensor:
+    """Per-token RMS of ``x [..., d]`` over its last dim, kept as ``[..., 1]``."""
     return x.pow(2).mean(-1, keepdim=True).sqrt()
 
 
 def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, domain_rms: float | None) -> torch.Tensor:
     """Per-token projection: RMS(delta_t) <= eps and, if given, RMS(x_t + delta_t) <= domain_rms."""
-    delta = delta * (eps / _token_rms(delta).clamp_min(1e-12)).clamp(max=1.0)
+    delta = delta * (eps / token_rms(delta).clamp_min(1e-12)).clamp(max=1.0)
     if domain_rms is not None:
         y = x + delta
-        y = y * (domain_rms / _token_rms(y).clamp_min(1e-12)).clamp(max=1.0)
+        y = y * (domain_rms / token_rms(y).clamp_min(1e-12)).clamp(max=1.0)
         delta = y - x
     return delta
 

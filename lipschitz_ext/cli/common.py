@@ -9,7 +9,8 @@ from typing import Any
 
 from ..training.config import PRESETS, TrainConfig
 
-__all__ = ["DEFAULT_PRESET", "float_list", "format_presets", "int_list", "size_list", "str_list"]
+__all__ = ["DEFAULT_PRESET", "add_config_flags", "config_overrides", "float_list", "format_presets", "int_list",
+           "preset_of", "size_list", "str_list"]
 
 DEFAULT_PRESET = "shakespeare-cpu"
 _TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float}
@@ -18,7 +19,7 @@ _TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | No
 # ---------------------------------------------------------------------------
 # lipschitz-train
 # ---------------------------------------------------------------------------
-def _preset_of(argv: list[str]) -> str:
+def preset_of(argv: list[str]) -> str:
     """The ``--preset`` among ``argv`` (the default when absent or unknown: argparse reports it)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=DEFAULT_PRESET)
@@ -30,7 +31,7 @@ def _preset_values(preset: str) -> TrainConfig:
     return TrainConfig(preset=preset, **PRESETS[preset])
 
 
-def _add_config_flags(p: argparse.ArgumentParser, preset: str, skip: tuple[str, ...] = ()) -> None:
+def add_config_flags(p: argparse.ArgumentParser, preset: str, skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per TrainConfig field, its help from the field's metadata and, as
     the default shown, the value ``preset`` gives it. Defaults stay None so that the
     flags given explicitly are known (they override the preset)."""
@@ -45,7 +46,8 @@ def _add_config_flags(p: argparse.ArgumentParser, preset: str, skip: tuple[str, 
                        metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {default})")
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (flags left unset are not overrides)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 

@@ -22,7 +22,7 @@ from ..data import text as data_mod
 from ..experiments.sweep import sweep
 from ..training import loop as train_mod
 from ..training.config import PRESETS, config_from_preset, preset_override_notes
-from .common import DEFAULT_PRESET, _add_config_flags, float_list, _overrides, _preset_of, format_presets
+from .common import DEFAULT_PRESET, add_config_flags, float_list, config_overrides, preset_of, format_presets
 
 __all__ = ["train_main"]
 
@@ -46,7 +46,7 @@ def _train_parser(preset: str, sweep: bool) -> argparse.ArgumentParser:
                        help="comma-separated constraint methods (default soft_cap)")
     else:
         p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
-    _add_config_flags(p, preset, skip=("sigma_max", "constraint") if sweep else ())
+    add_config_flags(p, preset, skip=("sigma_max", "constraint") if sweep else ())
     return p
 
 
@@ -58,8 +58,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
     is_sweep = argv[:1] == ["sweep"]
     argv = argv[1:] if is_sweep else argv
-    args = _train_parser(_preset_of(argv), is_sweep).parse_args(argv)
-    ov = _overrides(args)
+    args = _train_parser(preset_of(argv), is_sweep).parse_args(argv)
+    ov = config_overrides(args)
 
     try:
         if is_sweep:

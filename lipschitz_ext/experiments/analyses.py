@@ -17,7 +17,7 @@ import os
 import torch
 
 from ..certify.certificate import certify
-from ..certify.robustness import _token_rms, certified_radius, pgd_attack
+from ..certify.robustness import token_rms, certified_radius, pgd_attack
 from ..data import text as data_mod
 from ..evaluation.plots import pyplot, save_figure
 from ..evaluation.tables import print_table, write_table
@@ -69,7 +69,7 @@ def robustness(run_dirs: list[str], eps_list: list[float], out: str, n_batches: 
         bound = float(certify(model, input_rms=rho).bound) if certified else None
         batches = [(x.to(device), y.to(device)) for x, y in _val_batches(cfg, data, n_batches, batch_size)]
         embeds = [model.embed(x) for x, _ in batches]
-        scale = float(torch.cat([_token_rms(e).flatten() for e in embeds]).mean()) if relative else 1.0
+        scale = float(torch.cat([token_rms(e).flatten() for e in embeds]).mean()) if relative else 1.0
         with torch.no_grad():
             clean_logits = [model.forward_embeddings(e) for e in embeds]
         radius = torch.cat([certified_radius(z, bound).flatten() for z in clean_logits]) if certified else None

@@ -135,7 +135,6 @@ def choose_rule(choice: str, device: Union[torch.device, str], dtype: torch.dtyp
         if rule.choice != choice:
             continue
         if rule.native_bf16 is not None and native is None:
-
             native = native_bf16_matmul(dev)
         if rule.matches(dev, dtype, n_threads, (m, n), native):
             return rule

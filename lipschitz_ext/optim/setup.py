@@ -291,36 +291,31 @@ def build_optimizers(model: nn.Module, config: Optional[OptimizerConfig] = None,
     if unknown:
         raise TypeError(f"build_optimizers: unknown setting(s) {unknown}; OptimizerConfig has {sorted(fields)}")
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
-    lr, embed_lr, vector_lr = cfg.lr, cfg.embed_lr, cfg.vector_lr
-    hidden_sigma_max, head_sigma_max, embed_max_rms = cfg.hidden_sigma_max, cfg.head_sigma_max, cfg.embed_max_rms
-    hidden_constraint, head_constraint = cfg.hidden_constraint, cfg.head_constraint
-    embedding_constraint = cfg.embedding_constraint
-    head_lr = cfg.head_lr
-    head_lr = lr * 0.1 if head_lr is None else head_lr
+    head_lr = cfg.lr * 0.1 if cfg.head_lr is None else cfg.head_lr
     roles = classify_parameters(model, vocab_size=cfg.vocab_size, head_names=cfg.head_names,
                                 embedding_names=cfg.embedding_names)
     muon_groups, adam_groups = [], []
     for r in roles:
         tag = {"kind": r.kind, "role": r.name}
         if r.kind == "hidden":
-            s = hidden_sigma_max if r.sigma_max is None else r.sigma_max
-            muon_groups.append({"params": r.params, "lr": lr, "constraint": _make(hidden_constraint, s), **tag})
+            s = cfg.hidden_sigma_max if r.sigma_max is None else r.sigma_max
+            muon_groups.append({"params": r.params, "lr": cfg.lr, "constraint": _make(cfg.hidden_constraint, s), **tag})
         elif r.kind == "head":
-            s = head_sigma_max if r.sigma_max is None else r.sigma_max
-            muon_groups.append({"params": r.params, "lr": head_lr, "constraint": _make(head_constraint, s), **tag})
+            s = cfg.head_sigma_max if r.sigma_max is None else r.sigma_max
+            muon_groups.append({"params": r.params, "lr": head_lr, "constraint": _make(cfg.head_constraint, s), **tag})
         elif r.kind == "embedding":
-            s = embed_max_rms if r.sigma_max is None else r.sigma_max
-            adam_groups.append({"params": r.params, "lr": embed_lr,
-                                "constraint": _make(embedding_constraint, s, "max_rms"), **tag})
+            s = cfg.embed_max_rms if r.sigma_max is None else r.sigma_max
+            adam_groups.append({"params": r.params, "lr": cfg.embed_lr,
+                                "constraint": _make(cfg.embedding_constraint, s, "max_rms"), **tag})
         else:
-            adam_groups.append({"params": r.params, "lr": vector_lr, "constraint": None, **tag})
+            adam_groups.append({"params": r.params, "lr": cfg.vector_lr, "constraint": None, **tag})
     opts: dict[str, torch.optim.Optimizer] = {}
     if muon_groups:
-        opts["muon"] = Muon(muon_groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
-                            coefficients=cfg.coefficients, weight_decay=cfg.weight_decay,
+        opts["muon"] = Muon(muon_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                            ns_steps=cfg.ns_steps, coefficients=cfg.coefficients, weight_decay=cfg.weight_decay,
                             update_scale=cfg.update_scale, distributed=cfg.distributed, ns_dtype=cfg.ns_dtype)
     if adam_groups:
-        opts["adam"] = ConstrainedAdam(adam_groups, lr=embed_lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        opts["adam"] = ConstrainedAdam(adam_groups, lr=cfg.embed_lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
     if not opts:
         raise ValueError("build_optimizers: the model has no trainable parameters")
     return OptimizerSet(opts)
