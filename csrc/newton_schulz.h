@@ -44,15 +44,16 @@ inline at::Tensor newton_schulz_steps(at::Tensor X, const NSPlan& plan) {
 // so X_i = Q X_0 with Q = P_1 ... P_i and R_i = P R P: all GEMMs but the restarts
 // and the final Q X are k x k. A restart (X <- Q X, R <- X X^T, Q <- I) bounds the
 // rounding that R accumulates; where they go (docs/kernels.md, "Gram Newton-Schulz"):
-// never in the first two steps, which stretch the spectrum the most; in float32 and
-// float64 before steps 2, 5, 8, ... (at most three steps per Gram matrix after the
-// first two), in bf16 / fp16 before every step from 2 up to steps - 2 (the last two
-// steps share one). Restarts counted: 4 k^2 l + 14 k^3 multiply-adds for five float32
-// steps (l = max(m, n)) against 10 k^2 l + 5 k^3 for the standard iteration.
+// in float32 and float64 before steps 2, 5, 8, ... (the first Gram matrix serves the
+// two steps that stretch the spectrum the most, then at most three steps per Gram
+// matrix); in bf16 / fp16 before every step from 1 up to steps - 2 (the last two steps
+// share one): a bf16 Gram matrix misplaces eigenvalues below ~4e-3 of its largest, and
+// carried through P R P into a second step that error grows past the polynomials' range.
+// Restarts counted: 4 k^2 l + 14 k^3 multiply-adds for five float32 steps
+// (l = max(m, n)) against 10 k^2 l + 5 k^3 for the standard iteration.
 inline bool gram_ns_restart_before(int64_t step, int64_t steps, at::ScalarType compute) {
-  if (step < 2) return false;
-  if (compute == at::kBFloat16 || compute == at::kHalf) return step <= steps - 2;
-  return (step - 2) % 3 == 0;
+  if (compute == at::kBFloat16 || compute == at::kHalf) return step >= 1 && step <= steps - 2;
+  return step >= 2 && (step - 2) % 3 == 0;
 }
 
 // R0: X0's small-side Gram matrix when the caller already has it (it is not formed again),

@@ -97,7 +97,10 @@ def test_ratios_derive_rules_from_timings():
     rules = suite.derive_rules(measured)
     assert 'Rule("hard_cap_method", "eigh", device="cpu", dtype="float32", threads=(1, 2), source=SRC)' in rules
     assert 'Rule("ns_dtype", "float32", device="cpu", dtype="float32", threads=(1, 2), source=SRC)' in rules
-    assert not any('"ns_algorithm"' in r and 'dtype="bfloat16"' in r for r in rules)  # bf16 Gram: never
+    # bf16 Newton-Schulz: Gram where it wins by more than 10% (aspect 8, 1 thread), else standard
+    assert ('Rule("ns_algorithm", "gram", device="cpu", dtype="bfloat16", threads=(1, 1), min_aspect=8, '
+            'source=SRC)') in rules
+    assert 'Rule("ns_algorithm", "standard", device="cpu", dtype="bfloat16", threads=(2, 2), source=SRC)' in rules
     # 1 thread: Gram from aspect 8 up (the 10x256 bucket is too small to count); 2 threads: standard
     assert ('Rule("orthogonal_project_method", "gram", device="cpu", dtype="float32", threads=(1, 1), '
             'min_aspect=8, source=SRC)') in rules

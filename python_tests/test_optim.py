@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -487,21 +488,28 @@ def test_step_uses_the_ns_dtype(monkeypatch, ns_dtype):
     assert seen and set(seen) == {getattr(torch, ns_dtype)}
 
 
-def _tiny_regression(ns_dtype: str, steps: int) -> list[float]:
-    """A 2-layer linear net fit by Muon (float32 weights): the loss after every step."""
-    g = torch.Generator().manual_seed(0)
+def _tiny_regression(ns_dtype: str, steps: int, seed: int = 0, algorithm: str = "auto") -> list[float]:
+    """A 2-layer linear net fit by Muon (float32 weights): the loss after every step.
+    ``algorithm``: the Newton-Schulz algorithm Muon's steps are forced to (``"auto"``: Muon's own)."""
+    g = torch.Generator().manual_seed(seed)
     X = torch.randn(256, 32, generator=g)
     T = torch.tanh(X @ torch.randn(32, 16, generator=g) / 4) @ torch.randn(16, 8, generator=g)
     W1 = torch.nn.Parameter(torch.randn(64, 32, generator=g) / 8)
     W2 = torch.nn.Parameter(torch.randn(8, 64, generator=g) / 8)
     opt = Muon([W1, W2], lr=0.02, ns_dtype=ns_dtype)
+    real = muon_mod.orthogonalize
+
+    def forced(*args, **kwargs):
+        return real(*args, **{**kwargs, "algorithm": algorithm})
+
     losses = []
-    for _ in range(steps):
-        loss = ((torch.tanh(X @ W1.T) @ W2.T - T) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    with mock.patch.object(muon_mod, "orthogonalize", real if algorithm == "auto" else forced):
+        for _ in range(steps):
+            loss = ((torch.tanh(X @ W1.T) @ W2.T - T) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
     return losses
 
 
@@ -509,6 +517,17 @@ def test_bf16_newton_schulz_loss_curve_matches_float32():
     a, b = _tiny_regression("bfloat16", 150), _tiny_regression("float32", 150)
     assert a[-1] < 0.5 * a[0] and b[-1] < 0.5 * b[0]  # both train
     for i in (49, 99, 149):  # the curves agree within a few percent along the way
+        assert a[i] == pytest.approx(b[i], rel=0.05), (i, a[i], b[i])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bf16_gram_newton_schulz_trains_like_float32(seed):
+    """bf16 Gram Newton-Schulz restarts before every step from 1 on (docs/kernels.md): with the
+    first Gram matrix carried into a second step, seeds 0, 1 and 2 failed this test."""
+    a = _tiny_regression("bfloat16", 150, seed, algorithm="gram")
+    b = _tiny_regression("float32", 150, seed, algorithm="standard")
+    assert max(a[10:]) < a[0]  # no spike above the start
+    for i in (49, 99, 149):
         assert a[i] == pytest.approx(b[i], rel=0.05), (i, a[i], b[i])
 
 

@@ -80,14 +80,15 @@ def test_close_to_standard_iteration():
 
 
 def test_restart_rule():
-    """docs/kernels.md's rule: none in the first two steps; float32/float64 before 2, 5, 8, ...;
-    bf16/fp16 before every step from 2 to steps - 2."""
+    """docs/kernels.md's rule: float32/float64 before 2, 5, 8, ...; bf16/fp16 before every step
+    from 1 to steps - 2."""
     r = torch.ops.lipschitz_internal.gram_ns_restarts
     for dt in (torch.float32, torch.float64):
         assert r(1, dt) == [] and r(2, dt) == [] and r(3, dt) == [2] and r(5, dt) == [2]
         assert r(10, dt) == [2, 5, 8]
     for dt in (torch.bfloat16, torch.float16):
-        assert r(3, dt) == [] and r(4, dt) == [2] and r(5, dt) == [2, 3] and r(8, dt) == [2, 3, 4, 5, 6]
+        assert r(2, dt) == [] and r(3, dt) == [1] and r(4, dt) == [1, 2] and r(5, dt) == [1, 2, 3]
+        assert r(8, dt) == [1, 2, 3, 4, 5, 6]
 
 
 def test_batched_non_contiguous_and_tall_wide():

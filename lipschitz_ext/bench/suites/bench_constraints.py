@@ -454,9 +454,8 @@ def derive_table(measured: dict, source: str = "SRC") -> list:
                      prefer="msign")
         dtype = _pick([(s, {d: min(ms[f"ns_{d}_standard"], ms[f"ns_{d}_gram"]) for d in ("float32", "bfloat16")})
                        for s, ms in data], ["float32", "bfloat16"])
-        # bf16 Gram is timed but never a candidate (docs/kernels.md: a Muon regression diverges with it)
-        algo = {"float32": _pick([(s, {a: ms[f"ns_float32_{a}"] for a in ("standard", "gram")}) for s, ms in data],
-                                 ["standard", "gram"], prefer="standard")}
+        algo = {d: _pick([(s, {a: ms[f"ns_{d}_{a}"] for a in ("standard", "gram")}) for s, ms in data],
+                         ["standard", "gram"], prefer="standard") for d in ("float32", "bfloat16")}
         per_thread.setdefault("hard_cap_method", {})[int(t)] = cap
         per_thread.setdefault("orthogonal_project_method", {})[int(t)] = proj
         per_thread.setdefault("ns_dtype", {})[int(t)] = dtype
@@ -510,14 +509,17 @@ def auto_table_markdown(measured: dict, source: str) -> str:
                 if min(s) >= 16 and s not in shapes:
                     shapes.append(s)
     lines = []
-    for choice in ("hard_cap_method", "orthogonal_project_method", "ns_dtype", "ns_algorithm"):
+    # ns_algorithm's dtype is the Newton-Schulz compute dtype: both are measured
+    keys = [(c, torch.float32) for c in ("hard_cap_method", "orthogonal_project_method", "ns_dtype", "ns_algorithm")]
+    for choice, dtype in keys + [("ns_algorithm", torch.bfloat16)]:
         for t in sorted(int(t) for t in measured["threads"]):
             picks: dict[tuple[str, str], list[str]] = {}
             for m, n in shapes:
-                r = choose_rule(choice, "cpu", torch.float32, (m, n), threads=t, table=rules)
+                r = choose_rule(choice, "cpu", dtype, (m, n), threads=t, table=rules)
                 picks.setdefault((r.value, r.source), []).append(f"{m}x{n}")
+            name = str(dtype).removeprefix("torch.")
             for (v, src), where in picks.items():
-                lines.append(f"| {choice} | cpu | float32 | {t} | {', '.join(where)} | {v} | {src} |")
+                lines.append(f"| {choice} | cpu | {name} | {t} | {', '.join(where)} | {v} | {src} |")
     return "\n".join(lines)
 
 
