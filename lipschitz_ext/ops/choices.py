@@ -54,6 +54,12 @@ def native_bf16_matmul(device: Union[torch.device, str]) -> bool:
     return False
 
 
+@torch.compiler.assume_constant_result
+def _intra_op_threads() -> int:
+    # a compiled graph is specialized to the rule's pick at trace time, like any other shape choice
+    return torch.get_num_threads()
+
+
 @dataclass(frozen=True)
 class Rule:
     """One row: ``value`` for ``choice`` where every condition holds.
@@ -128,7 +134,7 @@ def choose_rule(choice: str, device: Union[torch.device, str], dtype: torch.dtyp
     if choice not in CHOICES:
         raise ValueError(f"choose: argument 'choice' must be one of {tuple(CHOICES)}, got {choice!r}")
     dev = torch.device(device)
-    n_threads = torch.get_num_threads() if threads is None else int(threads)
+    n_threads = _intra_op_threads() if threads is None else int(threads)
     m, n = (int(s) for s in shape[-2:])
     native = None
     for rule in TABLE if table is None else table:

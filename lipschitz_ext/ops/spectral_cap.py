@@ -31,7 +31,7 @@ __all__ = [
     "POLYNOMIAL_PRESCALE",
 ]
 
-#: Methods understood by :func:`spectral_hard_cap`.
+#: Methods understood by :func:`spectral_hard_cap` (besides ``"auto"``).
 HARD_CAP_METHODS = ("msign", "polynomial", "eigh")
 #: ``method="polynomial"`` scales matrices whose estimated ``sigma_1 / sigma_max``
 #: exceeds this down to it first (the quintic is only valid up to ~3.5).
@@ -153,7 +153,7 @@ def soft_cap_alpha(sigma_max: float, mu: float, wd: float = 0.0) -> float:
 def spectral_hard_cap(
     W: torch.Tensor,
     sigma_max: float = 1.0,
-    method: str = "msign",
+    method: str = "auto",
     steps: int = 10,
     iters: int = 16,
 ) -> torch.Tensor:
@@ -162,7 +162,10 @@ def spectral_hard_cap(
     Args:
         W: ``[..., m, n]`` floating tensor.
         sigma_max: the cap (>= 0).
-        method: ``"msign"`` (default): the exact two-msign formula
+        method: ``"auto"`` (default): the measured rule for W's device, dtype, shape and
+            thread count (:func:`lipschitz_ext.ops.choices.choose`, ``"hard_cap_method"``;
+            the table is in docs/benchmarks.md: ``"eigh"`` on CPU, ``"msign"`` on CUDA).
+            ``"msign"``: the exact two-msign formula
             ``1/2 [b Q + W - (b Q - W) msign(b Q - W)^T Q]``, ``Q = msign(W)``,
             each msign by ``steps`` Polar Express Newton-Schulz steps. Accuracy
             (float32 CPU, singular values in ``[0, 10 b]``): ``|s_out - min(s, b)|
@@ -203,6 +206,8 @@ def spectral_hard_cap(
         down to the cap; the polynomial's pre-scale uses that bound too. Eagerly on CPU
         the only host reads are those tests' flags (one per certificate).
     """
+    if method == "auto" and isinstance(W, torch.Tensor) and W.dim() >= 2:
+        method = choose("hard_cap_method", W.device, W.dtype, tuple(W.shape[-2:]))
     if isinstance(W, torch.Tensor) and W.dim() >= 2 and W.dtype.is_floating_point and W.numel() > 0 \
             and method == "polynomial" and math.isfinite(float(sigma_max)) and float(sigma_max) > 0:
         # the op's own pre-scale uses power iteration (a lower bound): a certified bound first,
