@@ -57,9 +57,11 @@ inline bool gram_ns_restart_before(int64_t step, int64_t steps, at::ScalarType c
 }
 
 // R0: X0's small-side Gram matrix when the caller already has it (it is not formed again),
-// or undefined.
+// or undefined. restart = false: no restarts at all, for polynomials that never multiply
+// small singular values by much (the hard cap's quintic: a <= 1.81 per step), whose R
+// carries no more rounding than the standard iteration's (docs/kernels.md).
 inline at::Tensor gram_newton_schulz_steps_from(const at::Tensor& X0, const NSPlan& plan,
-                                                const at::Tensor& R0) {
+                                                const at::Tensor& R0, bool restart = true) {
   const bool tall = X0.size(-2) > X0.size(-1);
   const auto compute = X0.scalar_type();
   const auto steps = static_cast<int64_t>(plan.coeffs.size());
@@ -67,7 +69,7 @@ inline at::Tensor gram_newton_schulz_steps_from(const at::Tensor& X0, const NSPl
   at::Tensor R = R0.defined() ? R0 : at::bmm(X, X.mT());
   at::Tensor Q;  // undefined: the identity
   for (int64_t i = 0; i < steps; ++i) {
-    if (gram_ns_restart_before(i, steps, compute)) {
+    if (restart && gram_ns_restart_before(i, steps, compute)) {
       X = at::bmm(Q, X);
       R = at::bmm(X, X.mT());
       Q = at::Tensor();
@@ -76,7 +78,8 @@ inline at::Tensor gram_newton_schulz_steps_from(const at::Tensor& X0, const NSPl
     at::Tensor P = at::baddbmm(R, R, R, /*beta=*/abc[1], /*alpha=*/abc[2]);
     P.diagonal(0, -2, -1).add_(abc[0]);
     Q = Q.defined() ? at::bmm(Q, P) : P;
-    if (i + 1 < steps && !gram_ns_restart_before(i + 1, steps, compute)) R = at::bmm(P, at::bmm(R, P));
+    if (i + 1 < steps && !(restart && gram_ns_restart_before(i + 1, steps, compute)))
+      R = at::bmm(P, at::bmm(R, P));
   }
   X = at::bmm(Q, X);
   return tall ? X.mT() : X;

@@ -191,7 +191,8 @@ inline at::Tensor hard_cap_polynomial(const at::Tensor& X, const at::Tensor& b /
         at::linalg_vector_norm(at::bmm(G, v), 2, at::IntArrayRef{-2, -1}, /*keepdim=*/true).sqrt() / b;
     const at::Tensor f =
         at::minimum(at::ones_like(sigma), kPolynomialPrescale / sigma.clamp_min(1e-30)) / b;
-    const at::Tensor out = gram_newton_schulz_steps_from(Xg * f, hard_cap_polynomial_plan(), G * (f * f));
+    const at::Tensor out =
+        gram_newton_schulz_steps_from(Xg * f, hard_cap_polynomial_plan(), G * (f * f), /*restart=*/false);
     return out.to(X.scalar_type()) * b;
   }
   at::Tensor Y = X / b;
@@ -213,13 +214,28 @@ inline at::Tensor hard_cap_polynomial(const at::Tensor& X, const at::Tensor& b /
 // X: scaled by max_abs_scale (entries < 2), zero where not finite; G: its small-side Gram
 // matrix (the caller forms it: its trace decides the precision); `finite` [B, 1, 1]: whether
 // each matrix was finite (nullopt: all were, no pass over X is spent on selecting them).
+// On CPU only the r eigenvectors with g > 0 (l > b^2) enter when r <= k / 2 (the largest r
+// over the batch, read on the host: no device to wait for): the update X - (X V_r) (g V_r)^T
+// costs 2 k l r multiply-adds where forming M = V g V^T and X M costs k^3 + k^2 l.
 inline at::Tensor hard_cap_eigh(const at::Tensor& X, const at::Tensor& G, const at::Tensor& b /*[B, 1, 1]*/,
                                 const std::optional<at::Tensor>& finite) {
-  auto [lam, V] = at::linalg_eigh(G);
+  auto [lam, V] = at::linalg_eigh(G);  // ascending
   // l <= 0 (rounding of a zero direction): rsqrt = inf, g = max(0, -inf) = 0
   const at::Tensor g = (1.0 - b.view({-1, 1}) * at::rsqrt(lam.clamp_min(0))).clamp_min(0);
-  const at::Tensor M = at::bmm(V * g.unsqueeze(-2), V.mT());
-  const at::Tensor out = small_side_update(X, M, -1.0);
+  const int64_t k = G.size(-1);
+  int64_t r = k;
+  if (X.is_cpu() && k >= 2) r = (g > 0).sum(-1).max().item<int64_t>();
+  at::Tensor out;
+  if (r == 0) {
+    out = X.clone();
+  } else if (2 * r <= k) {
+    const at::Tensor Vr = V.narrow(-1, k - r, r), gr = g.narrow(-1, k - r, r).unsqueeze(-2);
+    const bool tall = X.size(1) > X.size(2);
+    out = tall ? at::baddbmm(X, at::bmm(X, Vr), (Vr * gr).mT(), /*beta=*/1.0, /*alpha=*/-1.0)
+               : at::baddbmm(X, Vr * gr, at::bmm(Vr.mT(), X), /*beta=*/1.0, /*alpha=*/-1.0);
+  } else {
+    out = small_side_update(X, at::bmm(V * g.unsqueeze(-2), V.mT()), -1.0);
+  }
   if (!finite.has_value()) return out;
   return at::where(*finite, out, at::full({}, std::numeric_limits<double>::quiet_NaN(), X.options()));
 }

@@ -143,7 +143,7 @@ MSIGN_TOL = 5e-3
 def test_msign_hard_cap_matches_clip(shape, kind):
     cap = 0.7
     W = controlled(shape, kind, cap=cap)
-    out = ops.spectral_hard_cap(W.float(), cap)
+    out = ops.spectral_hard_cap(W.float(), cap, method="msign")
     assert out.shape == W.shape and out.dtype == torch.float32
     ref = svd_apply_f64(W, lambda S: S.clamp(max=cap))
     err = torch.linalg.matrix_norm(out.double() - ref, 2).max().item()
@@ -192,10 +192,30 @@ def test_eigh_hard_cap_at_the_cap_and_non_contiguous():
     assert torch.linalg.svdvals(out.double()).max() <= 1.0 + 1e-6
 
 
+@pytest.mark.parametrize("m, n", [(96, 64), (64, 96), (64, 64)])
+def test_eigh_hard_cap_any_number_above_the_cap(m, n):
+    """On CPU the eigh cap updates with only the r eigenvectors above the cap when r <= k / 2
+    (the largest r of the batch), else with all: exact either way, and the identity for r = 0."""
+    torch.manual_seed(2)
+    k = min(m, n)
+    for above in ([0, 0], [1, 0], [k // 2, 3], [k // 2 + 1, 0], [k, k // 2]):
+        s = torch.rand(2, k, dtype=torch.float64) * 0.9
+        for i, r in enumerate(above):
+            s[i, :r] = 1.0 + torch.rand(r, dtype=torch.float64)
+        W = with_spectrum(s, m, n)
+        ref = svd_apply_f64(W, lambda S: S.clamp(max=1.0))
+        out = ops.spectral_hard_cap(W.float(), 1.0, method="eigh")
+        assert torch.linalg.matrix_norm(out.double() - ref, 2).max() <= EIGH_TOL * 2.0, above
+        if above == [0, 0]:
+            assert torch.equal(out, W.float())
+        out64 = ops.spectral_hard_cap(W, 1.0, method="eigh")
+        assert torch.linalg.matrix_norm(out64 - ref, 2).max() <= 1e-12 * 2.0, above
+
+
 @pytest.mark.parametrize("shape", [(2, 40, 64), (2, 32, 96)])
 def test_msign_hard_cap_float64_is_tight(shape):
     W = controlled(shape, "spread", cap=1.0)
-    out = ops.spectral_hard_cap(W, 1.0, steps=12)
+    out = ops.spectral_hard_cap(W, 1.0, method="msign", steps=12)
     ref = svd_apply_f64(W, lambda S: S.clamp(max=1.0))
     assert torch.linalg.matrix_norm(out - ref, 2).max() < 1e-3
 
@@ -310,13 +330,13 @@ def test_ops_accept_low_precision_and_keep_dtype():
     W = controlled((2, 24, 40), "spread", cap=0.5)
     for dt in (torch.bfloat16, torch.float16, torch.float64):
         for out in (
-            ops.spectral_hard_cap(W.to(dt), 0.5),
+            ops.spectral_hard_cap(W.to(dt), 0.5, method="msign"),
             ops.spectral_hard_cap(W.to(dt), 0.5, method="polynomial"),
             ops.spectral_hard_cap(W.to(dt), 0.5, method="eigh"),
             ops.orthogonal_project(W.to(dt), 0.5),
         ):
             assert out.dtype == dt and out.shape == W.shape
-    out = ops.spectral_hard_cap(W.bfloat16(), 0.5)
+    out = ops.spectral_hard_cap(W.bfloat16(), 0.5, method="msign")
     ref = svd_apply_f64(W.bfloat16(), lambda S: S.clamp(max=0.5))
     assert torch.linalg.matrix_norm(out.double() - ref, 2).max() < 0.02
 
@@ -325,7 +345,7 @@ def test_batched_equals_per_matrix():
     W = controlled((2, 3, 20, 28), "spread", cap=0.3).float()
     outs = {
         "soft": ops.spectral_soft_cap(W, 0.01),
-        "hard": ops.spectral_hard_cap(W, 0.3),
+        "hard": ops.spectral_hard_cap(W, 0.3, method="msign"),
         "poly": ops.spectral_hard_cap(W, 0.3, method="polynomial"),
         "eigh": ops.spectral_hard_cap(W, 0.3, method="eigh"),
         "orth": ops.orthogonal_project(W, 0.3),
@@ -336,7 +356,7 @@ def test_batched_equals_per_matrix():
             Wi = W[i, j]
             single = {
                 "soft": ops.spectral_soft_cap(Wi, 0.01),
-                "hard": ops.spectral_hard_cap(Wi, 0.3),
+                "hard": ops.spectral_hard_cap(Wi, 0.3, method="msign"),
                 "poly": ops.spectral_hard_cap(Wi, 0.3, method="polynomial"),
                 "eigh": ops.spectral_hard_cap(Wi, 0.3, method="eigh"),
                 "orth": ops.orthogonal_project(Wi, 0.3),
@@ -352,7 +372,7 @@ def test_non_finite_weights_never_become_finite():
         W[1, 2, 3] = bad
         for out in (
             ops.spectral_soft_cap(W, 0.1),
-            ops.spectral_hard_cap(W, 1.0),
+            ops.spectral_hard_cap(W, 1.0, method="msign"),
             ops.spectral_hard_cap(W, 1.0, method="polynomial"),
             ops.spectral_hard_cap(W, 1.0, method="eigh"),
             ops.orthogonal_project(W, 1.0),
@@ -428,7 +448,7 @@ def test_cuda_matches_cpu(shape, dtype):
     for name, f in (
         ("soft", lambda X: ops.spectral_soft_cap(X, a)),
         ("soft_pm", lambda X: ops.spectral_soft_cap(X, torch.full(X.shape[:-2], a, device=X.device))),
-        ("hard", lambda X: ops.spectral_hard_cap(X, 0.5)),
+        ("hard", lambda X: ops.spectral_hard_cap(X, 0.5, method="msign")),
         ("poly", lambda X: ops.spectral_hard_cap(X, 0.5, method="polynomial")),
         ("eigh", lambda X: ops.spectral_hard_cap(X, 0.5, method="eigh")),
         ("orth", lambda X: ops.orthogonal_project(X, 0.5)),
@@ -448,10 +468,11 @@ def test_cuda_matches_cpu(shape, dtype):
 def test_cuda_float64_and_non_finite():
     W = controlled((3, 20, 30), "spread", cap=0.1)
     torch.testing.assert_close(ops.spectral_soft_cap(W.cuda(), 0.2).cpu(), ops.spectral_soft_cap(W, 0.2), atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(ops.spectral_hard_cap(W.cuda(), 0.5).cpu(), ops.spectral_hard_cap(W, 0.5), atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(ops.spectral_hard_cap(W.cuda(), 0.5, method="msign").cpu(),
+                               ops.spectral_hard_cap(W, 0.5, method="msign"), atol=1e-8, rtol=1e-8)
     Wb = W.float().cuda()
     Wb[1, 0, 0] = float("nan")
-    for out in (ops.spectral_soft_cap(Wb, 0.1), ops.spectral_hard_cap(Wb, 1.0)):
+    for out in (ops.spectral_soft_cap(Wb, 0.1), ops.spectral_hard_cap(Wb, 1.0, method="msign"), ops.spectral_hard_cap(Wb, 1.0)):
         assert not torch.isfinite(out[1]).any() and torch.isfinite(out[0]).all()
     torch.library.opcheck(torch.ops.lipschitz.spectral_soft_cap.default, (W.float().cuda(), 0.1))
 

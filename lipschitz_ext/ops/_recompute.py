@@ -170,12 +170,12 @@ def newton_schulz_steps(X: torch.Tensor, triples: Sequence[tuple[float, float, f
 
 
 def gram_newton_schulz_steps(X0: torch.Tensor, triples: Sequence[tuple[float, float, float]],
-                             R0: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The same steps on the small Gram matrix, with restarts (as ``gram_newton_schulz_steps``
-    in csrc/newton_schulz.h: the same ATen calls in the same order; ``R0``: X0's Gram matrix
-    when the caller has it)."""
+                             R0: Optional[torch.Tensor] = None, restart: bool = True) -> torch.Tensor:
+    """The same steps on the small Gram matrix, with restarts unless ``restart`` is False (as
+    ``gram_newton_schulz_steps_from`` in csrc/newton_schulz.h: the same ATen calls in the same
+    order; ``R0``: X0's Gram matrix when the caller has it)."""
     tall = X0.shape[-2] > X0.shape[-1]
-    restarts = gram_ns_restarts(len(triples), X0.dtype)
+    restarts = gram_ns_restarts(len(triples), X0.dtype) if restart else frozenset()
     X = X0.mT if tall else X0
     R = torch.bmm(X, X.mT) if R0 is None else R0
     Q = None

@@ -399,7 +399,7 @@ def _hard_cap_polynomial(X, b, iters, gemm):
         sigma = torch.linalg.vector_norm(torch.bmm(G, v), dim=(-2, -1), keepdim=True).sqrt() / b
         sigma = sigma.clamp_min(1e-30)
         f = torch.minimum(torch.ones_like(sigma), R.scalar_div(POLYNOMIAL_PRESCALE, _big_branch(sigma))) / b
-        out = R.gram_newton_schulz_steps(Xg * f, R.hard_cap_polynomial_plan()[1], G * (f * f))
+        out = R.gram_newton_schulz_steps(Xg * f, R.hard_cap_polynomial_plan()[1], G * (f * f), restart=False)
         return out.to(X.dtype) * b
     Y = X / b
     sigma, _, _ = R.power_iteration_batched(Y.to(R.float_or_double(Y.dtype)), iters, None)
