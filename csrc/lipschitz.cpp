@@ -61,6 +61,12 @@ TORCH_LIBRARY(lipschitz, m) {
   m.def(
       "_spectral_hard_cap(Tensor W, float sigma_max=1.0, str method=\"msign\", int steps=10, "
       "int iters=16) -> Tensor");
+  // The eigh cap with its own certificate (float32 on CPU; csrc/spectral_cap.h): returns
+  // (out, certified [...]), certified = out's every singular value proven < sigma_max (1 + slack).
+  // Private: the wrapper guards the matrices it leaves uncertified.
+  m.def(
+      "_spectral_hard_cap_eigh_certified(Tensor W, float sigma_max=1.0, float slack=0.001) "
+      "-> (Tensor out, Tensor certified)");
   m.def("orthogonal_project(Tensor W, float sigma_max=1.0, int steps=10) -> Tensor");
   m.def("svd_cap(Tensor W, float sigma_max=1.0) -> Tensor");
 

@@ -291,6 +291,115 @@ inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double s
   return (out.to(W3.scalar_type()) * s).reshape(W.sizes()).to(W.scalar_type()).contiguous();
 }
 
+// ---------------------------------------------------------------------------
+// The eigh cap with its own certificate (float32 on CPU; docs/kernels.md, "The hard cap's
+// certified output": the proof). The guard of the Python wrapper certifies an output by the Cholesky test
+// on its float64 Gram matrix. Here the float64 Gram matrix G of X (= W / s, exact) is
+// formed once, serves the eigendecomposition (rounded to float32) and the certificate:
+// with N the small-side matrix the update applied in exact arithmetic (out = N X + E, E the
+// update's float32 rounding), ||out|| <= ||N X|| + ||E|| and ||N X||^2 = lambda_max(N G N^T),
+// where G's own rounding is bounded by gamma_l tr(G) (float32 products are exact in
+// float64). So ||out|| < t when t_N = t - ||E||_bound > 0 and t_N^2 I - N G N^T - e I has a
+// Cholesky factor, e covering G's and N G N^T's float64 rounding. No trust in the eigensolver:
+// N is whatever float32 matrix the update used. Returns (out [..., m, n], certified [...]);
+// certified is all false (the wrapper's guard decides) for float64 weights, off the CPU, below
+// aspect 3 or above k = 384 (where it does not pay, see below), for a non-finite matrix in the
+// batch or one far above the cap (Frobenius norm > 100 sigma_max, where the cap runs in float64).
+
+// gamma_n = n u / (1 - n u): the relative rounding bound of an n-term float sum or dot product
+inline double rounding_gamma(double n, double u) { return n * u / (1.0 - n * u); }
+
+inline std::tuple<at::Tensor, at::Tensor> hard_cap_eigh_certified_impl(const Backend& be, const at::Tensor& W,
+                                                                        double sigma_max, double slack) {
+  const char* op = "_spectral_hard_cap_eigh_certified";
+  check_matrix_batch(W, op, "W");
+  check_nonnegative(sigma_max, op, "sigma_max");
+  check_nonnegative(slack, op, "slack");
+  const auto batch_shape = W.sizes().slice(0, W.dim() - 2);
+  const auto none = [&] { return at::zeros(batch_shape, W.options().dtype(at::kBool)); };
+  if (W.numel() == 0) return {at::empty(W.sizes(), W.options()), none()};
+  const int64_t m = W.size(-2), n = W.size(-1);
+  const int64_t k = std::min(m, n), l = std::max(m, n);
+  // Below aspect 3 the float64 Gram matrix of X (in place of the float32 one) and N G N^T
+  // cost more than the guard's float64 Gram matrix of the output that they save; beyond
+  // k = 384 the update's float32 rounding bound (k u per dot product) outgrows a 1e-3 slack
+  // and the certificate would fail anyway.
+  if (sigma_max == 0.0 || W.scalar_type() != at::kFloat || !W.is_cpu() || l < 3 * k || k > 384)
+    return {hard_cap_impl(be, W, sigma_max, "eigh", 10, 16), none()};
+
+  const at::Tensor W3 = as_batch3d(W);
+  const bool tall = m > n;
+  const at::Tensor s = max_abs_scale(W3);  // [B, 1, 1], a power of two (exact division)
+  const at::Tensor finite = at::isfinite(s);
+  const at::Tensor X = tall ? (W3 / s).mT() : W3 / s;  // [B, k, l], the wide orientation
+  const at::Tensor X64 = X.to(at::kDouble);
+  const at::Tensor G = at::bmm(X64, X64.mT());  // every float32 product exact in float64
+  const at::Tensor trG = G.diagonal(0, -2, -1).sum(-1);  // ||X||_F^2 [B]
+  const at::Tensor s64 = s.view({-1}).to(at::kDouble);
+  const double limit = 100.0 * sigma_max;
+  const at::Tensor flags = at::stack({finite.all(), (trG * s64.square() > limit * limit).any()}).cpu();
+  if (!flags[0].item<bool>() || flags[1].item<bool>())
+    return {hard_cap_eigh_batch(W3, sigma_max).reshape(W.sizes()).to(W.scalar_type()).contiguous(), none()};
+
+  const at::Tensor b = (sigma_max / s).to(at::kFloat);  // [B, 1, 1]
+  auto [lam, V] = at::linalg_eigh(G.to(at::kFloat));  // ascending
+  const at::Tensor g = (1.0 - b.view({-1, 1}) * at::rsqrt(lam.clamp_min(0))).clamp_min(0);
+  const int64_t r = k >= 2 ? (g > 0).sum(-1).max().item<int64_t>() : k;
+  const double u32 = std::ldexp(1.0, -24), u64 = std::ldexp(1.0, -53), tiny = std::ldexp(1.0, -149);
+  const at::Tensor fX = trG.sqrt();  // ||X||_F
+  at::Tensor out, C, normN, errE;
+  if (r == 0) {  // nothing above the cap: the identity
+    out = X.clone();
+    C = G;
+    normN = at::ones_like(fX);
+    errE = at::zeros_like(fX);
+  } else if (2 * r <= k) {
+    // out = X - A (Vr^T X), A = Vr diag(g_r): N = I - A Vr^T, and C = N G N^T = G - A H^T -
+    // (H - A S) A^T with H = G Vr, S = Vr^T H
+    const at::Tensor Vr = V.narrow(-1, k - r, r);
+    const at::Tensor A = Vr * g.narrow(-1, k - r, r).unsqueeze(-2);
+    const at::Tensor P = at::bmm(Vr.mT(), X);  // [B, r, l]
+    out = at::baddbmm(X, A, P, /*beta=*/1.0, /*alpha=*/-1.0);
+    const at::Tensor A64 = A.to(at::kDouble), V64 = Vr.to(at::kDouble);
+    const at::Tensor H = at::bmm(G, V64);
+    const at::Tensor S = at::bmm(V64.mT(), H);
+    C = at::baddbmm(G, A64, H.mT(), 1.0, -1.0);
+    C = at::baddbmm(C, at::baddbmm(H, A64, S, 1.0, -1.0), A64.mT(), 1.0, -1.0);
+    const at::Tensor fA = at::linalg_vector_norm(A64, 2, at::IntArrayRef{-2, -1}).view({-1});
+    const at::Tensor fV = at::linalg_vector_norm(V64, 2, at::IntArrayRef{-2, -1}).view({-1});
+    const at::Tensor fP = at::linalg_vector_norm(P, 2, at::IntArrayRef{-2, -1}, false, at::kDouble).view({-1});
+    normN = 1.0 + fA * fV;
+    // P = fl(Vr^T X): |P - Vr^T X| <= gamma_k |Vr|^T |X|; out = fl(X - A P):
+    // |out - (X - A P)| <= gamma_{r+1} (|X| + |A| |P|); underflow: <= (terms) 2^-149 per entry
+    const double uf = tiny * static_cast<double>(k + r + 1) * std::sqrt(static_cast<double>(k * l));
+    errE = fA * (rounding_gamma(k, u32) * fV * fX) + rounding_gamma(r + 1, u32) * (fX + fA * fP) + uf;
+  } else {
+    const at::Tensor M = at::bmm(V * g.unsqueeze(-2), V.mT());  // [B, k, k]
+    out = at::baddbmm(X, M, X, /*beta=*/1.0, /*alpha=*/-1.0);
+    at::Tensor N = -M.to(at::kDouble);
+    N.diagonal(0, -2, -1).add_(1.0);
+    C = at::bmm(at::bmm(N, G), N.mT());
+    const at::Tensor fM = at::linalg_vector_norm(M.to(at::kDouble), 2, at::IntArrayRef{-2, -1}).view({-1});
+    normN = 1.0 + fM;
+    const double uf = tiny * static_cast<double>(k + 1) * std::sqrt(static_cast<double>(k * l));
+    errE = rounding_gamma(k + 1, u32) * (fX + fM * fX) + uf;
+  }
+  // float64 rounding: G (l-term sums of exact products) and C (a few products of k- and
+  // r-term sums), both bounded generously through Frobenius norms
+  const at::Tensor fG = at::linalg_vector_norm(G, 2, at::IntArrayRef{-2, -1}).view({-1});
+  const at::Tensor eG = rounding_gamma(l, u64) * trG;
+  const at::Tensor eC = 4.0 * rounding_gamma(2 * k + 2 * r + 4, u64) * (fG + eG) * normN.square();
+  const at::Tensor t = (sigma_max * (1.0 + slack)) / s64;  // the target on X's scale
+  // out * s is exact unless it lands among the subnormals: <= 2^-150 per entry there
+  const at::Tensor tN = t - errE - std::sqrt(static_cast<double>(k * l)) * std::ldexp(1.0, -150) / s64;
+  const at::Tensor margin = tN.square() - eC - normN.square() * eG;
+  at::Tensor T = -C;
+  T.diagonal(0, -2, -1).add_(margin.unsqueeze(-1));
+  const at::Tensor certified = (std::get<1>(at::linalg_cholesky_ex(T)) == 0) & (tN > 0) & (margin > 0);
+  const at::Tensor outW = (tall ? out.mT() : out) * s;
+  return {outW.reshape(W.sizes()).contiguous(), certified.reshape(batch_shape)};
+}
+
 inline at::Tensor orthogonal_project_impl(const Backend& be, const at::Tensor& W, double sigma_max,
                                           int64_t steps) {
   const char* op = "orthogonal_project";

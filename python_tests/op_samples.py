@@ -76,6 +76,12 @@ def _hard_cap(method):
     return samples
 
 
+def _eigh_certified(dt):
+    return [dict(W=_mat(2, 4, 6, dtype=dt), sigma_max=0.5, slack=1e-3),
+            dict(W=_mat(6, 4, dtype=dt), sigma_max=0.4, slack=5e-3),
+            dict(W=_mat(3, 8, 24, dtype=dt), sigma_max=0.5, slack=1e-3)]
+
+
 def _orthogonal_project(dt):
     return [dict(W=_mat(2, 4, 6, dtype=dt), sigma_max=1.0, steps=6),
             dict(W=_mat(6, 4, dtype=dt), sigma_max=0.5, steps=8)]
@@ -99,12 +105,13 @@ CASES: dict[str, tuple[torch._ops.OpOverload, Callable[[torch.dtype], list[Sampl
     "spectral_hard_cap.msign": (L._spectral_hard_cap.default, _hard_cap("msign")),
     "spectral_hard_cap.polynomial": (L._spectral_hard_cap.default, _hard_cap("polynomial")),
     "spectral_hard_cap.eigh": (L._spectral_hard_cap.default, _hard_cap("eigh")),
+    "spectral_hard_cap_eigh_certified": (L._spectral_hard_cap_eigh_certified.default, _eigh_certified),
     "orthogonal_project": (L.orthogonal_project.default, _orthogonal_project),
     "svd_cap": (L.svd_cap.default, _svd_cap),
 }
 
 #: ops whose backward is not itself differentiable (a second derivative raises)
-FIRST_ORDER_ONLY = ("spectral_hard_cap.eigh", "svd_cap")
+FIRST_ORDER_ONLY = ("spectral_hard_cap.eigh", "spectral_hard_cap_eigh_certified", "svd_cap")
 
 
 def _qkv(B, H, N, d, dtype=torch.bfloat16):
@@ -197,7 +204,8 @@ def tensor_positions(args: tuple) -> list[int]:
 
 
 def as_function(case: str, sample: Sample) -> tuple[Callable[..., object], tuple[torch.Tensor, ...]]:
-    """``(f, tensors)``: ``f(*tensors)`` calls the op on ``sample`` with its differentiable tensors replaced."""
+    """``(f, tensors)``: ``f(*tensors)`` calls the op on ``sample`` with its differentiable tensors
+    replaced and returns its floating outputs (a certificate flag has no derivative)."""
     op, args = op_of(case), positional(case, sample)
     pos = tensor_positions(args)
 
@@ -205,6 +213,10 @@ def as_function(case: str, sample: Sample) -> tuple[Callable[..., object], tuple
         full = list(args)
         for i, t in zip(pos, tensors):
             full[i] = t
-        return op(*full)
+        out = op(*full)
+        if isinstance(out, tuple):
+            out = tuple(o for o in out if o.is_floating_point())
+            return out[0] if len(out) == 1 else out
+        return out
 
     return f, tuple(args[i] for i in pos)

@@ -212,6 +212,96 @@ def test_eigh_hard_cap_any_number_above_the_cap(m, n):
         assert torch.linalg.matrix_norm(out64 - ref, 2).max() <= 1e-12 * 2.0, above
 
 
+def _certificate_cases():
+    """(W float32, cap) pairs that try to fool the eigh cap's own certificate: spectra at,
+    just above and far above the cap, rank-deficient, huge and tiny scales, one dominant entry."""
+    torch.manual_seed(5)
+    cases = []
+    for m, n in ((40, 160), (160, 40), (48, 48), (1, 300), (300, 1), (3, 256)):
+        k = min(m, n)
+        for kind in ("spread", "at_cap", "just_above", "rank_deficient", "far"):
+            if kind == "spread":
+                s = torch.rand(3, k, dtype=torch.float64) * 1.2
+            elif kind == "at_cap":
+                s = 1.0 + 1e-7 * torch.randn(3, k, dtype=torch.float64)
+            elif kind == "just_above":
+                s = 1.0 + torch.rand(3, k, dtype=torch.float64) * 1e-4
+            elif kind == "rank_deficient":
+                s = torch.rand(3, k, dtype=torch.float64) * 2
+                s[:, k // 2:] = 0
+            else:
+                s = torch.rand(3, k, dtype=torch.float64) * 60
+            W = with_spectrum(s, m, n)
+            for scale in (1.0, 1e30, 1e-30):
+                cases.append((W * scale, scale))
+        W = torch.randn(2, m, n, dtype=torch.float64) * 1e-3
+        W[:, 0, 0] = 3.0  # one entry dominates the norm and the max-abs scale
+        cases.append((W, 1.0))
+    return cases
+
+
+@pytest.mark.parametrize("slack", [1e-3, 5e-3, 1e-6, 0.0])
+def test_eigh_cap_certificate_is_sound(slack):
+    """Every matrix the float32 eigh cap certifies has every singular value below
+    cap (1 + slack) (float64 SVD of its output); typical inputs are certified at 1e-3."""
+    op = torch.ops.lipschitz._spectral_hard_cap_eigh_certified
+    certified_some = 0
+    for W, cap in _certificate_cases():
+        W32 = W.float()
+        out, cert = op(W32, cap, slack)
+        assert out.shape == W32.shape and out.dtype == torch.float32 and cert.shape == W32.shape[:-2]
+        top = torch.linalg.matrix_norm(out.double(), 2)
+        assert (top[cert] <= cap * (1 + slack) * (1 + 1e-12)).all(), (top[cert] / cap).max()
+        certified_some += int(cert.sum())
+        # the output is the eigh cap's
+        torch.testing.assert_close(out, torch.ops.lipschitz._spectral_hard_cap(W32, cap, "eigh", 10, 16),
+                                   atol=1e-5 * max(cap, float(top.max())), rtol=1e-4)
+    assert certified_some > 0
+
+
+def test_eigh_cap_certificate_at_its_boundary():
+    """A target just below the output's own norm (a slack chosen from a first call) must never be
+    certified: the float32 update's rounding, not only the exact update, has to fit under it."""
+    op = torch.ops.lipschitz._spectral_hard_cap_eigh_certified
+    torch.manual_seed(7)
+    tried = 0
+    for shape in ((64, 256), (256, 64), (2, 32, 320)):
+        for _ in range(12):
+            W = torch.randn(*shape)
+            W = W / torch.linalg.matrix_norm(W, 2)[..., None, None] * 1.3
+            out, _ = op(W, 1.0, 1.0)
+            top = float(torch.linalg.matrix_norm(out.double(), 2).min())
+            for below in (1e-9, 1e-7):
+                if top * (1 - below) <= 1.0:  # rounding left this output at or under the cap itself
+                    continue
+                again, cert = op(W, 1.0, top * (1 - below) - 1.0)
+                assert torch.equal(again, out) and not cert.any(), (shape, top, below)
+                tried += 1
+    assert tried >= 12
+
+
+def test_eigh_cap_certificate_certifies_training_weights():
+    """Weights at 1.2x the cap, the benchmark's and a training step's case, at aspect >= 3 (where
+    the kernel certifies): all certified at the wrapper's slack; the wrapper returns exactly that
+    output (no guard rescaling). Below aspect 3 the kernel leaves the certificate to the guard."""
+    torch.manual_seed(6)
+    for shape in ((4, 128, 512), (256, 784), (784, 256), (2, 64, 640)):
+        W = torch.randn(*shape)
+        W = W / torch.linalg.matrix_norm(W, 2)[..., None, None] * 1.2
+        out, cert = torch.ops.lipschitz._spectral_hard_cap_eigh_certified(W, 1.0, 1e-3)
+        assert cert.all()
+        assert torch.equal(ops.spectral_hard_cap(W, 1.0, method="eigh"), out)
+    # float64 weights, and a non-finite matrix in the batch: no certificate (the wrapper guards)
+    _, cert = torch.ops.lipschitz._spectral_hard_cap_eigh_certified(torch.randn(2, 8, 12, dtype=torch.float64), 1.0)
+    assert not cert.any()
+    W = torch.randn(2, 8, 12)
+    W[1, 0, 0] = float("nan")
+    out, cert = torch.ops.lipschitz._spectral_hard_cap_eigh_certified(W, 1.0)
+    assert not cert.any() and torch.isfinite(out[0]).all() and not torch.isfinite(out[1]).any()
+    _, cert = torch.ops.lipschitz._spectral_hard_cap_eigh_certified(torch.randn(2, 96, 96) * 0.2, 1.0)
+    assert not cert.any()
+
+
 @pytest.mark.parametrize("shape", [(2, 40, 64), (2, 32, 96)])
 def test_msign_hard_cap_float64_is_tight(shape):
     W = controlled(shape, "spread", cap=1.0)

@@ -22,6 +22,11 @@ at::Tensor spectral_hard_cap_cpu(const at::Tensor& W, double sigma_max, c10::str
   return hard_cap_impl(aten_backend(), W, sigma_max, method, steps, iters);
 }
 
+std::tuple<at::Tensor, at::Tensor> spectral_hard_cap_eigh_certified_cpu(const at::Tensor& W, double sigma_max,
+                                                                         double slack) {
+  return hard_cap_eigh_certified_impl(aten_backend(), W, sigma_max, slack);
+}
+
 at::Tensor orthogonal_project_cpu(const at::Tensor& W, double sigma_max, int64_t steps) {
   return orthogonal_project_impl(aten_backend(), W, sigma_max, steps);
 }
@@ -34,6 +39,7 @@ TORCH_LIBRARY_IMPL(lipschitz, CPU, m) {
   m.impl("spectral_soft_cap", &spectral_soft_cap_cpu);
   m.impl("spectral_soft_cap.per_matrix", &spectral_soft_cap_per_matrix_cpu);
   m.impl("_spectral_hard_cap", &spectral_hard_cap_cpu);
+  m.impl("_spectral_hard_cap_eigh_certified", &spectral_hard_cap_eigh_certified_cpu);
   m.impl("orthogonal_project", &orthogonal_project_cpu);
   m.impl("svd_cap", &svd_cap_cpu);
 }

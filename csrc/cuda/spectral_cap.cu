@@ -87,6 +87,13 @@ at::Tensor spectral_hard_cap_cuda(const at::Tensor& W, double sigma_max, c10::st
   return hard_cap_impl(cuda_cap_backend(), W, sigma_max, method, steps, iters);
 }
 
+// No certificate on CUDA (all false): the wrapper's guard certifies the output there.
+std::tuple<at::Tensor, at::Tensor> spectral_hard_cap_eigh_certified_cuda(const at::Tensor& W, double sigma_max,
+                                                                          double slack) {
+  const c10::cuda::CUDAGuard guard(W.device());
+  return hard_cap_eigh_certified_impl(cuda_cap_backend(), W, sigma_max, slack);
+}
+
 at::Tensor orthogonal_project_cuda(const at::Tensor& W, double sigma_max, int64_t steps) {
   const c10::cuda::CUDAGuard guard(W.device());
   return orthogonal_project_impl(cuda_cap_backend(), W, sigma_max, steps);
@@ -103,6 +110,7 @@ TORCH_LIBRARY_IMPL(lipschitz, CUDA, m) {
   m.impl("spectral_soft_cap", &spectral_soft_cap_cuda);
   m.impl("spectral_soft_cap.per_matrix", &spectral_soft_cap_per_matrix_cuda);
   m.impl("_spectral_hard_cap", &spectral_hard_cap_cuda);
+  m.impl("_spectral_hard_cap_eigh_certified", &spectral_hard_cap_eigh_certified_cuda);
   m.impl("orthogonal_project", &orthogonal_project_cuda);
   m.impl("svd_cap", &svd_cap_cuda);
 }

@@ -216,8 +216,26 @@ def spectral_hard_cap(
                 and not _all_certified_at_most(W, POLYNOMIAL_PRESCALE * float(sigma_max)):
             ub = spectral_norm_bound(W, target=POLYNOMIAL_PRESCALE * float(sigma_max))
             W = _scale_matrices(W, POLYNOMIAL_PRESCALE * float(sigma_max) / ub)
+    slack = _HARD_CAP_SLACK.get(method, 0.0)
+    if method == "eigh" and _certifies_itself(W, sigma_max, steps, iters):
+        # the float32 CPU eigh cap proves its own output (docs/kernels.md): the guard's
+        # Gram matrix and factorization only for the matrices it could not prove
+        out, certified = torch.ops.lipschitz._spectral_hard_cap_eigh_certified.default(W, float(sigma_max), slack)
+        return out if bool(certified.all()) else _guard_cap(out, float(sigma_max), slack)
     out = torch.ops.lipschitz._spectral_hard_cap.default(W, float(sigma_max), str(method), int(steps), int(iters))
-    return _guard_cap(out, float(sigma_max), _HARD_CAP_SLACK.get(method, 0.0))
+    return _guard_cap(out, float(sigma_max), slack)
+
+
+def _certifies_itself(W, sigma_max, steps, iters) -> bool:
+    """Whether the eigh cap runs as ``_spectral_hard_cap_eigh_certified``: float32 CPU weights, a
+    finite cap > 0, eagerly (its host read of the flags would break a traced graph), and float32
+    GEMMs that round in float32 (matmul precision "highest"; the bound assumes it). Arguments out
+    of range go to ``_spectral_hard_cap``, whose errors name them."""
+    return (isinstance(steps, int) and 1 <= steps <= 100 and isinstance(iters, int) and 1 <= iters <= 10000
+            and isinstance(W, torch.Tensor) and W.dtype == torch.float32 and W.device.type == "cpu"
+            and W.dim() >= 2 and W.numel() > 0 and isinstance(sigma_max, (int, float))
+            and math.isfinite(sigma_max) and sigma_max > 0 and not torch.compiler.is_compiling()
+            and torch.get_float32_matmul_precision() == "highest")
 
 
 #: the documented accuracy of each method: the guard leaves outputs within it untouched
@@ -331,6 +349,11 @@ def _same_fake(W, *args):
 def _soft_cap_per_matrix_fake(W, alpha):
     check_same_device("spectral_soft_cap", "W", {"W": W, "alpha": alpha})
     return _same_fake(W)
+
+
+@torch.library.register_fake("lipschitz::_spectral_hard_cap_eigh_certified")
+def _eigh_certified_fake(W, sigma_max=1.0, slack=1e-3):
+    return _same_fake(W), W.new_empty(W.shape[:-2], dtype=torch.bool)
 
 
 for _name in (
@@ -448,5 +471,9 @@ def _svd_cap_mirror(W, sigma_max=1.0):
 R.register_recompute_autograd("lipschitz::spectral_soft_cap", _soft_cap_mirror)
 R.register_recompute_autograd("lipschitz::spectral_soft_cap.per_matrix", _soft_cap_mirror)
 R.register_recompute_autograd("lipschitz::_spectral_hard_cap", _hard_cap_mirror)
+R.register_recompute_autograd(
+    "lipschitz::_spectral_hard_cap_eigh_certified",
+    lambda W, sigma_max=1.0, slack=1e-3: (_hard_cap_mirror(W, sigma_max, "eigh"),
+                                          torch.zeros(W.shape[:-2], dtype=torch.bool, device=W.device)))
 R.register_recompute_autograd("lipschitz::orthogonal_project", _orthogonal_project_mirror)
 R.register_recompute_autograd("lipschitz::svd_cap", _svd_cap_mirror)
