@@ -309,6 +309,23 @@ inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double s
 // gamma_n = n u / (1 - n u): the relative rounding bound of an n-term float sum or dot product
 inline double rounding_gamma(double n, double u) { return n * u / (1.0 - n * u); }
 
+// X X^T of X [B, k, l] in two row blocks from k = 256 up: three block products instead of the
+// four the full GEMM computes (G12 = G21^T exactly, so G is exactly symmetric); smaller k keeps
+// the one GEMM, whose blocks would be too thin to run at its speed.
+inline at::Tensor symmetric_gram(const at::Tensor& X) {
+  const int64_t k = X.size(1);
+  if (k < 256) return at::bmm(X, X.mT());
+  const int64_t h = k / 2;
+  const at::Tensor X1 = X.narrow(1, 0, h), X2 = X.narrow(1, h, k - h);
+  at::Tensor G = at::empty({X.size(0), k, k}, X.options());
+  G.narrow(1, 0, h).narrow(2, 0, h).copy_(at::bmm(X1, X1.mT()));
+  const at::Tensor G21 = at::bmm(X2, X1.mT());
+  G.narrow(1, h, k - h).narrow(2, 0, h).copy_(G21);
+  G.narrow(1, 0, h).narrow(2, h, k - h).copy_(G21.mT());
+  G.narrow(1, h, k - h).narrow(2, h, k - h).copy_(at::bmm(X2, X2.mT()));
+  return G;
+}
+
 inline std::tuple<at::Tensor, at::Tensor> hard_cap_eigh_certified_impl(const Backend& be, const at::Tensor& W,
                                                                         double sigma_max, double slack) {
   const char* op = "_spectral_hard_cap_eigh_certified";
@@ -333,7 +350,7 @@ inline std::tuple<at::Tensor, at::Tensor> hard_cap_eigh_certified_impl(const Bac
   const at::Tensor finite = at::isfinite(s);
   const at::Tensor X = tall ? (W3 / s).mT() : W3 / s;  // [B, k, l], the wide orientation
   const at::Tensor X64 = X.to(at::kDouble);
-  const at::Tensor G = at::bmm(X64, X64.mT());  // every float32 product exact in float64
+  const at::Tensor G = symmetric_gram(X64);  // every float32 product exact in float64
   const at::Tensor trG = G.diagonal(0, -2, -1).sum(-1);  // ||X||_F^2 [B]
   const at::Tensor s64 = s.view({-1}).to(at::kDouble);
   const double limit = 100.0 * sigma_max;
@@ -396,7 +413,8 @@ inline std::tuple<at::Tensor, at::Tensor> hard_cap_eigh_certified_impl(const Bac
   at::Tensor T = -C;
   T.diagonal(0, -2, -1).add_(margin.unsqueeze(-1));
   const at::Tensor certified = (std::get<1>(at::linalg_cholesky_ex(T)) == 0) & (tN > 0) & (margin > 0);
-  const at::Tensor outW = (tall ? out.mT() : out) * s;
+  out.mul_(s);  // out is this function's own tensor: no second allocation for the scaling back
+  const at::Tensor outW = tall ? out.mT() : out;
   return {outW.reshape(W.sizes()).contiguous(), certified.reshape(batch_shape)};
 }
 

@@ -95,7 +95,7 @@ class Rule:
 
 #: The benchmark run the measured rows come from (``python -m lipschitz_ext.bench.suites.bench_constraints ratios``:
 #: a 2-core AVX512-BF16 CPU, float32 weights, 1 and 2 threads; docs/benchmarks.md).
-CPU_RATIOS = "bench/results/20261207-0511-cpu-constraint-ratios.json"
+CPU_RATIOS = "bench/results/20261207-0740-cpu-constraint-ratios.json"
 
 #: The rules, first match wins; every choice ends with a catch-all row.
 TABLE: tuple[Rule, ...] = (
@@ -113,8 +113,8 @@ TABLE: tuple[Rule, ...] = (
     # dtype: the Newton-Schulz compute dtype
     Rule("ns_algorithm", "gram", device="cpu", dtype="float32", threads=(1, 2), min_aspect=3.06, source=CPU_RATIOS),
     Rule("ns_algorithm", "standard", device="cpu", dtype="float32", threads=(1, 2), source=CPU_RATIOS),
-    # bf16 Gram Newton-Schulz is never picked: faster at aspect >= 3 in that run, but a small
-    # Muon regression diverges with it (docs/kernels.md, "Gram Newton-Schulz")
+    Rule("ns_algorithm", "gram", device="cpu", dtype="bfloat16", threads=(1, 2), min_aspect=3.06, source=CPU_RATIOS),
+    Rule("ns_algorithm", "standard", device="cpu", dtype="bfloat16", threads=(1, 2), source=CPU_RATIOS),
     Rule("ns_algorithm", "standard"),
 )
 
