@@ -219,3 +219,15 @@ def test_every_suite_file_is_a_runner_suite():
         text = f.read_text()
         assert "def main(" not in text and "perf_counter" not in text, f
 
+
+
+def test_train_step_split_times_both_halves_in_one_loop():
+    """``bench_train step-split``: forward+backward and the optimizer step of the shakespeare-cpu
+    preset, timed back to back per step; the ratio is their sum over the forward+backward."""
+    from lipschitz_ext.bench.suites import bench_train
+
+    before = torch.get_num_threads()
+    r = bench_train.step_split(1, steps=3, warmup=1)
+    assert torch.get_num_threads() == before
+    assert r["threads"] == 1 and r["steps"] == 3 and r["forward_backward_ms"] > 0 and r["optimizer_step_ms"] > 0
+    assert math.isclose(r["ratio"], (r["forward_backward_ms"] + r["optimizer_step_ms"]) / r["forward_backward_ms"])

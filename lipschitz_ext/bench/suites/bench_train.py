@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import statistics
+import time
 
 import torch
 
@@ -157,9 +159,50 @@ def cases(cfg: SuiteConfig) -> list[Case]:
     )]
 
 
+def step_split(threads: int, steps: int = 45, warmup: int = 5, seed: int = 0) -> dict:
+    """The ``shakespeare-cpu`` training step on CPU, eager, split in one loop: per step the
+    forward+backward and then ``opt.step()`` are timed back to back (medians over ``steps -
+    warmup`` steps), so both halves see the same moments of the machine. ``ratio`` is
+    ``(forward_backward + optimizer_step) / forward_backward``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        tc = C.config_from_preset("shakespeare-cpu", device="cpu")
+        tc, model, opt = _build(tc, "lipschitz", torch.device("cpu"))
+        loss_fn = training_loss_fn(model, tc, resolve_autocast(tc, torch.device("cpu")), torch.device("cpu"),
+                                   compiled=False)
+        batches = _batches(tc, torch.device("cpu"), seed, 2)
+        fb, st = [], []
+        for i in range(steps):
+            x, y = batches[i % 2]
+            t0 = time.perf_counter()
+            loss_fn(x, y).backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                fb.append(t1 - t0)
+                st.append(t2 - t1)
+    finally:
+        torch.set_num_threads(saved)
+    f, o = statistics.median(fb) * 1e3, statistics.median(st) * 1e3
+    return {"preset": "shakespeare-cpu", "threads": int(threads), "steps": steps, "warmup": warmup,
+            "forward_backward_ms": f, "optimizer_step_ms": o, "ratio": (f + o) / f, "torch": torch.__version__}
+
+
 if __name__ == "__main__":  # the shared runner: lipschitz-bench --suite train [its options]
     import sys
 
+    if sys.argv[1:2] == ["step-split"]:  # python -m lipschitz_ext.bench.suites.bench_train step-split THREADS [OUT.json]
+        import json
+
+        result = step_split(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+        print(json.dumps(result, indent=1))
+        if len(sys.argv) > 3:
+            with open(sys.argv[3], "x") as f:  # never overwrite an earlier measurement
+                json.dump(result, f, indent=1)
+        sys.exit(0)
     from lipschitz_ext.cli.bench import main
 
     sys.exit(main(["--suite", "train", *sys.argv[1:]]))
