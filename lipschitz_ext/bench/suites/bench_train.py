@@ -3,6 +3,8 @@
     lipschitz-bench --suite train                # the shared runner (lipschitz_ext.bench)
     lipschitz-bench --suite train --device cuda
     python -m lipschitz_ext.bench.suites.bench_train [lipschitz-bench options]   # the same
+    python -m lipschitz_ext.bench.suites.bench_train step-split THREADS [OUT.json]
+        # CPU, shakespeare-cpu: forward+backward and optimizer step timed back to back per step
 
 The step is :mod:`lipschitz_ext.training.loop`'s: ``loss = training_loss_fn(model)(x, y)`` (forward
 under the preset's resolved autocast, cross-entropy in float32), ``loss.backward()``,
