@@ -41,10 +41,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import statistics
-import time
 
 import torch
 
+from lipschitz_ext import _bench
 from lipschitz_ext.training import config as C
 from lipschitz_ext.bench import Case, Setup, Skip, SuiteConfig
 from lipschitz_ext.nn import LipschitzGPT
@@ -176,19 +176,16 @@ def step_split(threads: int, steps: int = 45, warmup: int = 5, seed: int = 0) ->
         batches = _batches(tc, torch.device("cpu"), seed, 2)
         fb, st = [], []
         for i in range(steps):
-            x, y = batches[i % 2]
-            t0 = time.perf_counter()
-            loss_fn(x, y).backward()
-            t1 = time.perf_counter()
-            opt.step()
-            t2 = time.perf_counter()
+            # one timed call each through the shared timer (host clock on CPU)
+            f_ms = _bench.time_callable(lambda x, y: loss_fn(x, y).backward(), [batches[i % 2]], 0, 1, -1, 1)[0]
+            o_ms = _bench.time_callable(opt.step, [()], 0, 1, -1, 1)[0]
             opt.zero_grad(set_to_none=True)
             if i >= warmup:
-                fb.append(t1 - t0)
-                st.append(t2 - t1)
+                fb.append(f_ms)
+                st.append(o_ms)
     finally:
         torch.set_num_threads(saved)
-    f, o = statistics.median(fb) * 1e3, statistics.median(st) * 1e3
+    f, o = statistics.median(fb), statistics.median(st)
     return {"preset": "shakespeare-cpu", "threads": int(threads), "steps": steps, "warmup": warmup,
             "forward_backward_ms": f, "optimizer_step_ms": o, "ratio": (f + o) / f, "torch": torch.__version__}
 
