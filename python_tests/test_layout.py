@@ -8,6 +8,7 @@ so a cycle hidden behind a deferred import counts as a cycle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,16 @@ def test_no_module_is_too_long_for_one_concept():
         if n > 420 and rel not in one_concept:
             long.append(f"{rel}: {n} lines")
     assert long == []
+
+
+def test_every_test_file_the_docs_name_exists():
+    """Docs, code comments and scripts that point a reader at ``python_tests/<file>.py`` point at
+    a file that is there (tests get merged and renamed; the references must follow)."""
+    root = PACKAGE_DIR.parent
+    sources = [*root.glob("docs/*.md"), root / "README.md", *root.glob("bench/*.sh"),
+               *PACKAGE_DIR.rglob("*.py"), *root.glob("csrc/**/*.h"), *root.glob("csrc/**/*.cpp"),
+               *root.glob("csrc/**/*.cu")]
+    named = {m for f in sources if f.is_file() for m in re.findall(r"python_tests/[a-z_0-9]+\.py", f.read_text())}
+    assert named, "no references found: the pattern or the paths are wrong"
+    missing = sorted(n for n in named if not (root / n).is_file())
+    assert not missing, missing
