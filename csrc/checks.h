@@ -3,9 +3,18 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 namespace lipschitz {
+
+// Every kernel picks its own compute and GEMM dtypes (and the hard cap's certificate bounds
+// float32 rounding): a caller's torch.autocast region must not recast the ATen calls inside
+// it. One of these at the top of a kernel's pipeline keeps autocast out until it returns.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 inline void check_matrix_batch(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.defined(), op, ": argument '", arg, "' is undefined");

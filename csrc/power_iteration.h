@@ -155,6 +155,7 @@ inline std::pair<at::Tensor, at::Tensor> rank1_coefficients(Rank1Kind kind, doub
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_impl(
     const at::Tensor& W, int64_t iters, const std::optional<at::Tensor>& u) {
+  const NoAutocast no_autocast;
   const char* op = "power_iteration";
   check_matrix_batch(W, op, "W");
   check_iters(iters, op);
@@ -175,6 +176,7 @@ inline std::tuple<at::Tensor, at::Tensor> rank1_impl(const Backend& be, Rank1Kin
                                                      const char* op, const at::Tensor& W,
                                                      double param, int64_t iters,
                                                      const std::optional<at::Tensor>& u) {
+  const NoAutocast no_autocast;
   check_matrix_batch(W, op, "W");
   check_rank1_args(kind, param, op);
   check_iters(iters, op);

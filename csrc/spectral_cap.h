@@ -83,6 +83,7 @@ inline at::Tensor soft_cap_run(const Backend& be, const at::Tensor& W, const at:
 }
 
 inline at::Tensor soft_cap_impl(const Backend& be, const at::Tensor& W, double alpha) {
+  const NoAutocast no_autocast;
   const char* op = "spectral_soft_cap";
   check_matrix_batch(W, op, "W");
   check_nonnegative(alpha, op, "alpha");
@@ -92,6 +93,7 @@ inline at::Tensor soft_cap_impl(const Backend& be, const at::Tensor& W, double a
 
 inline at::Tensor soft_cap_per_matrix_impl(const Backend& be, const at::Tensor& W,
                                            const at::Tensor& alpha) {
+  const NoAutocast no_autocast;
   const char* op = "spectral_soft_cap";
   check_matrix_batch(W, op, "W");
   TORCH_CHECK(at::isFloatingType(alpha.scalar_type()), op,
@@ -266,6 +268,7 @@ inline at::Tensor hard_cap_eigh_batch(const at::Tensor& W3, double sigma_max) {
 
 inline at::Tensor hard_cap_impl(const Backend& be, const at::Tensor& W, double sigma_max,
                                 c10::string_view method, int64_t steps, int64_t iters) {
+  const NoAutocast no_autocast;
   const char* op = "spectral_hard_cap";
   check_matrix_batch(W, op, "W");
   check_nonnegative(sigma_max, op, "sigma_max");
@@ -328,6 +331,7 @@ inline at::Tensor symmetric_gram(const at::Tensor& X) {
 
 inline std::tuple<at::Tensor, at::Tensor> hard_cap_eigh_certified_impl(const Backend& be, const at::Tensor& W,
                                                                         double sigma_max, double slack) {
+  const NoAutocast no_autocast;
   const char* op = "_spectral_hard_cap_eigh_certified";
   check_matrix_batch(W, op, "W");
   check_nonnegative(sigma_max, op, "sigma_max");
@@ -420,6 +424,7 @@ inline std::tuple<at::Tensor, at::Tensor> hard_cap_eigh_certified_impl(const Bac
 
 inline at::Tensor orthogonal_project_impl(const Backend& be, const at::Tensor& W, double sigma_max,
                                           int64_t steps) {
+  const NoAutocast no_autocast;
   const char* op = "orthogonal_project";
   check_matrix_batch(W, op, "W");
   check_nonnegative(sigma_max, op, "sigma_max");
@@ -433,6 +438,7 @@ inline at::Tensor orthogonal_project_impl(const Backend& be, const at::Tensor& W
 // Exact U min(S, b) V^T by SVD in float32 (float64 for float64 input). The SVD
 // refuses non-finite input, so this checks first and names the argument.
 inline at::Tensor svd_cap_impl(const at::Tensor& W, double sigma_max) {
+  const NoAutocast no_autocast;
   const char* op = "svd_cap";
   check_matrix_batch(W, op, "W");
   check_nonnegative(sigma_max, op, "sigma_max");

@@ -770,3 +770,30 @@ def test_cuda_one_update_matches_float64(shape, dtype):
     W64 = W.double()
     torch.testing.assert_close(ops.spectral_soft_cap(W64.cuda(), a).cpu(), ops.spectral_soft_cap(W64, a),
                                atol=1e-12, rtol=1e-12)
+
+
+def test_ops_ignore_a_callers_autocast_region():
+    """The kernels pick their own GEMM dtypes: inside ``torch.autocast("cpu")`` (which would run
+    float32 matmuls in bf16) every op returns exactly what it returns outside, so the eigh cap's
+    certificate, which bounds float32 rounding, stays sound there."""
+    torch.manual_seed(8)
+    W = torch.randn(2, 128, 512)
+    W = W / torch.linalg.matrix_norm(W, 2)[..., None, None] * 1.3
+    calls = {
+        "soft": lambda: ops.spectral_soft_cap(W, 0.05),
+        "msign": lambda: ops.spectral_hard_cap(W, 1.0, method="msign"),
+        "poly": lambda: ops.spectral_hard_cap(W, 1.0, method="polynomial"),
+        "eigh": lambda: ops.spectral_hard_cap(W, 1.0, method="eigh"),
+        "certified": lambda: torch.ops.lipschitz._spectral_hard_cap_eigh_certified(W, 1.0, 1e-3),
+        "orth": lambda: ops.orthogonal_project(W, 1.0, method="msign"),
+        "ns": lambda: ops.orthogonalize(W, 5, compute_dtype=torch.float32),
+        "ns_gram": lambda: ops.orthogonalize(W, 5, compute_dtype=torch.float32, algorithm="gram"),
+        "power": lambda: ops.power_iteration(W, 8),
+        "svd": lambda: ops.svd_cap(W, 1.0),
+    }
+    for name, f in calls.items():
+        plain = f()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = f()
+        for a, b in zip(plain if isinstance(plain, tuple) else (plain,), inside if isinstance(inside, tuple) else (inside,)):
+            assert torch.equal(a, b), name

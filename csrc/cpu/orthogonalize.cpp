@@ -18,6 +18,7 @@ template <typename Iterate>
 at::Tensor orthogonalize_with(const char* op, const at::Tensor& G, int64_t steps,
                               c10::string_view coefficients, at::ArrayRef<double> custom, double eps,
                               std::optional<at::ScalarType> compute_dtype, Iterate iterate) {
+  const NoAutocast no_autocast;
   check_matrix_batch(G, op, "G");
   check_nonnegative(eps, op, "eps");
   const NSPlan plan = make_ns_plan(steps, coefficients, custom, op);
@@ -67,6 +68,7 @@ at::Tensor orthogonalize_gram_cpu(const at::Tensor& G, int64_t steps, c10::strin
 
 at::Tensor ns_polynomial_cpu(const at::Tensor& s, int64_t steps, c10::string_view coefficients,
                              at::ArrayRef<double> custom) {
+  const NoAutocast no_autocast;
   TORCH_CHECK(at::isFloatingType(s.scalar_type()), "ns_polynomial: argument 's' must be a ",
               "floating-point tensor, got ", s.scalar_type());
   const NSPlan plan = make_ns_plan(steps, coefficients, custom, "ns_polynomial");

@@ -96,6 +96,7 @@ at::Tensor orthogonalize_cuda_impl(const char* op, bool gram, const at::Tensor& 
                                    c10::string_view coefficients, at::ArrayRef<double> custom,
                                    double eps, std::optional<at::ScalarType> compute_dtype,
                                    c10::string_view backend) {
+  const NoAutocast no_autocast;
   const std::optional<NSBackend> requested = gram ? std::nullopt : parse_ns_backend_arg(backend, op);
   check_matrix_batch(G, op, "G");
   check_nonnegative(eps, op, "eps");
