@@ -24,6 +24,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "checks.h"
+
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -190,6 +192,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, 
                                                            const at::Tensor& v, bool causal,
                                                            double softmax_scale, double q_scale,
                                                            double k_scale, double v_scale) {
+  const NoAutocast no_autocast;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
   const Constants c = constants(softmax_scale, q_scale, k_scale, v_scale);
   const auto fopts = q.options().dtype(at::kFloat);
@@ -273,6 +276,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_math(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse, bool causal,
     double softmax_scale) {
+  const NoAutocast no_autocast;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), BH = B * H;
   if (BH == 0) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   const at::Tensor qf = flat_heads(q).to(at::kFloat), kf = flat_heads(k).to(at::kFloat);

@@ -954,3 +954,22 @@ def test_fp8_inputs_switch_is_checked_and_reset():
     with pytest.raises(ValueError, match="attribute 'inputs' must be 'bf16' or 'fp8', got 'e4m3'"):
         m(torch.randint(0, 65, (1, 10)))
     assert fp8.new_instance().inputs == "bf16"
+
+
+def test_cpu_kernels_ignore_a_callers_autocast_region():
+    """Forward and backward pick their own dtypes: inside ``torch.autocast("cpu")`` the output and
+    the gradients are exactly those computed outside."""
+    torch.manual_seed(9)
+    base = [torch.randn(1, 2, 64, 64, dtype=torch.bfloat16) for _ in range(3)]
+
+    def run():
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = ops.fp8_attention(q, k, v)
+        out.float().square().sum().backward()
+        return out, q.grad, k.grad, v.grad
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = run()
+    for a, b in zip(plain, inside):
+        assert torch.equal(a, b)
