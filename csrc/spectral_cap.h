@@ -216,28 +216,44 @@ inline at::Tensor hard_cap_polynomial(const at::Tensor& X, const at::Tensor& b /
 // X: scaled by max_abs_scale (entries < 2), zero where not finite; G: its small-side Gram
 // matrix (the caller forms it: its trace decides the precision); `finite` [B, 1, 1]: whether
 // each matrix was finite (nullopt: all were, no pass over X is spent on selecting them).
-// On CPU only the r eigenvectors with g > 0 (l > b^2) enter when r <= k / 2 (the largest r
-// over the batch, read on the host: no device to wait for): the update X - (X V_r) (g V_r)^T
+// The update itself, shared with the certified cap below. On CPU only the r eigenvectors with
+// g > 0 (l > b^2) enter when r <= k / 2 (the largest r over the batch, read on the host: no
+// device to wait for): X - (X V_r) A^T (tall) or X - A (V_r^T X) (wide), A = V_r diag(g_r),
 // costs 2 k l r multiply-adds where forming M = V g V^T and X M costs k^3 + k^2 l.
-inline at::Tensor hard_cap_eigh(const at::Tensor& X, const at::Tensor& G, const at::Tensor& b /*[B, 1, 1]*/,
-                                const std::optional<at::Tensor>& finite) {
+struct EighCapUpdate {
+  at::Tensor out;    // X's shape and orientation
+  int64_t r = 0;     // eigenvalues above the cap (the batch's most); k where not counted
+  at::Tensor A, Vr;  // 2 r <= k: the low-rank factors, and P = fl(X V_r) / fl(V_r^T X)
+  at::Tensor P;
+  at::Tensor M;      // otherwise: M = V g V^T [B, k, k]
+};
+
+inline EighCapUpdate eigh_cap_update(const at::Tensor& X, const at::Tensor& G, const at::Tensor& b /*[B, 1, 1]*/) {
   auto [lam, V] = at::linalg_eigh(G);  // ascending
   // l <= 0 (rounding of a zero direction): rsqrt = inf, g = max(0, -inf) = 0
   const at::Tensor g = (1.0 - b.view({-1, 1}) * at::rsqrt(lam.clamp_min(0))).clamp_min(0);
   const int64_t k = G.size(-1);
-  int64_t r = k;
-  if (X.is_cpu() && k >= 2) r = (g > 0).sum(-1).max().item<int64_t>();
-  at::Tensor out;
-  if (r == 0) {
-    out = X.clone();
-  } else if (2 * r <= k) {
-    const at::Tensor Vr = V.narrow(-1, k - r, r), gr = g.narrow(-1, k - r, r).unsqueeze(-2);
-    const bool tall = X.size(1) > X.size(2);
-    out = tall ? at::baddbmm(X, at::bmm(X, Vr), (Vr * gr).mT(), /*beta=*/1.0, /*alpha=*/-1.0)
-               : at::baddbmm(X, Vr * gr, at::bmm(Vr.mT(), X), /*beta=*/1.0, /*alpha=*/-1.0);
+  const bool tall = X.size(1) > X.size(2);
+  EighCapUpdate u;
+  u.r = X.is_cpu() && k >= 2 ? (g > 0).sum(-1).max().item<int64_t>() : k;
+  if (u.r == 0) {
+    u.out = X.clone();
+  } else if (2 * u.r <= k) {
+    u.Vr = V.narrow(-1, k - u.r, u.r);
+    u.A = u.Vr * g.narrow(-1, k - u.r, u.r).unsqueeze(-2);
+    u.P = tall ? at::bmm(X, u.Vr) : at::bmm(u.Vr.mT(), X);
+    u.out = tall ? at::baddbmm(X, u.P, u.A.mT(), /*beta=*/1.0, /*alpha=*/-1.0)
+                 : at::baddbmm(X, u.A, u.P, /*beta=*/1.0, /*alpha=*/-1.0);
   } else {
-    out = small_side_update(X, at::bmm(V * g.unsqueeze(-2), V.mT()), -1.0);
+    u.M = at::bmm(V * g.unsqueeze(-2), V.mT());
+    u.out = small_side_update(X, u.M, -1.0);
   }
+  return u;
+}
+
+inline at::Tensor hard_cap_eigh(const at::Tensor& X, const at::Tensor& G, const at::Tensor& b /*[B, 1, 1]*/,
+                                const std::optional<at::Tensor>& finite) {
+  const at::Tensor out = eigh_cap_update(X, G, b).out;
   if (!finite.has_value()) return out;
   return at::where(*finite, out, at::full({}, std::numeric_limits<double>::quiet_NaN(), X.options()));
 }
@@ -352,9 +368,9 @@ inline std::tuple<at::Tensor, at::Tensor> hard_cap_eigh_certified_impl(const Bac
   const bool tall = m > n;
   const at::Tensor s = max_abs_scale(W3);  // [B, 1, 1], a power of two (exact division)
   const at::Tensor finite = at::isfinite(s);
-  const at::Tensor X = tall ? (W3 / s).mT() : W3 / s;  // [B, k, l], the wide orientation
+  const at::Tensor X = W3 / s;
   const at::Tensor X64 = X.to(at::kDouble);
-  const at::Tensor G = symmetric_gram(X64);  // every float32 product exact in float64
+  const at::Tensor G = symmetric_gram(tall ? X64.mT() : X64);  // float32 products are exact in float64
   const at::Tensor trG = G.diagonal(0, -2, -1).sum(-1);  // ||X||_F^2 [B]
   const at::Tensor s64 = s.view({-1}).to(at::kDouble);
   const double limit = 100.0 * sigma_max;
@@ -362,48 +378,41 @@ inline std::tuple<at::Tensor, at::Tensor> hard_cap_eigh_certified_impl(const Bac
   if (!flags[0].item<bool>() || flags[1].item<bool>())
     return {hard_cap_eigh_batch(W3, sigma_max).reshape(W.sizes()).to(W.scalar_type()).contiguous(), none()};
 
-  const at::Tensor b = (sigma_max / s).to(at::kFloat);  // [B, 1, 1]
-  auto [lam, V] = at::linalg_eigh(G.to(at::kFloat));  // ascending
-  const at::Tensor g = (1.0 - b.view({-1, 1}) * at::rsqrt(lam.clamp_min(0))).clamp_min(0);
-  const int64_t r = k >= 2 ? (g > 0).sum(-1).max().item<int64_t>() : k;
+  const EighCapUpdate u = eigh_cap_update(X, G.to(at::kFloat), (sigma_max / s).to(at::kFloat));
+  const int64_t r = u.r;
   const double u32 = std::ldexp(1.0, -24), u64 = std::ldexp(1.0, -53), tiny = std::ldexp(1.0, -149);
+  const auto fro = [](const at::Tensor& t) {
+    return at::linalg_vector_norm(t, 2, at::IntArrayRef{-2, -1}, false, at::kDouble).view({-1});
+  };
   const at::Tensor fX = trG.sqrt();  // ||X||_F
-  at::Tensor out, C, normN, errE;
+  at::Tensor C, normN, errE;
   if (r == 0) {  // nothing above the cap: the identity
-    out = X.clone();
     C = G;
     normN = at::ones_like(fX);
     errE = at::zeros_like(fX);
-  } else if (2 * r <= k) {
-    // out = X - A (Vr^T X), A = Vr diag(g_r): N = I - A Vr^T, and C = N G N^T = G - A H^T -
-    // (H - A S) A^T with H = G Vr, S = Vr^T H
-    const at::Tensor Vr = V.narrow(-1, k - r, r);
-    const at::Tensor A = Vr * g.narrow(-1, k - r, r).unsqueeze(-2);
-    const at::Tensor P = at::bmm(Vr.mT(), X);  // [B, r, l]
-    out = at::baddbmm(X, A, P, /*beta=*/1.0, /*alpha=*/-1.0);
-    const at::Tensor A64 = A.to(at::kDouble), V64 = Vr.to(at::kDouble);
+  } else if (u.M.defined()) {
+    at::Tensor N = -u.M.to(at::kDouble);
+    N.diagonal(0, -2, -1).add_(1.0);
+    C = at::bmm(at::bmm(N, G), N.mT());
+    const at::Tensor fM = fro(u.M);
+    normN = 1.0 + fM;
+    // out = fl(X - M X): |out - (X - M X)| <= gamma_{k+1} (|X| + |M| |X|); underflow 2^-149 a term
+    const double uf = tiny * static_cast<double>(k + 1) * std::sqrt(static_cast<double>(k * l));
+    errE = rounding_gamma(k + 1, u32) * (fX + fM * fX) + uf;
+  } else {
+    // N = I - A Vr^T, and C = N G N^T = G - A H^T - (H - A S) A^T with H = G Vr, S = Vr^T H
+    const at::Tensor A64 = u.A.to(at::kDouble), V64 = u.Vr.to(at::kDouble);
     const at::Tensor H = at::bmm(G, V64);
     const at::Tensor S = at::bmm(V64.mT(), H);
     C = at::baddbmm(G, A64, H.mT(), 1.0, -1.0);
     C = at::baddbmm(C, at::baddbmm(H, A64, S, 1.0, -1.0), A64.mT(), 1.0, -1.0);
-    const at::Tensor fA = at::linalg_vector_norm(A64, 2, at::IntArrayRef{-2, -1}).view({-1});
-    const at::Tensor fV = at::linalg_vector_norm(V64, 2, at::IntArrayRef{-2, -1}).view({-1});
-    const at::Tensor fP = at::linalg_vector_norm(P, 2, at::IntArrayRef{-2, -1}, false, at::kDouble).view({-1});
+    const at::Tensor fA = fro(A64), fV = fro(V64), fP = fro(u.P);
     normN = 1.0 + fA * fV;
     // P = fl(Vr^T X): |P - Vr^T X| <= gamma_k |Vr|^T |X|; out = fl(X - A P):
     // |out - (X - A P)| <= gamma_{r+1} (|X| + |A| |P|); underflow: <= (terms) 2^-149 per entry
+    // (transposed for tall X: the same bounds)
     const double uf = tiny * static_cast<double>(k + r + 1) * std::sqrt(static_cast<double>(k * l));
     errE = fA * (rounding_gamma(k, u32) * fV * fX) + rounding_gamma(r + 1, u32) * (fX + fA * fP) + uf;
-  } else {
-    const at::Tensor M = at::bmm(V * g.unsqueeze(-2), V.mT());  // [B, k, k]
-    out = at::baddbmm(X, M, X, /*beta=*/1.0, /*alpha=*/-1.0);
-    at::Tensor N = -M.to(at::kDouble);
-    N.diagonal(0, -2, -1).add_(1.0);
-    C = at::bmm(at::bmm(N, G), N.mT());
-    const at::Tensor fM = at::linalg_vector_norm(M.to(at::kDouble), 2, at::IntArrayRef{-2, -1}).view({-1});
-    normN = 1.0 + fM;
-    const double uf = tiny * static_cast<double>(k + 1) * std::sqrt(static_cast<double>(k * l));
-    errE = rounding_gamma(k + 1, u32) * (fX + fM * fX) + uf;
   }
   // float64 rounding: G (l-term sums of exact products) and C (a few products of k- and
   // r-term sums), both bounded generously through Frobenius norms
@@ -417,9 +426,9 @@ inline std::tuple<at::Tensor, at::Tensor> hard_cap_eigh_certified_impl(const Bac
   at::Tensor T = -C;
   T.diagonal(0, -2, -1).add_(margin.unsqueeze(-1));
   const at::Tensor certified = (std::get<1>(at::linalg_cholesky_ex(T)) == 0) & (tN > 0) & (margin > 0);
+  at::Tensor out = u.out;
   out.mul_(s);  // out is this function's own tensor: no second allocation for the scaling back
-  const at::Tensor outW = tall ? out.mT() : out;
-  return {outW.reshape(W.sizes()).contiguous(), certified.reshape(batch_shape)};
+  return {out.reshape(W.sizes()).contiguous(), certified.reshape(batch_shape)};
 }
 
 inline at::Tensor orthogonal_project_impl(const Backend& be, const at::Tensor& W, double sigma_max,
